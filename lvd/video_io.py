@@ -1,0 +1,311 @@
+"""Read and write video files through the ffmpeg binary that imageio-ffmpeg ships.
+
+This is the only module in lvd that touches ffmpeg. Everything else sees tensors:
+
+    read_video(path, num_frames=17, start=1.5, fps=8)    -> (C, T, H, W) uint8
+    read_video(path, ..., output="float")                 -> (C, T, H, W) float32 in [-1, 1]
+    write_video("out.mp4", video, fps=8)                  # H.264, yuv420p
+    write_video("out.gif", video, fps=8)                  # palette GIF
+    encode_video_bytes(video, fps) -> bytes (mp4)         # what a clip shard stores
+    decode_video_bytes(data)       -> (C, T, H, W) uint8
+
+Reading a window never decodes the whole file: ffmpeg seeks to ``start`` (``-ss`` before ``-i``,
+which is frame-accurate when transcoding), resamples to ``fps`` with the ``fps`` filter (it picks
+the source frame nearest each output time stamp), and stops after ``num_frames`` frames
+(``-frames:v``). Frames come back as a stream of PPM images, so the output size is read from the
+stream itself and no separate probe is needed. Every failure (unreadable file, unknown codec,
+too few frames) raises :class:`VideoReadError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "VideoInfo",
+    "VideoReadError",
+    "VIDEO_EXTENSIONS",
+    "probe_video",
+    "read_video",
+    "write_video",
+    "encode_video_bytes",
+    "decode_video_bytes",
+]
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".gif", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+_TIMEOUT_S = 300.0  # a decode that takes longer than this is a hung ffmpeg, not a slow file
+# /dev/shm keeps the temp files of encode/decode_video_bytes in memory where it exists.
+_TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class VideoReadError(RuntimeError):
+    """A video that cannot be read; the message names the file and the reason."""
+
+
+@dataclasses.dataclass
+class VideoInfo:
+    """What ffmpeg reports about the first video stream of a file.
+
+    ``num_frames`` is ``round(duration * fps)``, estimated from the header without decoding.
+    """
+
+    fps: float
+    num_frames: int
+    duration: float
+    width: int
+    height: int
+    codec: str
+
+
+def _ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _last_error(stderr: bytes) -> str:
+    """The most useful line of ffmpeg's error output."""
+    lines = [ln.strip() for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "error" in ln.lower() or "invalid" in ln.lower() or "not found" in ln.lower():
+            return re.sub(r"^\[[^\]]*\]\s*", "", ln)
+    return lines[-1] if lines else "ffmpeg failed without a message"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
+_VIDEO = re.compile(r"Stream #\S+.*?: Video: (\w+)(.*)")
+_SIZE = re.compile(r"\b(\d{2,5})x(\d{2,5})\b")
+_FPS = re.compile(r"([\d.]+)(k?) (?:fps|tbr)")
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Read the header of ``path`` (``ffmpeg -i``) without decoding frames.
+
+    Raises :class:`VideoReadError` for a missing, empty or non-video file, a file without a video
+    stream, or a codec this ffmpeg cannot decode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"{path}: empty file (0 bytes)")
+    proc = subprocess.run(
+        [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        capture_output=True,
+        timeout=_TIMEOUT_S,
+    )
+    text = proc.stderr.decode("utf-8", "replace")
+    if "Error opening input" in text or "Invalid data found" in text:
+        raise VideoReadError(f"{path}: not a readable video ({_last_error(proc.stderr)})")
+    video = _VIDEO.search(text)
+    if video is None:
+        raise VideoReadError(f"{path}: no video stream")
+    codec, rest = video.group(1), video.group(2)
+    if codec == "none":
+        tag = re.search(r"\((\w+) / 0x", rest)
+        raise VideoReadError(f"{path}: unsupported codec '{tag.group(1) if tag else 'unknown'}'")
+    size = _SIZE.search(rest)
+    fps = _FPS.search(rest)
+    dur = _DURATION.search(text)
+    if size is None:
+        raise VideoReadError(f"{path}: ffmpeg reports no frame size")
+    fps_value = float(fps.group(1)) * (1000.0 if fps.group(2) else 1.0) if fps else 0.0
+    duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
+    return VideoInfo(
+        fps=fps_value,
+        num_frames=int(round(duration * fps_value)),
+        duration=duration,
+        width=int(size.group(1)),
+        height=int(size.group(2)),
+        codec=codec,
+    )
+
+
+def _parse_ppm_stream(data: bytes, source: str) -> np.ndarray:
+    """Split ffmpeg's ``image2pipe``/``ppm`` output into frames. -> (T, H, W, 3) uint8."""
+    frames = []
+    pos = 0
+    header = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+(\d+)\s")
+    while pos < len(data):
+        m = header.match(data, pos)
+        if m is None:
+            raise VideoReadError(f"{source}: malformed frame stream from ffmpeg at byte {pos}")
+        w, h = int(m.group(1)), int(m.group(2))
+        start = m.end()
+        end = start + w * h * 3
+        if end > len(data):
+            break  # a truncated last frame (ffmpeg was cut short); keep the complete ones
+        frames.append(np.frombuffer(data, np.uint8, w * h * 3, start).reshape(h, w, 3))
+        pos = end
+    if not frames:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    return np.stack(frames)  # (T, H, W, 3)
+
+
+def _scale_filter(size: int, crop: bool) -> str:
+    """Short side -> ``size`` (the long side keeps the aspect, rounded to even), then a centre crop."""
+    scale = f"scale='if(lte(iw,ih),{size},-2)':'if(lte(iw,ih),-2,{size})':flags=area"
+    return f"{scale},crop={size}:{size}" if crop else scale
+
+
+def _to_output(frames: np.ndarray, output: str) -> torch.Tensor:
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # (T,H,W,C) -> (C,T,H,W)
+    if output == "uint8":
+        return video.contiguous()
+    return video.float().div_(127.5).sub_(1.0)
+
+
+def read_video(
+    path: str | Path,
+    *,
+    num_frames: int | None = None,
+    start: float = 0.0,
+    fps: float | None = None,
+    output: str = "uint8",
+    size: int | None = None,
+    crop: bool = True,
+) -> torch.Tensor:
+    """Read ``num_frames`` frames from ``start`` seconds at ``fps`` frames per second.
+
+    Returns ``(C, T, H, W)``: uint8, or float32 in [-1, 1] with ``output="float"``.
+    ``fps=None`` keeps the file's frame rate; ``num_frames=None`` reads to the end of the file.
+    ``size`` resizes the short side inside ffmpeg (area filter) and, with ``crop``, centre-crops
+    to a ``size`` x ``size`` square; without ``crop`` the long side keeps the aspect ratio and is
+    rounded to an even number.
+    Raises :class:`VideoReadError` when the file cannot be decoded or holds fewer frames than asked.
+    """
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"{path}: empty file (0 bytes)")
+    filters = []
+    if fps is not None:
+        filters.append(f"fps={fps:g}")
+    if size is not None:
+        filters.append(_scale_filter(size, crop))
+    cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"]
+    if start > 0:
+        cmd += ["-ss", f"{start:.6f}"]
+    cmd += ["-i", str(path), "-map", "0:v:0", "-an"]
+    if filters:
+        cmd += ["-vf", ",".join(filters)]
+    if num_frames is not None:
+        cmd += ["-frames:v", str(num_frames)]
+    cmd += ["-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise VideoReadError(f"{path}: ffmpeg did not finish within {_TIMEOUT_S:.0f} s") from e
+    if proc.returncode != 0:
+        raise VideoReadError(f"{path}: {_last_error(proc.stderr)}")
+    frames = _parse_ppm_stream(proc.stdout, str(path))
+    got = frames.shape[0]
+    if got == 0:
+        raise VideoReadError(f"{path}: no frames decoded from {start:g} s ({_last_error(proc.stderr)})")
+    if num_frames is not None and got < num_frames:
+        rate = f" at {fps:g} fps" if fps is not None else ""
+        raise VideoReadError(f"{path}: video shorter than the clip: {got} of {num_frames} frames{rate} from {start:g} s")
+    return _to_output(frames, output)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_uint8_frames(video: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    """(C, T, H, W) uint8 or float in [-1, 1] -> (T, H, W, 3) uint8 contiguous."""
+    if isinstance(video, np.ndarray):
+        video = torch.from_numpy(video)
+    if video.ndim != 4 or video.shape[0] not in (1, 3):
+        raise ValueError(f"{what}: expected a video of shape (C, T, H, W) with C in (1, 3), got {tuple(video.shape)}")
+    video = video.detach().cpu()
+    if video.dtype != torch.uint8:
+        if not video.is_floating_point():
+            raise ValueError(f"{what}: expected uint8 or float in [-1, 1], got dtype {video.dtype}")
+        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if video.shape[0] == 1:
+        video = video.expand(3, -1, -1, -1)
+    return np.ascontiguousarray(video.permute(1, 2, 3, 0).numpy())  # (C,T,H,W) -> (T,H,W,C)
+
+
+def write_video(path: str | Path, video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18) -> None:
+    """Write ``video`` (C, T, H, W), uint8 or float in [-1, 1], to ``.mp4`` (H.264) or ``.gif``.
+
+    mp4 uses libx264, yuv420p (what every player reads), ``crf`` quality (18 ≈ visually lossless)
+    and ``+faststart`` (the index first, so the file also decodes from a pipe). yuv420p needs even
+    height and width; odd sizes raise a ValueError rather than being silently padded.
+    GIF goes through a per-file palette (``palettegen``/``paletteuse``).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".gif"):
+        raise ValueError(f"{path}: can only write .mp4 or .gif, got '{suffix}'")
+    if fps <= 0:
+        raise ValueError(f"{path}: fps must be > 0, got {fps}")
+    frames = _as_uint8_frames(video, str(path))
+    t, h, w, _ = frames.shape
+    if t == 0:
+        raise ValueError(f"{path}: video has no frames")
+    cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
+    cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "pipe:0"]
+    if suffix == ".mp4":
+        if h % 2 or w % 2:
+            raise ValueError(f"{path}: H.264 yuv420p needs even height and width, got {h}x{w}")
+        cmd += ["-c:v", "libx264", "-preset", "fast", "-crf", str(crf), "-pix_fmt", "yuv420p"]
+        cmd += ["-movflags", "+faststart", "-threads", "1", "-f", "mp4"]
+    else:
+        cmd += ["-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse", "-f", "gif"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd + [str(path)], input=frames.tobytes(), capture_output=True, timeout=_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{path}: ffmpeg could not write the video: {_last_error(proc.stderr)}")
+
+
+def encode_video_bytes(video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18) -> bytes:
+    """The mp4 bytes (H.264, yuv420p, faststart) of ``video`` (C, T, H, W), as a clip shard stores them."""
+    with tempfile.TemporaryDirectory(dir=_TMP_DIR, prefix="lvd-enc-") as tmp:
+        path = Path(tmp) / "clip.mp4"
+        write_video(path, video, fps, crf=crf)
+        return path.read_bytes()
+
+
+def decode_video_bytes(data: bytes, *, output: str = "uint8") -> torch.Tensor:
+    """Decode every frame of an encoded video held in memory. -> (C, T, H, W) uint8 (or float).
+
+    The bytes go to ffmpeg through a pipe. That works for faststart mp4 (what
+    :func:`encode_video_bytes` writes) and stream formats; other files (an mp4 with its index at
+    the end) fall back to a temporary file.
+    """
+    if not data:
+        raise VideoReadError("<bytes>: empty video data (0 bytes)")
+    cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", "pipe:0"]
+    cmd += ["-map", "0:v:0", "-an", "-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
+    proc = subprocess.run(cmd, input=data, capture_output=True, timeout=_TIMEOUT_S)
+    frames = _parse_ppm_stream(proc.stdout, "<bytes>") if proc.returncode == 0 else None
+    if frames is None or frames.shape[0] == 0:
+        with tempfile.TemporaryDirectory(dir=_TMP_DIR, prefix="lvd-dec-") as tmp:
+            path = Path(tmp) / "clip"
+            path.write_bytes(data)
+            try:
+                return read_video(path, output=output)
+            except VideoReadError as e:
+                raise VideoReadError(str(e).replace(str(path), "<bytes>")) from None
+    return _to_output(frames, output)
