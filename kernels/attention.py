@@ -1,7 +1,22 @@
-"""Attention: softmax(q kᵀ · scale + mask) v over (B, H, N, D) tensors.
+"""Attention: O = softmax(Q Kᵀ · scale + mask) V over (B, H, N, D) tensors.
 
-Skeleton: the PyTorch reference and SDPA paths. The Triton flash-attention kernel lands here
-(see the kernels issue); the public signature below is the contract models rely on.
+The Triton path is FlashAttention-2 (Dao, 2023, arXiv:2307.08691): the forward streams K/V blocks
+through an online softmax (running max m and sum l, rescaled by 2^(m_old − m_new)) and saves the
+log-sum-exp L = m + log l per query row; the backward recomputes P = exp(S − L) block by block:
+
+    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ∘ (dP − δ),  δ = rowsum(dO ∘ O),   dQ = dS K · scale,   dK = dSᵀ Q · scale
+
+dK/dV come from one kernel (a program per key block, looping over query blocks) and dQ from another
+(a program per query block, looping over key blocks), so no gradient needs atomics and the result is
+deterministic. Any N_q, N_k (tails masked), head dims up to 128 (padded to a power-of-2 block and
+masked), a boolean key-padding mask (B, N_k) with True = keep, causal masking aligned bottom-right
+(query i sees keys j ≤ i + N_k − N_q, as ``tril(N_k − N_q)``), and strided inputs (strides are kernel
+arguments, so ``rearrange(x, "b n (h d) -> b h n d")`` views need no copy). Softmax statistics and
+accumulators are fp32 (fp64 for fp64 inputs, which only the interpreter runs, for gradcheck); fp16 and
+bf16 feed the tensor cores directly. A fully masked query row gives zeros and L = +inf.
+
+Autograd and torch.compile go through ``torch.library.custom_op`` (``lvd::flash_attention_fwd`` /
+``_bwd``) with fake and autograd registrations, so compiled graphs do not break at the kernel.
 """
 
 from __future__ import annotations
@@ -11,14 +26,32 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels import dispatch
+
+if dispatch.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+else:  # pragma: no cover - no Triton wheel on this platform; dispatch never picks "triton"
+    triton = tl = None
+
+    def _jit(fn):
+        return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch paths
+
 
 def attention_reference(q, k, v, *, mask=None, scale=None, causal=False):
-    """Plain PyTorch attention in fp32; the test oracle.
+    """Plain PyTorch attention in fp32 (fp64 for fp64 inputs); the test oracle.
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); mask: (B, Nk) bool, True where a key is kept.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale  # (B, H, Nq, Nk)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, Nq, Nk)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     if causal:
@@ -26,16 +59,398 @@ def attention_reference(q, k, v, *, mask=None, scale=None, causal=False):
         keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row gives zeros
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v.float()).to(q.dtype)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(acc)).to(q.dtype)
 
 
-def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto"):
-    """Scaled dot-product attention; see :func:`attention_reference` for shapes."""
-    if backend == "torch":
-        return attention_reference(q, k, v, mask=mask, scale=scale, causal=causal)
-    attn_mask = None if mask is None else mask[:, None, None, :]
+def _attention_sdpa(q, k, v, mask, scale, causal):
+    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Nk)
     if causal and attn_mask is not None:
         nq, nk = q.shape[-2], k.shape[-2]
         attn_mask = attn_mask & torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+
+
+def _attention_xformers(q, k, v, mask, scale, causal):
+    """xformers memory-efficient attention; CUDA only (checked by dispatch)."""
+    import xformers.ops as xops
+
+    b, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, H, D), xformers' layout
+    bias = None
+    if mask is not None or (causal and nq != nk):
+        keep = torch.ones(b, 1, nq, nk, dtype=torch.bool, device=q.device)
+        if mask is not None:
+            keep = keep & mask[:, None, None, :]
+        if causal:
+            keep = keep & torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        pad = -nk % 8  # xformers wants the bias' last dim 8-aligned in memory
+        bias = torch.zeros(b, h, nq, nk + pad, dtype=q.dtype, device=q.device)[..., :nk]
+        bias.masked_fill_(~keep, float("-inf"))
+    elif causal:
+        bias = xops.LowerTriangularMask()
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@_jit
+def _attn_fwd_kernel(
+    Q, K, V, Mask, O, LSE,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
+    H, N_Q, N_K, D, qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < N_Q) & d_ok[None, :], other=0.0)
+    if UPCAST:  # bf16 arithmetic is broken in the interpreter: compute in fp32 there
+        q = q.to(tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    hi = N_K
+    if CAUSAL:  # keys past the last row's diagonal are never seen by this block
+        hi = tl.minimum(N_K, tl.maximum((pid_m + 1) * BLOCK_M + N_K - N_Q, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_kn = start_n + offs_n
+        kn_ok = offs_kn < N_K
+        kt = tl.load(k_base + offs_kn[None, :] * skn + offs_d[:, None] * skd,
+                     mask=kn_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_base + offs_kn[:, None] * svn + offs_d[None, :] * svd,
+                    mask=kn_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        keep = kn_ok[None, :]
+        if HAS_MASK:
+            km = tl.load(Mask + b * smb + offs_kn * smn, mask=kn_ok, other=0)
+            keep = keep & (km != 0)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_kn[None, :] <= offs_m[:, None] + (N_K - N_Q))
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: avoid −inf − (−inf)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    m_ok = offs_m < N_Q
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * N_Q + offs_m, lse.to(LSE.dtype.element_ty), mask=m_ok)
+
+
+@_jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, Mask, O, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smn,
+    H, N_Q, N_K, D, scale, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ for one query block; also writes δ = rowsum(dO ∘ O) for the dK/dV kernel."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < N_Q
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md_ok, other=0.0)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+    tl.store(DELTA + pid_bh * N_Q + offs_m, delta, mask=m_ok)
+    lse2 = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    hi = N_K
+    if CAUSAL:
+        hi = tl.minimum(N_K, tl.maximum((pid_m + 1) * BLOCK_M + N_K - N_Q, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_kn = start_n + offs_n
+        kn_ok = offs_kn < N_K
+        k = tl.load(k_base + offs_kn[:, None] * skn + offs_d[None, :] * skd,
+                    mask=kn_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        vt = tl.load(v_base + offs_kn[None, :] * svn + offs_d[:, None] * svd,
+                     mask=kn_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
+        keep = kn_ok[None, :] & m_ok[:, None]
+        if HAS_MASK:
+            km = tl.load(Mask + b * smb + offs_kn * smn, mask=kn_ok, other=0)
+            keep = keep & (km != 0)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_kn[None, :] <= offs_m[:, None] + (N_K - N_Q))
+        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=md_ok)
+
+
+@_jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, Mask, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
+    H, N_Q, N_K, D, scale, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK and dV for one key block, looping over the query blocks that see it (Sᵀ layout)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < N_K
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd_ok, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    keep_n = n_ok
+    if HAS_MASK:
+        km = tl.load(Mask + b * smb + offs_n * smn, mask=n_ok, other=0)
+        keep_n = keep_n & (km != 0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    lo = 0
+    if CAUSAL:  # query rows above this block's first key's diagonal never see it
+        lo = tl.maximum(pid_n * BLOCK_N - (N_K - N_Q), 0) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, N_Q, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < N_Q
+        qt = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+        do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+        st = tl.dot(k, qt, input_precision=PREC, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M) = Sᵀ
+        keep = keep_n[:, None] & m_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + (N_K - N_Q))
+        pt = tl.where(keep, tl.math.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC, out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # (BLOCK_N, BLOCK_M) = dPᵀ
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+_INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  # read at decoration, as Triton does
+
+
+def _config(q, backward: bool):
+    """Static kernel settings: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, typing constexprs).
+
+    GPU blocks follow the FlashAttention-2 Triton tutorial (128×64 forward, 64×64 backward for
+    16-bit inputs); they are untuned here (no GPU in the session that wrote them). The interpreter
+    gets 32×32 blocks: each program instance costs ~3 ms there, and 32 still exercises tails and
+    multi-block loops at the test shapes (N = 37, 129).
+    """
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    wide = q.dtype in (torch.float32, torch.float64)
+    if _INTERPRETED:
+        block_m = block_n = 32
+    elif backward:
+        block_m, block_n = (32, 32) if wide else (64, 64)
+    else:
+        block_m, block_n = (64, 32) if wide else (128, 64)
+    num_warps = 8 if block_d > 64 and not _INTERPRETED else 4
+    num_stages = 2 if backward or block_d > 64 else 3
+    consts = dict(
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        PREC="ieee" if wide else "tf32",  # fp32 stays fp32 (tf32 would cost ~1e-3 relative error)
+        BLOCK_D=block_d,
+    )
+    return block_m, block_n, num_warps, num_stages, consts
+
+
+def _mask_args(mask, q):
+    if mask is None:
+        return q, 0, 0  # dummy pointer, never read (HAS_MASK=False)
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1)
+
+
+def _stat_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _flash_fwd_impl(q, k, v, mask, scale, causal):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    o = dispatch.new_empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
+    block_m, block_n, num_warps, num_stages, consts = _config(q, backward=False)
+    m, smb, smn = _mask_args(mask, q)
+    grid = (triton.cdiv(nq, block_m), b * h)
+    _attn_fwd_kernel[grid](
+        q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
+        h, nq, nk, d, scale * 1.4426950408889634,
+        CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages, **consts,
+    )
+    return o, lse
+
+
+def _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    dq = dispatch.new_empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = dispatch.new_empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = dispatch.new_empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
+    block_m, block_n, num_warps, num_stages, consts = _config(q, backward=True)
+    m, smb, smn = _mask_args(mask, q)
+    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                  num_warps=num_warps, num_stages=num_stages, **consts)
+    _attn_bwd_dq_kernel[(triton.cdiv(nq, block_m), b * h)](
+        q, k, v, m, o, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        *do.stride(), *dq.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
+    )
+    _attn_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), b * h)](
+        q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *dk.stride(), *dv.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd + torch.compile: custom ops with fake (shape) and autograd registrations
+
+
+@torch.library.custom_op("lvd::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_fwd_impl(q, k, v, mask, scale, causal)
+
+
+@_flash_fwd_op.register_fake
+def _(q, k, v, mask, scale, causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stat_dtype(q))
+
+
+@torch.library.custom_op("lvd::flash_attention_bwd", mutates_args=())
+def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal)
+
+
+@_flash_bwd_op.register_fake
+def _(do, q, k, v, o, lse, mask, scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, causal = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _flash_backward(ctx, do, dlse):
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, mask, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+_flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+
+
+def _check_inputs(q, k, v, mask):
+    problems = []
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        problems.append(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    elif k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        problems.append(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree on B, H or D")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            problems.append(f"mask must be bool (True = keep), got {mask.dtype}")
+        if q.ndim == 4 and k.ndim == 4 and tuple(mask.shape) != (q.shape[0], k.shape[2]):
+            problems.append(f"mask must be (B, N_k) = {(q.shape[0], k.shape[2])}, got {tuple(mask.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        problems.append(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if problems:
+        raise ValueError("kernels.attention: " + "; ".join(problems))
+
+
+def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto"):
+    """Scaled dot-product attention softmax(q kᵀ · scale) v with an optional key-padding mask.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D); mask: (B, Nk) bool, True where a key is kept;
+    scale defaults to 1/√D; ``causal`` aligns the diagonal bottom-right (``tril(Nk − Nq)``).
+    ``backend``: "auto" | "triton" | "sdpa" | "xformers" | "torch" (see :mod:`kernels.dispatch`).
+    Returns (B, H, Nq, D) in q's dtype.
+    """
+    _check_inputs(q, k, v, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    choice = dispatch.attention_backend(q, k, v, mask, backend=backend, interpreted=_INTERPRETED)
+    if choice == "triton":
+        return _flash_fwd_op(q, k, v, mask, scale, bool(causal))[0]
+    if choice == "sdpa":
+        return _attention_sdpa(q, k, v, mask, scale, causal)
+    if choice == "xformers":
+        return _attention_xformers(q, k, v, mask, scale, causal)
+    return attention_reference(q, k, v, mask=mask, scale=scale, causal=causal)

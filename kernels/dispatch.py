@@ -1,0 +1,237 @@
+"""Backend choice for every kernel: the one place that decides Triton / SDPA / xformers / PyTorch.
+
+Backends:
+
+- ``"triton"``   our fused kernels (kernels/attention.py, kernels/group_norm.py). CUDA tensors, or CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before ``kernels`` was imported (how the tests run).
+- ``"sdpa"``     ``torch.nn.functional.scaled_dot_product_attention`` (attention only).
+- ``"xformers"`` ``xformers.ops.memory_efficient_attention``; optional, CUDA only.
+- ``"torch"``    the plain PyTorch reference: the fallback and the test oracle.
+- ``"auto"``     the default: Triton on CUDA with compute capability ≥ 8.0 for the dtypes and shapes
+  the kernels support; otherwise SDPA (attention) or the reference (GroupNorm). When a GPU class has
+  a measured winner in :data:`ATTENTION_FASTEST`, attention takes that one instead.
+
+``LVD_KERNELS=<backend>`` in the environment replaces ``"auto"`` as the default. GroupNorm has no SDPA
+or xformers version, so for GroupNorm those two names mean the PyTorch reference: one environment
+setting can then say "no Triton" for the whole library.
+
+Forcing a backend that cannot run raises :class:`BackendUnavailableError` naming the reason. ``"auto"``
+falling back logs the reason once per (op, reason). Importing this module never touches a GPU driver:
+CUDA is queried only when a call sees a CUDA tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "sdpa", "xformers", "torch")
+ENV_VAR = "LVD_KERNELS"
+
+# Measured winner between our Triton attention and SDPA per GPU class (a substring of the device
+# name). Empty until benchmarks/bench_attention.py has run on that GPU; unlisted GPUs use Triton.
+ATTENTION_FASTEST: dict[str, str] = {}
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128  # one (BLOCK_M, 128) fp32 accumulator per program; larger needs another tiling
+
+try:  # Linux wheels ship Triton; elsewhere the PyTorch paths still work.
+    import triton  # noqa: F401  (importing triton does not touch the driver)
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the platform
+    HAS_TRITON = False
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run these inputs on this machine."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment facts (each computed at call time, never at import)
+
+
+def triton_interpreter_requested() -> bool:
+    """True when ``TRITON_INTERPRET`` is set to a true value (torch's has_triton() ignores it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def has_xformers() -> bool:
+    """xformers is importable. It imports on a CPU but raises NotImplementedError there, so callers
+    must check the device themselves (diffusers' is_xformers_available() does not)."""
+    return importlib.util.find_spec("xformers") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def default_backend() -> str:
+    """The backend ``"auto"`` stands for: ``$LVD_KERNELS`` if set, else ``"auto"``."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; choose one of {BACKENDS}")
+    return value
+
+
+def _check_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    return default_backend() if backend == "auto" else backend
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_once(op: str, reason: str) -> None:
+    if (op, reason) not in _logged:
+        _logged.add((op, reason))
+        logger.info("kernels.%s: not using Triton: %s", op, reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# Why Triton cannot run (None when it can)
+
+
+def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | None:
+    """Why our Triton kernels cannot run on these tensors, or None.
+
+    ``interpreted`` says whether the op's kernels were decorated under ``TRITON_INTERPRET=1``
+    (the flag is read at decoration, so setting it later does not help).
+    """
+    if not HAS_TRITON:
+        return "triton is not installed"
+    x = tensors[0]
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return f"inputs are on several devices {sorted(map(str, devices))}"
+    if x.device.type == "cuda":
+        if interpreted:
+            return "kernels were imported with TRITON_INTERPRET=1, which runs CPU tensors only"
+        return None
+    if x.device.type == "cpu":
+        if interpreted:
+            return None
+        if triton_interpreter_requested():
+            return ("TRITON_INTERPRET=1 was set after kernels was imported; it is read when the kernels "
+                    "are decorated, so set it before importing kernels")
+        return "tensors are on the CPU (Triton runs them only with TRITON_INTERPRET=1)"
+    return f"device {x.device.type!r} is not supported by Triton"
+
+
+def _fast_gpu_reason(x: torch.Tensor) -> str | None:
+    """Extra conditions for "auto": CUDA capability ≥ 8.0 (Ampere and newer)."""
+    if x.device.type != "cuda":
+        return None
+    major, minor = _cuda_capability(_device_index(x))
+    if major < 8:
+        return f"CUDA capability {major}.{minor} < 8.0"
+    return None
+
+
+def _resolve(op: str, backend: str, triton_reason: str | None, fallback: str, x: torch.Tensor) -> str:
+    """Shared rule: forced "triton" raises when it cannot run; "auto" falls back and logs once."""
+    if backend == "triton":
+        if triton_reason is not None:
+            raise BackendUnavailableError(f"kernels.{op}(backend='triton'): {triton_reason}")
+        return "triton"
+    if backend != "auto":
+        return backend
+    reason = triton_reason
+    if reason is None and x.device.type == "cpu":
+        reason = "CPU tensors (the interpreter is for tests; force backend='triton' to use it)"
+    reason = reason or _fast_gpu_reason(x)
+    if reason is None:
+        return "triton"
+    _log_once(op, reason)
+    return fallback
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-op choices
+
+
+def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
+    """Resolve ``backend`` for :func:`kernels.attention` to one of triton / sdpa / xformers / torch."""
+    backend = _check_name(backend)
+    if backend == "xformers":
+        if not has_xformers():
+            raise BackendUnavailableError("kernels.attention(backend='xformers'): xformers is not installed "
+                                          "(pip install lvd[xformers])")
+        if q.device.type != "cuda":
+            raise BackendUnavailableError(f"kernels.attention(backend='xformers'): xformers needs CUDA tensors, "
+                                          f"got {q.device.type}")
+        return backend
+    reason = triton_unavailable_reason([q, k, v] + ([mask] if mask is not None else []), op="attention",
+                                       interpreted=interpreted)
+    if reason is None and q.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
+        reason = f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
+    if reason is None and q.shape[-1] > MAX_HEAD_DIM:
+        reason = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    choice = _resolve("attention", backend, reason, "sdpa", q)
+    if backend == "auto" and choice == "triton" and q.device.type == "cuda":
+        name = _cuda_name(_device_index(q))
+        for gpu_class, winner in ATTENTION_FASTEST.items():
+            if gpu_class in name:
+                return winner
+    return choice
+
+
+def group_norm_backend(x, *, backend: str, interpreted: bool) -> str:
+    """Resolve ``backend`` for :func:`kernels.group_norm` to "triton" or "torch"."""
+    backend = _check_name(backend)
+    if backend in ("sdpa", "xformers"):  # no such GroupNorm: these names mean "not ours" here
+        return "torch"
+    reason = triton_unavailable_reason([x], op="group_norm", interpreted=interpreted)
+    if reason is None and x.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
+        reason = f"dtype {x.dtype} (supported: fp16, bf16, fp32)"
+    return _resolve("group_norm", backend, reason, "torch", x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output allocation (tests fill outputs with NaN so an element a kernel never writes shows up)
+
+_nan_outputs = False
+
+
+@contextlib.contextmanager
+def nan_filled_outputs():
+    """Within this block, every buffer a Triton launcher allocates starts as NaN, not garbage/zeros."""
+    global _nan_outputs
+    previous, _nan_outputs = _nan_outputs, True
+    try:
+        yield
+    finally:
+        _nan_outputs = previous
+
+
+def new_empty(shape, *, dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled inside :func:`nan_filled_outputs`)."""
+    if _nan_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``torch.empty_like`` keeping x's dense layout (channels_last stays channels_last)."""
+    out = torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
+    if _nan_outputs:
+        out.fill_(float("nan"))
+    return out
