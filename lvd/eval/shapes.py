@@ -1,0 +1,268 @@
+"""Score moving-shapes clips by pixel statistics: colour, shape, direction, consistency. No learned model.
+
+The clips are bright shapes on black (:mod:`lvd.data.synthetic`). Per frame, with V = max(R, G, B) / 255:
+
+- **coverage** ``c = clip((V − 0.15) / 0.7, 0, 1)``: anti-aliased foreground in [0, 1]. The ramp is symmetric
+  about V = 0.5, so it leaves the expected area of an anti-aliased edge unchanged while it removes faint
+  background noise from generated clips; the hard foreground mask is ``V > 0.5``.
+- **colour**: the dominant hue of the foreground. Each mask pixel votes, weighted by coverage, for the nearest
+  of the six hues (red 0°, yellow 60°, green 120°, cyan 180°, blue 240°, magenta 300°), or for white when its
+  HSV saturation is below 0.35.
+- **direction**: the coverage-weighted centroid of the last frame minus that of the first (y grows downward);
+  the larger axis gives left / right / up / down, or "static" below ``0.03 · size`` pixels.
+- **shape**: the fill ratio ``Σc / (w · h)`` of the foreground in its bounding box, where the soft extents
+  ``w = Σ_x max_y c``, ``h = Σ_y max_x c`` are exact for pixel-straddling edges. Ideal shapes give square 1,
+  circle π/4 ≈ 0.785, triangle 0.5; the per-frame median is classified at the midpoints 0.89 and 0.64.
+- **consistency**: ``1 − std_t(A_t) / mean_t(A_t)`` of the foreground area ``A_t = Σc`` over frames (1 = the
+  shape keeps its size, as every true clip does).
+
+``python -m lvd.eval.shapes --model DIR`` generates every one of the 84 captions with 2 seeds and prints
+per-attribute accuracy and confusion tables. :func:`score_clip` is a pure function usable on any clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from lvd.data.synthetic import COLORS, DIRECTIONS, SHAPES, all_captions
+
+HUES = {"red": 0.0, "yellow": 60.0, "green": 120.0, "cyan": 180.0, "blue": 240.0, "magenta": 300.0}
+FILL_RATIO = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
+_CAPTION = re.compile(r"^a (\w+) (\w+) moving (\w+)$")
+_MASK_LEVEL = 0.5  # V above this is foreground
+_RAMP = (0.15, 0.85)  # V → coverage ramp, symmetric about 0.5
+_WHITE_SATURATION = 0.35
+_STATIC_FRACTION = 0.03  # centroid moves less than this fraction of the frame side → "static"
+ATTRIBUTES = ("color", "shape", "direction")
+
+
+def parse_caption(caption: str) -> dict[str, str]:
+    """"a red circle moving right" → {"color": "red", "shape": "circle", "direction": "right"}."""
+    match = _CAPTION.match(caption.strip())
+    if not match or match[1] not in COLORS or match[2] not in SHAPES or match[3] not in DIRECTIONS:
+        raise ValueError(f"caption {caption!r} is not 'a {{color}} {{shape}} moving {{direction}}' with "
+                         f"color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+    return {"color": match[1], "shape": match[2], "direction": match[3]}
+
+
+def _as_unit_rgb(video) -> np.ndarray:
+    """(3, T, H, W) uint8 or float in [-1, 1] (torch or numpy) → float64 (3, T, H, W) in [0, 1]."""
+    array = video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
+    if array.ndim != 4 or array.shape[0] != 3:
+        raise ValueError(f"video must be (3, T, H, W), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float64) / 255.0
+    return np.clip((array.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _classify_color(rgb: np.ndarray, mask: np.ndarray, weight: np.ndarray) -> str:
+    """Dominant hue of the masked pixels: rgb (3, N) in [0, 1]; returns a COLORS name or "none"."""
+    if not mask.any():
+        return "none"
+    rgb, weight = rgb[:, mask], weight[mask]  # (3, n), (n,)
+    value = rgb.max(axis=0)
+    chroma = value - rgb.min(axis=0)
+    saturation = chroma / np.maximum(value, 1e-8)
+    r, g, b = rgb
+    safe = np.maximum(chroma, 1e-8)
+    hue = np.where(value == r, ((g - b) / safe) % 6, np.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = hue * 60.0  # degrees
+    names = list(HUES)
+    centres = np.array([HUES[n] for n in names])
+    distance = np.abs((hue[:, None] - centres[None, :] + 180.0) % 360.0 - 180.0)  # (n, 6) circular
+    nearest = distance.argmin(axis=1)
+    votes = Counter()
+    colored = saturation >= _WHITE_SATURATION
+    votes["white"] = float(weight[~colored].sum())
+    for k, name in enumerate(names):
+        votes[name] = float(weight[colored & (nearest == k)].sum())
+    return max(votes, key=votes.get)
+
+
+def _fill_ratio(coverage: np.ndarray) -> float:
+    """Σc / (w · h) with soft extents w = Σ_x max_y c, h = Σ_y max_x c. coverage (H, W); nan if empty."""
+    area = coverage.sum()
+    width, height = coverage.max(axis=0).sum(), coverage.max(axis=1).sum()
+    if area < 1.0 or width * height <= 0:
+        return float("nan")
+    return float(area / (width * height))
+
+
+def _classify_shape(ratio: float) -> str:
+    if not np.isfinite(ratio):
+        return "none"
+    if ratio >= (FILL_RATIO["square"] + FILL_RATIO["circle"]) / 2:  # 0.89
+        return "square"
+    if ratio >= (FILL_RATIO["circle"] + FILL_RATIO["triangle"]) / 2:  # 0.64
+        return "circle"
+    return "triangle"
+
+
+def _centroid(coverage: np.ndarray) -> tuple[float, float] | None:
+    """Coverage-weighted (x, y) centre of one frame (H, W), or None if the frame is empty."""
+    total = coverage.sum()
+    if total < 1.0:
+        return None
+    ys, xs = np.indices(coverage.shape)
+    return float((xs * coverage).sum() / total), float((ys * coverage).sum() / total)
+
+
+def score_clip(video, caption: str | None = None) -> dict:
+    """Pixel analysis of one clip (3, T, H, W) (uint8, or float in [-1, 1]).
+
+    Returns predictions ``color``, ``shape``, ``direction`` (each may be "none"/"static"), the measurements
+    ``fill_ratio``, ``displacement`` (dx, dy) in pixels, ``consistency`` in [0, 1] and ``foreground``
+    (mean fraction of pixels in the mask); with a caption, also the truth and ``<attr>_ok`` booleans.
+    """
+    rgb = _as_unit_rgb(video)  # (3, T, H, W)
+    _, frames, height, width = rgb.shape
+    value = rgb.max(axis=0)  # (T, H, W)
+    lo, hi = _RAMP
+    coverage = np.clip((value - lo) / (hi - lo), 0.0, 1.0)  # (T, H, W)
+    mask = value > _MASK_LEVEL  # (T, H, W)
+
+    color = _classify_color(rgb.reshape(3, -1), mask.reshape(-1), coverage.reshape(-1))
+
+    ratios = np.array([_fill_ratio(coverage[t]) for t in range(frames)])
+    fill = float(np.nanmedian(ratios)) if np.isfinite(ratios).any() else float("nan")
+    shape = _classify_shape(fill)
+
+    first, last = _centroid(coverage[0]), _centroid(coverage[-1])
+    if first is None or last is None:
+        direction, displacement = "none", (float("nan"), float("nan"))
+    else:
+        dx, dy = last[0] - first[0], last[1] - first[1]
+        displacement = (dx, dy)
+        if max(abs(dx), abs(dy)) < _STATIC_FRACTION * max(height, width):
+            direction = "static"
+        elif abs(dx) >= abs(dy):
+            direction = "right" if dx > 0 else "left"
+        else:
+            direction = "down" if dy > 0 else "up"
+
+    areas = coverage.sum(axis=(1, 2))  # (T,)
+    consistency = float(np.clip(1.0 - areas.std() / areas.mean(), 0.0, 1.0)) if areas.mean() >= 1.0 else 0.0
+
+    result = {
+        "color": color,
+        "shape": shape,
+        "direction": direction,
+        "fill_ratio": fill,
+        "displacement": displacement,
+        "consistency": consistency,
+        "foreground": float(mask.mean()),
+    }
+    if caption is not None:
+        truth = parse_caption(caption)
+        result["caption"] = caption
+        for attr in ATTRIBUTES:
+            result[f"true_{attr}"] = truth[attr]
+            result[f"{attr}_ok"] = result[attr] == truth[attr]
+    return result
+
+
+def summarize(scores: list[dict]) -> dict:
+    """Accuracy per attribute, mean consistency, and confusion counts {attr: {true: {pred: n}}}."""
+    summary: dict = {"clips": len(scores), "accuracy": {}, "confusion": {}}
+    for attr in ATTRIBUTES:
+        summary["accuracy"][attr] = float(np.mean([s[f"{attr}_ok"] for s in scores])) if scores else float("nan")
+        table: dict[str, dict[str, int]] = {}
+        for s in scores:
+            row = table.setdefault(s[f"true_{attr}"], {})
+            row[s[attr]] = row.get(s[attr], 0) + 1
+        summary["confusion"][attr] = table
+    summary["consistency"] = float(np.mean([s["consistency"] for s in scores])) if scores else float("nan")
+    return summary
+
+
+def format_report(summary: dict) -> str:
+    """Accuracy lines followed by one confusion table per attribute (rows: truth, columns: prediction)."""
+    lines = [f"clips: {summary['clips']}"]
+    for attr in ATTRIBUTES:
+        lines.append(f"{attr + ' accuracy':<20} {100 * summary['accuracy'][attr]:6.1f} %")
+    lines.append(f"{'consistency (mean)':<20} {summary['consistency']:8.3f}")
+    labels = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+    for attr in ATTRIBUTES:
+        table = summary["confusion"][attr]
+        predicted = {p for row in table.values() for p in row}
+        columns = labels[attr] + sorted(predicted - set(labels[attr]))
+        width = max(8, *(len(c) + 1 for c in columns))
+        lines.append("")
+        lines.append(f"{attr} confusion (rows: caption, columns: measured)")
+        lines.append(" " * 10 + "".join(f"{c:>{width}}" for c in columns))
+        for true in labels[attr]:
+            row = table.get(true, {})
+            lines.append(f"{true:<10}" + "".join(f"{row.get(c, 0):>{width}}" for c in columns))
+    return "\n".join(lines)
+
+
+def evaluate_pipeline(pipe, *, captions: list[str] | None = None, seeds=(0, 1), num_frames: int = 17,
+                      height: int = 64, width: int = 64, num_inference_steps: int = 25,
+                      guidance_scale: float = 5.0, batch_size: int = 12, progress: bool = False) -> list[dict]:
+    """Generate every caption with every seed through ``pipe`` (an :class:`lvd.pipeline.LVDPipeline`) and score
+    each clip. Clip (caption i, seed s) uses ``torch.Generator().manual_seed(1000 · s + i)``, so a score does not
+    depend on the batch size."""
+    captions = captions or all_captions()
+    jobs = [(caption, seed, 1000 * seed + i) for seed in seeds for i, caption in enumerate(captions)]
+    scores = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(noise_seed) for _, _, noise_seed in chunk]
+        frames = pipe(
+            [caption for caption, _, _ in chunk], num_frames=num_frames, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generators,
+            output_type="pt",
+        ).frames  # (B, T, 3, H, W) in [0, 1]
+        for (caption, seed, _), clip in zip(chunk, frames):
+            video = (clip.permute(1, 0, 2, 3) * 255).round().to(torch.uint8)  # (3, T, H, W)
+            scores.append({**score_clip(video, caption), "seed": seed})
+        if progress:
+            print(f"  {len(scores)}/{len(jobs)} clips", file=sys.stderr, flush=True)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lvd.eval.shapes", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="pipeline folder (model_index.json, transformer/, vae/, ...)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--sampler", default=None, help="euler, ddim, dpm++ or unipc (default: the saved scheduler)")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write per-clip scores and the summary here")
+    args = parser.parse_args(argv)
+
+    from lvd.pipeline import LVDPipeline  # the scorer above needs no model; only the CLI loads one
+
+    pipe = LVDPipeline.from_pretrained(args.model).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    if args.sampler:
+        pipe.set_sampler(args.sampler)
+    start = time.perf_counter()
+    scores = evaluate_pipeline(pipe, seeds=args.seeds, num_frames=args.frames, height=args.size, width=args.size,
+                               num_inference_steps=args.steps, guidance_scale=args.guidance,
+                               batch_size=args.batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    summary = summarize(scores)
+    print(format_report(summary))
+    print(f"\n{len(scores)} clips in {seconds:.1f} s ({seconds / max(len(scores), 1):.2f} s per clip), "
+          f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler or type(pipe.scheduler).__name__}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"summary": summary, "clips": scores, "seconds": seconds, "args": vars(args)}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
