@@ -1,0 +1,611 @@
+"""webdataset training pipelines for clip shards and latent shards, with exact resume.
+
+    loader = make_clip_loader(ClipDataConfig(shards="shards/shard-{000000..000009}.tar"), seed=0)
+    for batch in loader:          # {"video": (B,3,T,H,W) float [-1,1], "caption": [...], "key": [...]}
+        ...
+        ckpt["data"] = loader.state_dict()          # JSON-able
+    loader.load_state_dict(ckpt["data"])            # continues with exactly the next batch
+
+Pipeline, per (rank, worker):
+
+1. shards: ``--shards`` is brace patterns joined by ``::`` (webdataset's ``expand_urls``) or a
+   folder of ``*.tar``. Epoch ``e`` permutes the list with ``rng(seed, e)``; rank ``r`` of ``R``
+   takes every R-th shard, worker ``w`` of ``W`` every W-th of those (split by node, then by
+   worker). With ``resampled`` each (rank, worker) instead draws shards with replacement from
+   ``rng(seed, rank, w)``, forever.
+2. samples: tar members are grouped by key (webdataset's tar reader and ``base_plus_ext``). Only
+   our keys are decoded, by our own decoders (mp4 via ffmpeg, txt as UTF-8, json, safetensors);
+   nothing is ever unpickled. A sample with a pickle member (``.pyd``, ``.pickle``, ``.pkl``,
+   ``.pth``, ``.pt``), a duplicate key, a missing or undecodable part is skipped, counted and
+   logged in one line.
+3. shuffle: a buffer of ``shuffle`` undecoded samples, drawn with ``rng(seed, e, rank, w)``.
+4. buckets: each sample joins the bucket chosen from its metadata (no decoding needed); a full
+   bucket becomes a batch. Each bucket has its own (T, H, W) and batch size.
+5. decode: only then is a batch decoded, cropped and resized, with crops drawn from
+   ``rng(seed, e, rank, w, batch_index)``.
+
+Why resume is exact: every worker's batch sequence is a pure function of (seed, epoch, rank,
+worker, batch index), and the torch DataLoader hands batches out round-robin over workers. The
+state is, per worker, its epoch and how many of its batches the training loop has received, plus
+which worker is due next. Restoring replays steps 1-4 for the batches already seen without
+decoding them (reading tar bytes is cheap, decoding is not), and rotates worker roles so that the
+round-robin starts at the worker that was due. ``tests/test_data_loader.py`` checks
+``resumed == uninterrupted`` batch for batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lvd.video_io import VideoReadError, decode_video_bytes
+
+__all__ = [
+    "Bucket",
+    "ClipDataConfig",
+    "LatentDataConfig",
+    "ShardLoader",
+    "make_clip_loader",
+    "make_latent_loader",
+    "encode_latent_sample",
+    "decode_latent_sample",
+    "expand_shards",
+    "choose_bucket",
+    "PICKLE_SUFFIXES",
+]
+
+log = logging.getLogger("lvd.data")
+PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
+LATENT_KEYS = ("latents", "text_states", "text_mask", "text_pooled")
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Samples of one (frames, height, width) batched ``batch_size`` at a time."""
+
+    frames: int
+    height: int
+    width: int
+    batch_size: int
+
+
+@dataclasses.dataclass
+class ClipDataConfig:
+    """Clip shards -> batches of videos.
+
+    shards:      brace pattern(s) joined by ``::`` (``a/shard-{000000..000099}.tar``) or a folder.
+    frames/size/batch_size: the single bucket used when ``buckets`` is empty (size x size).
+    buckets:     several (frames, height, width, batch_size); see :func:`choose_bucket`.
+    shuffle:     shuffle buffer in samples (0 keeps shard order).
+    random_crop: random temporal window and spatial crop; False takes the first frames, centre crop.
+    workers:     DataLoader worker processes (0 = in the main process).
+    resampled:   draw shards with replacement forever (multi-node training); else epochs.
+    epochs:      None repeats forever; N stops after N passes (ignored when resampled).
+    drop_last:   drop the partial batch each bucket holds at the end of an epoch.
+    """
+
+    shards: str = ""
+    frames: int = 17
+    size: int = 256
+    batch_size: int = 8
+    buckets: list[Bucket] = dataclasses.field(default_factory=list)
+    shuffle: int = 1000
+    random_crop: bool = True
+    workers: int = 2
+    resampled: bool = False
+    epochs: int | None = None
+    drop_last: bool = True
+
+    def __post_init__(self):
+        problems = _common_problems(self)
+        if not self.buckets:
+            if self.frames < 1:
+                problems.append(f"frames must be >= 1, got {self.frames}")
+            if self.size < 1:
+                problems.append(f"size must be >= 1, got {self.size}")
+        if problems:
+            raise ValueError("invalid ClipDataConfig: " + "; ".join(problems))
+
+    def bucket_list(self) -> list[Bucket]:
+        return list(self.buckets) or [Bucket(self.frames, self.size, self.size, self.batch_size)]
+
+
+@dataclasses.dataclass
+class LatentDataConfig:
+    """Latent shards -> batches of cached latents and text embeddings.
+
+    Samples are bucketed by their exact latent shape (C, T', H', W'). ``buckets`` optionally gives
+    a batch size per latent (frames, height, width); other shapes use ``batch_size``.
+    The other fields mean what they mean in :class:`ClipDataConfig`.
+    """
+
+    shards: str = ""
+    batch_size: int = 8
+    buckets: list[Bucket] = dataclasses.field(default_factory=list)
+    shuffle: int = 1000
+    workers: int = 2
+    resampled: bool = False
+    epochs: int | None = None
+    drop_last: bool = True
+
+    def __post_init__(self):
+        problems = _common_problems(self)
+        if problems:
+            raise ValueError("invalid LatentDataConfig: " + "; ".join(problems))
+
+
+def _common_problems(cfg) -> list[str]:
+    problems = []
+    if not cfg.shards:
+        problems.append("shards is empty: give a brace pattern like 'dir/shard-{000000..000009}.tar' or a folder")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.shuffle < 0:
+        problems.append(f"shuffle must be >= 0, got {cfg.shuffle}")
+    if cfg.workers < 0:
+        problems.append(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        problems.append(f"epochs must be >= 1 or None, got {cfg.epochs}")
+    for i, b in enumerate(cfg.buckets):
+        if isinstance(b, dict):
+            cfg.buckets[i] = b = Bucket(**b)
+        if min(b.frames, b.height, b.width, b.batch_size) < 1:
+            problems.append(f"buckets[{i}]: every field must be >= 1, got {b}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard lists and latent sample bytes
+# ----------------------------------------------------------------------------------------------
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns joined by ``::``, or a folder (its ``*.tar``). Missing local files are an error."""
+    from webdataset.shardlists import expand_urls
+
+    path = Path(spec)
+    if "{" not in spec and "::" not in spec and path.is_dir():
+        urls = [str(p) for p in sorted(path.glob("*.tar"))]
+        if not urls:
+            raise ValueError(f"shards: folder '{spec}' holds no .tar files")
+        return urls
+    urls = expand_urls(spec)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"shards: '{missing[0]}' does not exist{more} (pattern '{spec}')")
+    return urls
+
+
+def encode_latent_sample(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of a latent sample (``latents``, ``text_states``, ``text_mask``, ``text_pooled``)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def decode_latent_sample(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_latent_sample` (safetensors: no code runs while loading)."""
+    from safetensors.torch import load
+
+    return load(bytes(data))
+
+
+def _safetensors_shapes(data: bytes) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (8-byte little-endian length + JSON), no tensor read."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8 : 8 + n]))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Buckets, crops, codecs
+# ----------------------------------------------------------------------------------------------
+
+
+def choose_bucket(buckets: list[Bucket], frames: int, height: int, width: int) -> int | None:
+    """Index of the bucket for a clip of ``frames`` x ``height`` x ``width``, or None if none fits.
+
+    A bucket fits when it needs no more frames than the clip has. Among those, prefer (in order)
+    the closest aspect ratio (|log ratio| to 0.1), then no upscaling, then the largest area,
+    then the most frames. So 1024 px sources land in a 1024 px bucket, 512 px ones in 512 px.
+    """
+    best, best_key = None, None
+    for i, b in enumerate(buckets):
+        if b.frames > frames:
+            continue
+        aspect = round(abs(math.log((b.width / b.height) / (width / height))), 1)
+        upscale = b.height > height or b.width > width
+        key = (aspect, upscale, -b.height * b.width, -b.frames)
+        if best_key is None or key < best_key:
+            best, best_key = i, key
+    return best
+
+
+def crop_clip(video: torch.Tensor, bucket: Bucket, rng: np.random.Generator | None) -> torch.Tensor:
+    """(C, T0, H0, W0) float -> (C, T, H, W): temporal window, resize to cover, crop.
+
+    ``rng`` None takes the first frames and the centre; otherwise a random window and position.
+    """
+    c, t0, h0, w0 = video.shape
+    t, h, w = bucket.frames, bucket.height, bucket.width
+    s = int(rng.integers(0, t0 - t + 1)) if rng is not None else 0
+    video = video[:, s : s + t]  # (C, T, H0, W0)
+    scale = max(h / h0, w / w0)  # the smallest resize that covers the target
+    rh, rw = max(h, round(h0 * scale)), max(w, round(w0 * scale))
+    if (rh, rw) != (h0, w0):
+        frames = video.permute(1, 0, 2, 3)  # (T, C, H0, W0): interpolate treats T as the batch
+        frames = F.interpolate(frames, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        video = frames.permute(1, 0, 2, 3).clamp_(-1, 1)  # (C, T, rh, rw)
+    rh, rw = video.shape[-2:]
+    y = int(rng.integers(0, rh - h + 1)) if rng is not None else (rh - h) // 2
+    x = int(rng.integers(0, rw - w + 1)) if rng is not None else (rw - w) // 2
+    return video[:, :, y : y + h, x : x + w].contiguous()  # (C, T, H, W)
+
+
+class _SkipSample(Exception):
+    """A sample to skip; the message is the reason."""
+
+
+def _caption(sample: dict) -> str:
+    if "txt" not in sample:
+        raise _SkipSample("missing caption")
+    try:
+        return bytes(sample["txt"]).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _SkipSample("caption not UTF-8") from None
+
+
+class _ClipCodec:
+    """``{mp4, txt, json}`` samples -> video batches."""
+
+    def __init__(self, cfg: ClipDataConfig):
+        self.buckets = cfg.bucket_list()
+        self.random_crop = cfg.random_crop
+
+    def bucket(self, sample: dict) -> int:
+        if "mp4" not in sample:
+            raise _SkipSample("missing mp4")
+        try:
+            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
+            t, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+        except KeyError as e:
+            raise _SkipSample(f"json metadata lacks {e}" if "json" in sample else "missing json") from None
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise _SkipSample("unreadable json metadata") from None
+        b = choose_bucket(self.buckets, t, h, w)
+        if b is None:
+            raise _SkipSample(f"clip of {t} frames is shorter than every bucket")
+        return b
+
+    def decode(self, sample: dict, bucket: int, rng: np.random.Generator) -> dict:
+        caption = _caption(sample)
+        try:
+            video = decode_video_bytes(sample["mp4"], output="float")  # (C, T0, H0, W0)
+        except VideoReadError as e:
+            raise _SkipSample(f"undecodable mp4 ({e})") from None
+        b = self.buckets[bucket]
+        if video.shape[1] < b.frames:
+            raise _SkipSample(f"mp4 holds {video.shape[1]} frames, bucket needs {b.frames}")
+        video = crop_clip(video, b, rng if self.random_crop else None)
+        return {"video": video, "caption": caption, "key": sample["__key__"]}
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        return {
+            "video": torch.stack([it["video"] for it in items]),  # (B, C, T, H, W)
+            "caption": [it["caption"] for it in items],
+            "key": [it["key"] for it in items],
+        }
+
+
+class _LatentCodec:
+    """``{latents.safetensors, txt, json}`` samples -> latent batches, bucketed by exact shape."""
+
+    def __init__(self, cfg: LatentDataConfig):
+        self.batch_size = cfg.batch_size
+        self.sizes = {(b.frames, b.height, b.width): b.batch_size for b in cfg.buckets}
+        self.shapes: dict[tuple, int] = {}  # latent shape -> bucket id, in order of first sight
+
+    def bucket(self, sample: dict) -> tuple:
+        data = sample.get("latents.safetensors")
+        if data is None:
+            raise _SkipSample("missing latents.safetensors")
+        try:
+            shapes = _safetensors_shapes(data)
+        except (struct.error, ValueError, KeyError, TypeError):
+            raise _SkipSample("unreadable safetensors header") from None
+        missing = [k for k in LATENT_KEYS if k not in shapes]
+        if missing:
+            raise _SkipSample(f"latents.safetensors lacks {missing}")
+        if len(shapes["latents"]) != 4:
+            raise _SkipSample(f"latents must be (C, T, H, W), got shape {shapes['latents']}")
+        return tuple(shapes["latents"])
+
+    def batch_size_of(self, shape: tuple) -> int:
+        return self.sizes.get(tuple(shape[1:]), self.batch_size)
+
+    def decode(self, sample: dict, bucket, rng) -> dict:
+        caption = _caption(sample)
+        try:
+            tensors = decode_latent_sample(sample["latents.safetensors"])
+        except Exception as e:  # safetensors raises its own error types for corrupt bytes
+            raise _SkipSample(f"undecodable safetensors ({type(e).__name__})") from None
+        tensors["text_mask"] = tensors["text_mask"].bool()
+        return {**{k: tensors[k] for k in LATENT_KEYS}, "caption": caption, "key": sample["__key__"]}
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        n = max(it["text_states"].shape[0] for it in items)
+        states = torch.zeros(len(items), n, items[0]["text_states"].shape[1], dtype=items[0]["text_states"].dtype)
+        mask = torch.zeros(len(items), n, dtype=torch.bool)
+        for i, it in enumerate(items):  # pad text to the longest in the batch; padding is masked out
+            L = it["text_states"].shape[0]
+            states[i, :L] = it["text_states"]
+            mask[i, :L] = it["text_mask"]
+        return {
+            "latents": torch.stack([it["latents"].float() for it in items]),  # (B, C, T', H', W')
+            "text_states": states,  # (B, L, D)
+            "text_mask": mask,  # (B, L)
+            "text_pooled": torch.stack([it["text_pooled"] for it in items]),  # (B, Dp)
+            "caption": [it["caption"] for it in items],
+            "key": [it["key"] for it in items],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-worker stream
+# ----------------------------------------------------------------------------------------------
+
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Steps 1-5 of the module docstring for one (rank, worker); yields decoded batches."""
+
+    def __init__(self, urls, codec, cfg, seed, rank, world_size, state):
+        self.urls, self.codec, self.cfg = urls, codec, cfg
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.state = state  # {"epoch": [...], "batches": [...], "next_worker": r}
+        self.stats: collections.Counter = collections.Counter()
+
+    # 1. shards
+    def _shards(self, epoch: int, worker: int, workers: int) -> Iterator[str]:
+        if self.cfg.resampled:
+            rng = np.random.default_rng([self.seed, self.rank, worker, 7])
+            while True:
+                yield self.urls[int(rng.integers(len(self.urls)))]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        yield from (self.urls[i] for i in order[self.rank :: self.world_size][worker::workers])
+
+    # 2. samples
+    def _samples(self, urls: Iterator[str]) -> Iterator[dict]:
+        from webdataset.gopen import gopen
+        from webdataset.tariterators import base_plus_ext, tar_file_expander
+
+        def handler(exn: Exception) -> bool:
+            self._skip("<shard>", f"unreadable tar ({exn.args[0] if exn.args else type(exn).__name__})")
+            return True
+
+        for url in urls:
+            try:
+                stream = gopen(url, "rb")
+            except Exception as e:
+                self._skip(url, f"cannot open shard ({e})")
+                continue
+            seen: set[str] = set()
+            current = None
+            try:
+                for member in tar_file_expander([{"url": url, "stream": stream}], handler=handler, eof_value=None):
+                    prefix, suffix = base_plus_ext(member["fname"])
+                    if prefix is None:
+                        continue
+                    if current is None or prefix != current["__key__"]:
+                        if current is not None:
+                            yield current
+                        current = {"__key__": prefix, "__url__": url}
+                        if prefix in seen:
+                            current["__duplicate__"] = True
+                        seen.add(prefix)
+                    suffix = suffix.lower()
+                    if suffix in current:
+                        current["__duplicate__"] = True
+                    current[suffix] = member["data"]
+                if current is not None:
+                    yield current
+            finally:
+                stream.close()
+
+    def _skip(self, where: str, reason: str) -> None:
+        self.stats[reason.split(" (")[0]] += 1
+        log.warning("skipped %s: %s", where, reason)
+
+    def _checked(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            where = f"{s['__key__']} in {s['__url__']}"
+            pickled = [k for k in s if k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
+            if pickled:
+                self._skip(where, f"pickle member .{pickled[0]} (never unpickled)")
+            elif s.get("__duplicate__"):
+                self._skip(where, "duplicate key")
+            else:
+                yield s
+
+    # 3. shuffle
+    def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        size = self.cfg.shuffle
+        if size <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for s in samples:
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            i = int(rng.integers(size))
+            buf[i], s = s, buf[i]
+            yield s
+        while buf:  # drain in random order
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+
+    # 4. buckets
+    def _batches(self, samples: Iterator[dict]) -> Iterator[tuple]:
+        pending: dict = {}
+        for s in samples:
+            try:
+                b = self.codec.bucket(s)
+            except _SkipSample as e:
+                self._skip(f"{s['__key__']} in {s['__url__']}", str(e))
+                continue
+            group = pending.setdefault(b, [])
+            group.append(s)
+            if len(group) >= self._batch_size(b):
+                yield b, pending.pop(b)
+        if not self.cfg.drop_last:
+            for b, group in pending.items():
+                yield b, group
+
+    def _batch_size(self, b) -> int:
+        if isinstance(self.codec, _LatentCodec):
+            return self.codec.batch_size_of(b)
+        return self.codec.buckets[b].batch_size
+
+    # 5. decode
+    def _decode(self, bucket, group: list[dict], rng: np.random.Generator) -> dict | None:
+        items = []
+        for s in group:
+            try:
+                items.append(self.codec.decode(s, bucket, rng))
+            except _SkipSample as e:
+                self._skip(f"{s['__key__']} in {s['__url__']}", str(e))
+        return self.codec.collate(items) if items else None
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        physical = info.id if info is not None else 0
+        worker = (physical + self.state["next_worker"]) % workers  # logical role, see the docstring
+        epoch, done = self.state["epoch"][worker], self.state["batches"][worker]
+        epochs = None if self.cfg.resampled else self.cfg.epochs
+        while epochs is None or epoch < epochs:
+            shards = self._shards(epoch, worker, workers)
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
+            n = -1
+            for n, (bucket, group) in enumerate(self._batches(self._shuffled(self._checked(self._samples(shards)), rng))):
+                if n < done:
+                    continue  # seen before the restore: replayed, not decoded
+                batch = self._decode(bucket, group, np.random.default_rng([self.seed, epoch, self.rank, worker, n, 2]))
+                if batch is None:
+                    batch = {}
+                batch.update(_worker=worker, _epoch=epoch, _batch=n, _stats=dict(self.stats))
+                yield batch
+            if n < 0 and done == 0:
+                return  # this worker got no data in a whole epoch: stop rather than spin
+            epoch, done = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader the training loop sees
+# ----------------------------------------------------------------------------------------------
+
+
+class ShardLoader:
+    """Iterable of batches with ``state_dict()`` / ``load_state_dict()`` for exact resume.
+
+    Iterating again after a break continues after the last batch received. ``skipped`` counts
+    samples skipped so far, by reason.
+    """
+
+    def __init__(self, codec, cfg, *, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.codec, self.cfg = codec, cfg
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.urls = expand_shards(cfg.shards)
+        if not cfg.resampled and len(self.urls) < world_size * max(1, cfg.workers):
+            log.warning(
+                "%d shards for %d ranks x %d workers: some workers get no data; write more, smaller shards",
+                len(self.urls), world_size, max(1, cfg.workers),
+            )  # fmt: skip
+        n = max(1, cfg.workers)
+        self._state = {"epoch": [0] * n, "batches": [0] * n, "next_worker": 0}
+        self._stats: dict[int, dict] = {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        total: collections.Counter = collections.Counter()
+        for stats in self._stats.values():
+            total.update(stats)
+        return dict(total)
+
+    def __iter__(self):
+        n = max(1, self.cfg.workers)
+        state = json.loads(json.dumps(self._state))
+        dataset = _ShardStream(self.urls, self.codec, self.cfg, self.seed, self.rank, self.world_size, state)
+        if self.cfg.workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(
+                torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, prefetch_factor=2)
+            )
+        for batch in batches:
+            w = batch.pop("_worker")
+            self._state["epoch"][w] = batch.pop("_epoch")
+            self._state["batches"][w] = batch.pop("_batch") + 1
+            self._state["next_worker"] = (w + 1) % n
+            self._stats[w] = batch.pop("_stats")
+            if batch:  # a batch whose every sample was bad is only bookkeeping
+                yield batch
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """JSON-able position: per worker (epoch, batches received), the worker due next."""
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": max(1, self.cfg.workers),
+            "shards": self._fingerprint(),
+            **json.loads(json.dumps(self._state)),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        expect = {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": max(1, self.cfg.workers),
+            "shards": self._fingerprint(),
+        }
+        wrong = [f"{k}: saved {d.get(k)!r}, now {v!r}" for k, v in expect.items() if d.get(k) != v]
+        if wrong:
+            raise ValueError("loader state does not match this loader (resume needs the same data setup): " + "; ".join(wrong))
+        self._state = {"epoch": list(d["epoch"]), "batches": list(d["batches"]), "next_worker": int(d["next_worker"])}
+
+
+def make_clip_loader(cfg: ClipDataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
+    """Batches ``{"video": (B, 3, T, H, W) float [-1, 1], "caption": [str], "key": [str]}``."""
+    return ShardLoader(_ClipCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
+
+
+def make_latent_loader(cfg: LatentDataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
+    """Batches ``{"latents", "text_states", "text_mask", "text_pooled", "caption", "key"}``."""
+    return ShardLoader(_LatentCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
