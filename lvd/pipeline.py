@@ -1,0 +1,523 @@
+"""LVDPipeline: prompt → video, as a diffusers ``DiffusionPipeline``.
+
+Components (the folder layout ``save_pretrained`` writes and ``from_pretrained`` reads):
+``transformer`` (:class:`lvd.dit.VideoDiT`), ``vae`` (our :class:`lvd.vae.CausalVideoVAE` or a diffusers
+``AutoencoderKL*`` video VAE), ``text_encoder`` + ``tokenizer`` (any Hugging Face text model), ``scheduler``
+(a diffusers scheduler whose saved config records the training objective).
+
+Sampling is classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) on the model output:
+``pred = pred_uncond + w · (pred_cond − pred_uncond)``, both halves in one batch. The unconditional
+text is exactly what CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`).
+
+The VAE is wrapped by :func:`lvd.vae.as_video_vae` at use time, so latent normalisation stays inside
+the VAE and this file never touches a scale or shift.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
+    UniPCMultistepScheduler,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+# model_index.json names our components by module, e.g. ["lvd.dit.model", "VideoDiT"]; diffusers resolves such
+# names only from modules already imported (it never imports what a folder names), which these imports do.
+import lvd.dit  # noqa: F401
+import lvd.vae  # noqa: F401
+from lvd.text import TextEmbeddings, encode_text
+from lvd.vae import CausalVideoVAE, as_video_vae
+
+SAMPLERS = ("euler", "ddim", "dpm++", "unipc")
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers: which diffusers scheduler fits which training objective
+# --------------------------------------------------------------------------------------------------
+
+
+def scheduler_objective(scheduler: SchedulerMixin) -> str:
+    """The objective a scheduler's config says the model was trained with: "flow", "eps" or "v".
+
+    Flow matching (rectified flow, Liu et al. 2022; Esser et al. 2024) is recorded by the scheduler class
+    ``FlowMatchEulerDiscreteScheduler`` or by ``prediction_type="flow_prediction"``; eps / v by
+    ``prediction_type`` "epsilon" / "v_prediction" (Salimans & Ho 2022).
+    """
+    config = scheduler.config
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or config.get("prediction_type") == "flow_prediction":
+        return "flow"
+    prediction_type = config.get("prediction_type", "epsilon")
+    objectives = {"epsilon": "eps", "v_prediction": "v"}
+    if prediction_type not in objectives:
+        raise ValueError(
+            f"scheduler {type(scheduler).__name__} has prediction_type={prediction_type!r}; lvd samples only "
+            f"'epsilon', 'v_prediction' or flow-matching models (check scheduler/scheduler_config.json)"
+        )
+    return objectives[prediction_type]
+
+
+def _flow_shift(config) -> float:
+    """The timestep shift of a flow schedule, whichever scheduler recorded it."""
+    return float(config.get("shift", config.get("flow_shift", 1.0)) or 1.0)
+
+
+def sampler_scheduler(scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
+    """A new scheduler for ``sampler`` that fits the objective recorded in ``scheduler``'s config.
+
+    ===========  ====================================  ==================================================
+    sampler      flow model                             eps / v model
+    ===========  ====================================  ==================================================
+    euler        FlowMatchEulerDiscreteScheduler        EulerDiscreteScheduler (Karras et al. 2022, Alg. 2)
+    ddim         refused (DDIM assumes a noise model)   DDIMScheduler (Song et al. 2021), eta = 0
+    dpm++        DPMSolverMultistep, flow sigmas        DPMSolverMultistepScheduler (Lu et al. 2022), 2M
+    unipc        UniPCMultistep, flow sigmas            UniPCMultistepScheduler (Zhao et al. 2023)
+    ===========  ====================================  ==================================================
+
+    Raises ValueError naming the sampler and the objective when they do not fit.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    objective = scheduler_objective(scheduler)
+    config = dict(scheduler.config)
+    num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+    if objective == "flow":
+        shift = _flow_shift(config)
+        if sampler == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        if sampler == "ddim":
+            raise ValueError(
+                "sampler 'ddim' does not fit this model: it was trained with the flow-matching objective "
+                "(scheduler/scheduler_config.json) and DDIM assumes an eps/v noise-prediction model; "
+                "use 'euler', 'dpm++' or 'unipc'"
+            )
+        flow = dict(num_train_timesteps=num_train_timesteps, use_flow_sigmas=True,
+                    prediction_type="flow_prediction", flow_shift=shift)
+        if sampler == "dpm++":
+            return DPMSolverMultistepScheduler(**flow, algorithm_type="dpmsolver++", solver_order=2)
+        return UniPCMultistepScheduler(**flow)
+    # eps / v: keep the training noise schedule (betas) and prediction type.
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+    common = {k: config[k] for k in keys if k in config}
+    if common.get("timestep_spacing") in (None, "leading") and sampler != "ddim":
+        common["timestep_spacing"] = "trailing"  # multistep solvers should start at t = T, not T − T/N
+    if sampler == "euler":
+        common.pop("steps_offset", None)
+        return EulerDiscreteScheduler.from_config(common)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config({**common, "clip_sample": False, "set_alpha_to_one": False})
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler.from_config({**common, "algorithm_type": "dpmsolver++", "solver_order": 2})
+    return UniPCMultistepScheduler.from_config(common)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LVDPipelineOutput(BaseOutput):
+    """``frames``: "np" (B, T, H, W, 3) float32 in [0, 1]; "pt" (B, T, 3, H, W) float in [0, 1]; "pil" a list of
+    B lists of T images; "latent" (B, C', T', H', W'). ``timings``: seconds for "text_encoding", "denoising"
+    (total), "denoising_per_step" and "decoding"."""
+
+    frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
+    timings: dict[str, float] | None = None
+
+
+def _onload(module: torch.nn.Module) -> None:
+    """Fire an accelerate offload hook before calling a method that is not ``forward`` (VAE decode)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(module)
+
+
+def _tiling_enabled(vae) -> bool:
+    """Whether a video VAE decodes in tiles now: ours keeps a ``tiling`` config, diffusers' a ``use_tiling`` flag."""
+    if hasattr(vae, "tiling"):
+        return vae.tiling is not None
+    return bool(getattr(vae, "use_tiling", False))
+
+
+def _sync(device: torch.device) -> float:
+    """Wall clock after queued GPU work has finished (timings would otherwise measure launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+class LVDPipeline(DiffusionPipeline):
+    r"""Text-to-video generation with a latent video DiT.
+
+    Example::
+
+        pipe = LVDPipeline.from_pretrained("lvd/assets/shapes-demo")
+        g = torch.Generator().manual_seed(0)
+        frames = pipe("a red circle moving right", num_frames=17, height=64, width=64,
+                      num_inference_steps=25, guidance_scale=5.0, generator=g).frames   # (1, 17, 64, 64, 3)
+        pipe.set_sampler("dpm++")   # swap the sampler; refused if it does not fit the model's objective
+
+    Args:
+        transformer: the denoiser, ``forward(latents, timestep, text_states, text_mask, text_pooled)``.
+        vae: our ``CausalVideoVAE`` or a diffusers ``AutoencoderKL*`` video VAE (wrapped by ``as_video_vae``).
+        text_encoder, tokenizer: a Hugging Face text model and its tokenizer (used through ``encode_text``).
+        scheduler: a diffusers scheduler; its config records the objective (see ``scheduler_objective``).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "noise_pred"]
+    #: Decode with the VAE's tiling (and one video at a time) when a video has more output voxels
+    #: (frames × height × width) than this. 17 × 256 × 256 keeps a decode under ~2 GB for a 4×8 VAE.
+    vae_tiling_threshold: int = 17 * 256 * 256
+
+    def __init__(
+        self,
+        transformer: ModelMixin,
+        vae: ModelMixin,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=self.video_vae.spatial_compression)
+
+    # -- component views -------------------------------------------------------------------------
+
+    @property
+    def video_vae(self):
+        """The VAE behind the lvd video-VAE interface (normalised latents, ``decode`` → [-1, 1])."""
+        if isinstance(self.vae, CausalVideoVAE):  # TEMP until as_video_vae lands
+            return self.vae
+        return as_video_vae(self.vae)
+
+    @property
+    def objective(self) -> str:
+        """"flow", "eps" or "v", read from the scheduler config."""
+        return scheduler_objective(self.scheduler)
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """(pt, ph, pw) of the transformer's patchify, read from its config."""
+        config = self.transformer.config
+        patch = config.get("patch_size", 1)
+        if isinstance(patch, (list, tuple)):
+            return tuple(int(p) for p in patch)  # type: ignore[return-value]
+        return (int(config.get("patch_size_t", 1) or 1), int(patch), int(patch))
+
+    def set_sampler(self, sampler: str) -> None:
+        """Replace the scheduler by the one for ``sampler`` ("euler", "ddim", "dpm++", "unipc") that fits the
+        model's objective; ValueError if it does not fit."""
+        self.scheduler = sampler_scheduler(self.scheduler, sampler)
+
+    # -- component names in model_index.json -----------------------------------------------------
+
+    def register_modules(self, **kwargs) -> None:
+        super().register_modules(**kwargs)
+        for name, module in kwargs.items():
+            self._record_library(name, module)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") and "_internal_dict" in self.__dict__:
+            self._record_library(name, value)
+
+    def _record_library(self, name: str, module: Any) -> None:
+        """Name an lvd component by its full module, ``["lvd.dit.model", "VideoDiT"]``.
+
+        diffusers takes the second-to-last module part for a pipeline folder when ``diffusers.pipelines`` has one
+        of that name, and ``diffusers.pipelines.dit`` exists, so it would record ``["dit", "VideoDiT"]`` and then
+        fail to load it. Loading resolves the full module from ``sys.modules`` (imported at the top of this file).
+        """
+        module_name = type(module).__module__
+        if module is not None and module_name.startswith("lvd."):
+            self.register_to_config(**{name: (module_name, type(module).__name__)})
+
+    # -- 1. inputs -------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                     num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs) -> None:
+        """Validate every argument and raise one ValueError listing all problems."""
+        problems = []
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt) or (
+            isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)
+        ):
+            problems.append(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is not None:
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else 0
+            if isinstance(negative_prompt, list):
+                if len(negative_prompt) != n_prompts:
+                    problems.append(f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}")
+            elif not isinstance(negative_prompt, str):
+                problems.append(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+            problems.append(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt <= 0:
+            problems.append(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            problems.append(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            problems.append(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+        problems += self.size_problems(num_frames, height, width)
+        if problems:
+            raise ValueError("LVDPipeline: " + "; ".join(problems))
+
+    def size_problems(self, num_frames: int, height: int, width: int) -> list[str]:
+        """Why (num_frames, height, width) cannot be generated, as messages; [] when it can.
+
+        Frame counts are not rounded: a count the VAE cannot produce is an error that names the nearest
+        counts it can (diffusers' "concise error messages rather than silent correction")."""
+        problems = []
+        vae = self.video_vae
+        pt, ph, pw = self.patch_size
+        s, tc = vae.spatial_compression, vae.temporal_compression
+        for name, value, patch in (("height", height, ph), ("width", width, pw)):
+            if not isinstance(value, int) or value <= 0 or value % (s * patch):
+                problems.append(
+                    f"{name}={value} must be a positive multiple of {s * patch} "
+                    f"(VAE spatial factor {s} × transformer patch {patch})"
+                )
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tc:
+            below = max(1, (int(num_frames) - 1) // tc * tc + 1) if isinstance(num_frames, int) else 1
+            problems.append(
+                f"num_frames={num_frames} is not a frame count the VAE produces (1 + {tc}·k); "
+                f"nearest: {below} or {below + tc}"
+            )
+        elif pt > 1 and ((num_frames - 1) // tc + 1) % pt:
+            problems.append(
+                f"num_frames={num_frames} gives {(num_frames - 1) // tc + 1} latent frames, not a multiple of the "
+                f"transformer's temporal patch {pt}"
+            )
+        if not problems:
+            try:
+                vae.check_input(num_frames, height, width)
+            except ValueError as err:
+                problems.append(str(err))
+        return problems
+
+    # -- 2. prompts ------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: list[str],
+        negative_prompt: list[str] | None,
+        do_classifier_free_guidance: bool,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TextEmbeddings:
+        """Text embeddings for the whole denoiser batch, (B, …) or (2B, …) with CFG: [uncond; cond].
+
+        The unconditional half is, for each prompt, the encoded ``negative_prompt`` if given, otherwise the
+        null embedding CFG dropout trained with. An empty prompt "" is encoded like any text, so with no
+        negative prompt its video is the model's own unconditional sample when dropout trained on "".
+        """
+        device = device or self._execution_device
+        dtype = dtype or self.transformer.dtype
+        texts = [p for p in prompt for _ in range(num_videos_per_prompt)]  # B = len(prompt) · n
+        cond = encode_text(self.text_encoder, self.tokenizer, texts, max_length=max_sequence_length)
+        if do_classifier_free_guidance:
+            if negative_prompt is not None:
+                negatives = [p for p in negative_prompt for _ in range(num_videos_per_prompt)]
+                uncond = encode_text(self.text_encoder, self.tokenizer, negatives, max_length=max_sequence_length)
+            else:
+                uncond = encode_text(self.text_encoder, self.tokenizer, [""] * len(texts), max_length=max_sequence_length)
+            cond = TextEmbeddings(
+                states=torch.cat([uncond.states, cond.states]),  # (2B, L, D)
+                mask=torch.cat([uncond.mask, cond.mask]),  # (2B, L)
+                pooled=torch.cat([uncond.pooled, cond.pooled]),  # (2B, Dp)
+            )
+        return TextEmbeddings(
+            states=cond.states.to(device=device, dtype=dtype),
+            mask=cond.mask.to(device=device, dtype=torch.bool),
+            pooled=cond.pooled.to(device=device, dtype=dtype),
+        )
+
+    # -- 4. latents ------------------------------------------------------------------------------
+
+    def prepare_latents(self, batch_size, num_frames, height, width, device, generator, latents=None):
+        """Initial noise (B, C', T', H', W') in float32, scaled by the scheduler's ``init_noise_sigma``."""
+        shape = (batch_size, *self.video_vae.latent_shape(num_frames, height, width))
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch_size} videos; pass one per video")
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    # -- 6. decode -------------------------------------------------------------------------------
+
+    def decode_latents(self, latents: torch.Tensor, vae_tiling: bool | None = None) -> torch.Tensor:
+        """Latents (B, C', T', H', W') → video (B, 3, T, H, W) in [-1, 1].
+
+        ``vae_tiling``: True/False forces the VAE's tiled decode on/off; None (auto) turns it on, and decodes one
+        video at a time, when a video has more voxels than ``vae_tiling_threshold``."""
+        vae = self.video_vae
+        _onload(self.vae)
+        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        t_lat, h_lat, w_lat = latents.shape[2:]
+        voxels = ((t_lat - 1) * vae.temporal_compression + 1) * h_lat * w_lat * vae.spatial_compression**2
+        tile = voxels > self.vae_tiling_threshold if vae_tiling is None else vae_tiling
+        was_tiling = _tiling_enabled(vae)
+        if tile and not was_tiling:
+            vae.enable_tiling()
+        elif vae_tiling is False and was_tiling:
+            vae.disable_tiling()
+        try:
+            if tile and latents.shape[0] > 1:
+                return torch.cat([vae.decode(z[None]) for z in latents])  # (B, 3, T, H, W), one video at a time
+            return vae.decode(latents)  # (B, 3, T, H, W)
+        finally:
+            if tile and not was_tiling:
+                vae.disable_tiling()
+            elif vae_tiling is False and was_tiling:
+                vae.enable_tiling()
+
+    # -- __call__ --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int = 17,
+        height: int = 64,
+        width: int = 64,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        max_sequence_length: int | None = None,
+        vae_tiling: bool | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> LVDPipelineOutput | tuple:
+        r"""Generate videos.
+
+        Args:
+            prompt: one prompt or a list; "" is allowed (the unconditional video).
+            negative_prompt: text to steer away from (replaces the unconditional half of CFG); one or one per prompt.
+            num_frames: 1 + k·(VAE temporal factor), e.g. 17. Other counts are refused, never rounded.
+            height, width: multiples of (VAE spatial factor × transformer patch size).
+            num_inference_steps: denoising steps (> 0).
+            guidance_scale: CFG weight w; w ≤ 1 runs the conditional branch only (w = 1 is exactly that).
+            num_videos_per_prompt: videos per prompt; the batch is prompt-major.
+            generator: a torch.Generator (or one per video) for the initial noise.
+            latents: initial noise of shape (B, C', T', H', W') instead of sampling it.
+            output_type: "np", "pt", "pil" or "latent" (see :class:`LVDPipelineOutput`).
+            max_sequence_length: tokenizer length; default the text encoder's.
+            vae_tiling: force tiled VAE decode on/off; None switches it on above ``vae_tiling_threshold``.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step; may
+                return a replacement "latents". Set ``pipe._interrupt = True`` inside it to stop early.
+            callback_on_step_end_tensor_inputs: tensors passed in callback_kwargs ("latents", "noise_pred").
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs
+        self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                          num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        do_cfg = guidance_scale > 1.0
+        device = self._execution_device
+        batch_size = len(prompts) * num_videos_per_prompt
+        timings: dict[str, float] = {}
+
+        # 2. Encode prompt(s): (B, …), or (2B, …) = [uncond; cond] with CFG
+        start = _sync(device)
+        text = self.encode_prompt(prompts, negatives, do_cfg, num_videos_per_prompt, max_sequence_length, device)
+        timings["text_encoding"] = _sync(device) - start
+
+        # 3. Prepare timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        # 4. Prepare latents: (B, C', T', H', W') float32
+        latents = self.prepare_latents(batch_size, num_frames, height, width, device, generator, latents)
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator if not isinstance(generator, list) else None
+
+        # 5. Denoising loop with classifier-free guidance
+        start = _sync(device)
+        model_dtype = self.transformer.dtype
+        steps_done = 0
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self._interrupt:
+                    break
+                model_input = torch.cat([latents, latents]) if do_cfg else latents  # (2B or B, C', T', H', W')
+                if hasattr(self.scheduler, "scale_model_input"):
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                timestep = t.to(device=device, dtype=torch.float32).expand(model_input.shape[0])  # (2B or B,)
+                noise_pred = self.transformer(
+                    model_input.to(model_dtype), timestep, text.states, text.mask, text.pooled
+                ).float()
+                if do_cfg:
+                    pred_uncond, pred_cond = noise_pred.chunk(2)
+                    noise_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    scope = {"latents": latents, "noise_pred": noise_pred}
+                    callback_kwargs = {k: scope[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                steps_done += 1
+                progress_bar.update()
+        timings["denoising"] = _sync(device) - start
+        timings["denoising_per_step"] = timings["denoising"] / max(steps_done, 1)
+
+        # 6. Decode
+        start = _sync(device)
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.decode_latents(latents, vae_tiling)  # (B, 3, T, H, W) in [-1, 1]
+            video = self.video_processor.postprocess_video(video.float(), output_type=output_type)
+        timings["decoding"] = _sync(device) - start
+
+        # 7. Output
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return LVDPipelineOutput(frames=video, timings=timings)
+

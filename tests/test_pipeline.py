@@ -1,0 +1,231 @@
+"""LVDPipeline on a tiny random pipeline (VideoDiT + CausalVideoVAE + CLIP text model) saved to a temp folder."""
+
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lvd.dit import VideoDiT
+from lvd.pipeline import SAMPLERS, LVDPipeline, LVDPipelineOutput, sampler_scheduler, scheduler_objective
+from lvd.text import encode_text
+from lvd.vae import CausalVideoVAE
+
+FRAMES, SIZE = 5, 16  # latents (4, 2, 4, 4) → 8 tokens with patch (1, 2, 2)
+TEXT_DIM = 32
+
+
+def tiny_tokenizer(max_length: int = 32) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer built offline: every letter/digit is a token, words end in </w>."""
+    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(chars)})
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_components(objective: str = "flow", seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()
+    vae = CausalVideoVAE(latent_channels=4, block_out_channels=(8, 8, 8), layers_per_block=1, spatial_compression=4,
+                         temporal_compression=4, norm_num_groups=4, mid_attention=False).eval()
+    transformer = VideoDiT(in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2,
+                           text_dim=TEXT_DIM, pooled_dim=TEXT_DIM)
+    for p in transformer.parameters():  # adaLN-Zero starts at an all-zero prediction: make the output depend on
+        if p.ndim == 2 and not p.any():  # the text, timestep and latents
+            torch.nn.init.normal_(p, std=0.2)
+    transformer.eval()
+    if objective == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    else:
+        scheduler = DDIMScheduler(prediction_type={"eps": "epsilon", "v": "v_prediction"}[objective],
+                                  timestep_spacing="trailing", clip_sample=False)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    LVDPipeline(**tiny_components()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_dir):
+    pipeline = LVDPipeline.from_pretrained(pipe_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run(pipe, prompt="a red circle moving right", seed=0, **kwargs):
+    kwargs = {"num_frames": FRAMES, "height": SIZE, "width": SIZE, "num_inference_steps": 3, **kwargs}
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_output_shapes_and_types(pipe):
+    out = run(pipe, ["a red circle moving right", "a blue square moving up"], num_videos_per_prompt=2)
+    assert isinstance(out, LVDPipelineOutput)
+    assert out.frames.shape == (4, FRAMES, SIZE, SIZE, 3) and out.frames.dtype == np.float32
+    assert 0.0 <= out.frames.min() and out.frames.max() <= 1.0
+    assert set(out.timings) == {"text_encoding", "denoising", "denoising_per_step", "decoding"}
+    pt = run(pipe, output_type="pt").frames
+    assert pt.shape == (1, FRAMES, 3, SIZE, SIZE)
+    pil = run(pipe, output_type="pil").frames
+    assert len(pil) == 1 and len(pil[0]) == FRAMES and pil[0][0].size == (SIZE, SIZE)
+    latent = run(pipe, output_type="latent").frames
+    assert latent.shape == (1, 4, 2, SIZE // 4, SIZE // 4)
+    (frames,) = run(pipe, return_dict=False)
+    assert frames.shape == (1, FRAMES, SIZE, SIZE, 3)
+
+
+def test_same_seed_is_bit_identical_and_other_seed_differs(pipe):
+    a, b = run(pipe, seed=3, output_type="pt").frames, run(pipe, seed=3, output_type="pt").frames
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(pipe, seed=4, output_type="pt").frames)
+
+
+def test_guidance_scale_one_is_the_plain_conditional_prediction(pipe):
+    """w = 1 runs the conditional branch only; it equals a hand-written loop over transformer + scheduler."""
+    prompt = "a green triangle moving down"
+    got = run(pipe, prompt, seed=1, guidance_scale=1.0, output_type="latent").frames
+
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(3)
+    text = encode_text(pipe.text_encoder, pipe.tokenizer, [prompt])
+    latents = torch.randn((1, 4, 2, 4, 4), generator=torch.Generator().manual_seed(1))
+    for t in scheduler.timesteps:
+        pred = pipe.transformer(latents, t.expand(1).float(), text.states, text.mask, text.pooled)
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    torch.testing.assert_close(got, latents, rtol=0, atol=1e-6)
+
+
+def test_guidance_combines_cond_and_uncond_in_one_batch(pipe):
+    """With w > 1 the denoiser sees [uncond; cond] together and the result follows u + w (c − u)."""
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[0], out)))
+    try:
+        run(pipe, num_inference_steps=1, guidance_scale=3.0, output_type="latent")
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and seen[0][0] == 2  # one call per step, batch 2 = uncond + cond
+
+
+def test_negative_prompt_changes_the_output(pipe):
+    plain = run(pipe, guidance_scale=4.0, output_type="latent").frames
+    negative = run(pipe, guidance_scale=4.0, negative_prompt="a blue square", output_type="latent").frames
+    assert not torch.allclose(plain, negative)
+
+
+def test_empty_prompt_is_allowed(pipe):
+    frames = run(pipe, "", guidance_scale=5.0).frames
+    assert frames.shape == (1, FRAMES, SIZE, SIZE, 3) and np.isfinite(frames).all()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("objective", ["flow", "eps", "v"])
+def test_every_sampler_runs_or_is_refused_for_the_objective(objective, sampler):
+    components = tiny_components(objective)
+    pipeline = LVDPipeline(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    if objective == "flow" and sampler == "ddim":
+        with pytest.raises(ValueError, match="flow"):
+            pipeline.set_sampler(sampler)
+        return
+    pipeline.set_sampler(sampler)
+    assert scheduler_objective(pipeline.scheduler) == objective
+    frames = run(pipeline, num_inference_steps=4, output_type="pt").frames
+    assert frames.shape == (1, FRAMES, 3, SIZE, SIZE) and torch.isfinite(frames).all()
+
+
+def test_sampler_scheduler_classes():
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert isinstance(sampler_scheduler(flow, "euler"), FlowMatchEulerDiscreteScheduler)
+    dpm = sampler_scheduler(flow, "dpm++")
+    assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.flow_shift == 3.0
+    assert isinstance(sampler_scheduler(flow, "unipc"), UniPCMultistepScheduler)
+    eps = DDIMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear")
+    euler = sampler_scheduler(eps, "euler")
+    assert isinstance(euler, EulerDiscreteScheduler) and euler.config.prediction_type == "v_prediction"
+    assert euler.config.beta_schedule == "scaled_linear"
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler_scheduler(flow, "heun")
+
+
+def test_save_and_load_round_trip(pipe_dir, pipe, tmp_path):
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "LVDPipeline"
+    assert index["transformer"] == ["lvd.dit.model", "VideoDiT"]
+    assert index["vae"] == ["lvd.vae.model", "CausalVideoVAE"]
+    pipe.save_pretrained(tmp_path / "again")
+    again = LVDPipeline.from_pretrained(tmp_path / "again")
+    again.set_progress_bar_config(disable=True)
+    for name in ("transformer", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert torch.equal(run(pipe, output_type="pt").frames, run(again, output_type="pt").frames)
+
+
+def test_tiled_decode_matches_full_decode(pipe):
+    latents = run(pipe, ["a", "b"], output_type="latent").frames
+    full = pipe.decode_latents(latents, vae_tiling=False)
+    pipe.vae_tiling_threshold = 0  # auto: every video is "large" → tiled, one video at a time
+    try:
+        tiled = pipe.decode_latents(latents, vae_tiling=None)
+    finally:
+        del pipe.vae_tiling_threshold  # back to the class default
+    torch.testing.assert_close(tiled, full, rtol=1e-4, atol=1e-4)
+    assert pipe.vae.tiling is None  # auto tiling is switched off again
+
+
+def test_callback_on_step_end_sees_every_step_and_can_stop(pipe):
+    steps = []
+
+    def callback(pipeline, i, t, kwargs):
+        steps.append((i, kwargs["latents"].shape))
+        if i == 1:
+            pipeline._interrupt = True
+        return {}
+
+    run(pipe, num_inference_steps=5, callback_on_step_end=callback, output_type="latent")
+    assert [i for i, _ in steps] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_frames=6), r"num_frames=6 .*nearest: 5 or 9"),
+        (dict(height=20), r"height=20 must be a positive multiple of 8"),
+        (dict(width=12), r"width=12 must be a positive multiple of 8"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+        (dict(output_type="mp4"), "output_type"),
+        (dict(negative_prompt=["x", "y"]), "negative_prompt has 2 entries"),
+    ],
+)
+def test_bad_arguments_are_refused_before_sampling(pipe, kwargs, message):
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            run(pipe, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_all_problems_are_reported_at_once(pipe):
+    with pytest.raises(ValueError) as err:
+        run(pipe, num_frames=4, height=10, num_inference_steps=-1)
+    assert "num_frames" in str(err.value) and "height" in str(err.value) and "num_inference_steps" in str(err.value)
