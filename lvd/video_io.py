@@ -10,11 +10,12 @@ This is the only module in lvd that touches ffmpeg. Everything else sees tensors
     decode_video_bytes(data)       -> (C, T, H, W) uint8
 
 Reading a window never decodes the whole file: ffmpeg seeks to ``start`` (``-ss`` before ``-i``,
-which is frame-accurate when transcoding), resamples to ``fps`` with the ``fps`` filter (``round=up``: output frame k is the source
-frame on screen at ``start + k / fps``, so 24 -> 8 fps keeps source frames 0, 3, 6, ...), and stops after ``num_frames`` frames
-(``-frames:v``). Frames come back as a stream of PPM images, so the output size is read from the
-stream itself and no separate probe is needed. Every failure (unreadable file, unknown codec,
-too few frames) raises :class:`VideoReadError` naming the file and the reason.
+which is frame-accurate when transcoding), resamples to ``fps`` with the ``fps`` filter
+(``round=up``: output frame k is the source frame on screen at ``start + k / fps``, so 24 -> 8 fps
+keeps source frames 0, 3, 6, ...), and stops after ``num_frames`` frames (``-frames:v``). Frames
+come back as a stream of PPM images, so the output size is read from the stream itself and no
+separate probe is needed. Every failure (unreadable file, unknown codec, too few frames) raises
+:class:`VideoReadError` naming the file and the reason.
 """
 
 from __future__ import annotations
