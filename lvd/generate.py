@@ -1,0 +1,264 @@
+"""``python -m lvd.generate``: prompt(s) → mp4 / gif with an :class:`lvd.pipeline.LVDPipeline` folder.
+
+    python -m lvd.generate --prompt "a red circle moving right" --output out.mp4
+    python -m lvd.generate --model runs/shapes/export --prompts-file prompts.txt --num-videos 2 --output out/clip.gif
+    python -m lvd.generate --text "a blue square moving up" --output_path out.mp4     # the first design's names
+
+Every argument is checked before any sampling, and all problems are reported at once (exit status 2).
+A frame count the VAE cannot produce (not 1 + 4k for a 4× temporal VAE) is an error naming the nearest
+valid counts; it is never rounded. With several videos (several prompts and/or ``--num-videos``), files are
+numbered ``<stem>_000<suffix>``, ``<stem>_001<suffix>``, … in prompt-major order. Video ``k`` is sampled from
+``torch.Generator().manual_seed(seed + k)``, so the same arguments give the same files bit for bit on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lvd.pipeline import SAMPLERS, LVDPipeline
+from lvd.video_io import write_video
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shapes-demo"
+OUTPUT_SUFFIXES = (".mp4", ".gif")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PIPELINE_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+
+
+class UsageError(ValueError):
+    """Bad command-line input, found before sampling."""
+
+
+@dataclass
+class GenerateArgs:
+    prompts: list[str]
+    output: Path
+    model: Path
+    negative_prompt: str | None
+    steps: int
+    guidance: float
+    seed: int
+    frames: int
+    height: int
+    width: int
+    fps: float
+    sampler: str | None
+    num_videos: int
+    batch_size: int
+    device: str
+    dtype: str
+    offload: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lvd.generate", description="Generate videos from text prompts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", "--text", dest="prompt", default=None, help='the prompt ("" = unconditional)')
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--output", "--output_path", dest="output", default="out.mp4", help="file to write: .mp4 or .gif")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help=f"pipeline folder ({PIPELINE_LAYOUT})")
+    p.add_argument("--negative-prompt", default=None, help="text to steer away from (replaces the null text in CFG)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
+    p.add_argument("--frames", type=int, default=17, help="frames: 1 + k × the VAE's temporal factor")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)}; default: the saved scheduler")
+    p.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="videos denoised together")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--offload", action="store_true", help="model CPU offload (accelerate) on a GPU, for large models")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Checks that need no model
+# --------------------------------------------------------------------------------------------------
+
+
+def _writable_problem(output: Path) -> str | None:
+    """Why ``output`` cannot be written, or None. Missing parent folders are fine if they can be created."""
+    if output.is_dir():
+        return f"--output {output} is a folder; give a file name ending in .mp4 or .gif"
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        return f"--output {output}: the suffix must be .mp4 or .gif, got '{output.suffix or '(none)'}'"
+    if output.exists() and not os.access(output, os.W_OK):
+        return f"--output {output} exists and is not writable"
+    ancestor = output.parent.resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"--output {output}: cannot write into {ancestor} (permission denied or not a folder)"
+    return None
+
+
+def _model_problem(model: Path) -> str | None:
+    if (model / "model_index.json").is_file():
+        return None
+    if model.resolve() == DEFAULT_MODEL.resolve():
+        return (f"the bundled demo pipeline {DEFAULT_MODEL} does not exist yet (it is built by the shapes-demo "
+                f"recipe); point --model at a pipeline folder ({PIPELINE_LAYOUT}), e.g. one written by "
+                f"LVDPipeline.save_pretrained or a training run's export")
+    if not model.exists():
+        return f"--model {model}: no such folder; give a pipeline folder ({PIPELINE_LAYOUT})"
+    return f"--model {model} is not a pipeline folder: it has no model_index.json ({PIPELINE_LAYOUT})"
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateArgs:
+    """Parse and check everything that does not need the model; raise UsageError listing every problem."""
+    ns = build_parser().parse_args(argv)
+    problems = []
+    prompts: list[str] = []
+    if ns.prompt is not None and ns.prompts_file is not None:
+        problems.append("give --prompt or --prompts-file, not both")
+    elif ns.prompts_file is not None:
+        try:
+            lines = Path(ns.prompts_file).read_text(encoding="utf-8").splitlines()
+            prompts = [line.strip() for line in lines if line.strip()]
+            if not prompts:
+                problems.append(f"--prompts-file {ns.prompts_file} has no prompts")
+        except OSError as err:
+            problems.append(f"--prompts-file {ns.prompts_file}: {err.strerror or err}")
+    elif ns.prompt is not None:
+        prompts = [ns.prompt]
+    else:
+        problems.append('give --prompt "…" (an empty "" is the unconditional video) or --prompts-file FILE')
+    if ns.steps <= 0:
+        problems.append(f"--steps must be a positive integer, got {ns.steps}")
+    if ns.guidance < 0:
+        problems.append(f"--guidance must be >= 0, got {ns.guidance}")
+    if ns.num_videos <= 0:
+        problems.append(f"--num-videos must be a positive integer, got {ns.num_videos}")
+    if ns.batch_size <= 0:
+        problems.append(f"--batch-size must be a positive integer, got {ns.batch_size}")
+    if ns.fps <= 0:
+        problems.append(f"--fps must be > 0, got {ns.fps}")
+    if ns.seed < 0:
+        problems.append(f"--seed must be >= 0, got {ns.seed}")
+    if ns.sampler is not None and ns.sampler not in SAMPLERS:
+        problems.append(f"--sampler {ns.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    device = ns.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+    elif not (device == "cpu" or device.startswith(("cuda", "mps", "xpu"))):
+        problems.append(f"--device {device!r} is not a device (cpu, cuda, cuda:N)")
+    if ns.offload and not device.startswith("cuda"):
+        problems.append("--offload needs a CUDA GPU: it keeps models on the CPU and moves each to the GPU in turn")
+    dtype = ns.dtype if ns.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    problem = _writable_problem(Path(ns.output))
+    if problem:
+        problems.append(problem)
+    problem = _model_problem(Path(ns.model))
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise UsageError("\n".join(f"  - {p}" for p in problems))
+    return GenerateArgs(prompts=prompts, output=Path(ns.output), model=Path(ns.model),
+                        negative_prompt=ns.negative_prompt, steps=ns.steps, guidance=ns.guidance, seed=ns.seed,
+                        frames=ns.frames, height=ns.height, width=ns.width, fps=ns.fps, sampler=ns.sampler,
+                        num_videos=ns.num_videos, batch_size=ns.batch_size, device=device, dtype=dtype,
+                        offload=ns.offload)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Load the pipeline and check what depends on it
+# --------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(args: GenerateArgs) -> LVDPipeline:
+    """Load the pipeline onto the device and check sizes and the sampler against it (UsageError)."""
+    if args.dtype != "float32" and args.device == "cpu":
+        print(f"note: --dtype {args.dtype} on a CPU is very slow (bf16 matmul ~0.3 GFLOP/s here); float32 is the "
+              "CPU default", file=sys.stderr)
+    try:
+        pipe = LVDPipeline.from_pretrained(str(args.model), torch_dtype=DTYPES[args.dtype])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"  - --model {args.model}: could not load the pipeline: {err}") from err
+    problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]
+    if args.sampler is not None:
+        try:
+            pipe.set_sampler(args.sampler)
+        except ValueError as err:
+            problems.append(f"--sampler: {err}")
+    if problems:
+        raise UsageError("\n".join(f"  - {p}" for p in problems))
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=args.device)
+    else:
+        pipe.to(args.device)
+    return pipe
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.mp4`` for one video; ``out_000.mp4``, ``out_001.mp4``, … for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{k:03d}{output.suffix}") for k in range(count)]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Generate
+# --------------------------------------------------------------------------------------------------
+
+
+def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[str, float]]:
+    """Sample every (prompt, k) video, write the files, and return their paths and the stage timings."""
+    jobs = [(prompt, n) for prompt in args.prompts for n in range(args.num_videos)]  # prompt-major
+    paths = output_paths(args.output, len(jobs))
+    timings = {"text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0, "writing": 0.0}
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = range(start, min(start + args.batch_size, len(jobs)))
+        generators = [torch.Generator().manual_seed(args.seed + k) for k in chunk]
+        result = pipe(
+            [jobs[k][0] for k in chunk],
+            negative_prompt=args.negative_prompt,
+            num_frames=args.frames,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generators,
+            output_type="pt",
+        )
+        for key in ("text_encoding", "denoising", "decoding"):
+            timings[key] += result.timings[key]
+        began = time.perf_counter()
+        for k, frames in zip(chunk, result.frames):  # frames (T, 3, H, W) in [0, 1]
+            video = (frames.float().permute(1, 0, 2, 3) * 255).round().to(torch.uint8).cpu()  # (3, T, H, W)
+            write_video(paths[k], video, fps=args.fps)
+            print(f"wrote {paths[k]}  ({args.frames} frames, {args.width}x{args.height}, {args.fps:g} fps)  "
+                  f"prompt: {jobs[k][0]!r}")
+        timings["writing"] += time.perf_counter() - began
+    timings["denoising_per_step"] = timings["denoising"] / (args.steps * -(-len(jobs) // args.batch_size))
+    return paths, timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        began = time.perf_counter()
+        pipe = load_pipeline(args)
+        loading = time.perf_counter() - began
+    except UsageError as err:
+        print(f"python -m lvd.generate: cannot start:\n{err}", file=sys.stderr)
+        return 2
+    _, timings = generate(args, pipe)
+    print(f"timings: loading {loading:.2f} s | text encoding {timings['text_encoding']:.2f} s | "
+          f"denoising {timings['denoising']:.2f} s ({timings['denoising_per_step']:.3f} s/step, {args.steps} steps) | "
+          f"decoding {timings['decoding']:.2f} s | writing {timings['writing']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

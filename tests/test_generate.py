@@ -1,0 +1,143 @@
+"""`python -m lvd.generate` on a tiny random pipeline folder: files, sizes, determinism, and bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pipeline import tiny_components  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from lvd import generate
+from lvd.pipeline import LVDPipeline
+from lvd.video_io import probe_video, read_video
+
+ARGS = ["--frames", "5", "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    LVDPipeline(**tiny_components()).save_pretrained(folder)
+    return folder
+
+
+def cli(model_dir, *argv):
+    return generate.main(["--model", str(model_dir), *ARGS, *argv])
+
+
+def test_cli_writes_mp4_with_frames_size_and_fps(model_dir, tmp_path, capsys):
+    out = tmp_path / "sub" / "video.mp4"
+    assert cli(model_dir, "--prompt", "a red circle moving right", "--output", str(out), "--fps", "6") == 0
+    info = probe_video(out)
+    assert (info.num_frames, info.width, info.height, info.fps, info.codec) == (5, 16, 16, 6.0, "h264")
+    assert read_video(out).shape == (3, 5, 16, 16)
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    assert "text encoding" in printed and "s/step" in printed and "decoding" in printed
+
+
+def test_cli_writes_gif_with_the_old_argument_names(model_dir, tmp_path):
+    out = tmp_path / "video.gif"
+    assert cli(model_dir, "--text", "a blue square moving up", "--output_path", str(out)) == 0
+    assert read_video(out).shape == (3, 5, 16, 16)
+
+
+def test_same_seed_gives_the_same_video_bit_for_bit(model_dir, tmp_path):
+    paths = [tmp_path / f"{name}.mp4" for name in ("a", "b", "c")]
+    for path, seed in zip(paths, ("7", "7", "8")):
+        assert cli(model_dir, "--prompt", "a cyan circle moving left", "--seed", seed, "--output", str(path)) == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert not torch.equal(read_video(paths[0]), read_video(paths[2]))
+
+
+def test_several_videos_get_numbered_files(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\n\na white triangle moving down\n")
+    out = tmp_path / "clip.mp4"
+    assert cli(model_dir, "--prompts-file", str(prompts), "--num-videos", "2", "--batch-size", "3",
+               "--output", str(out), "--sampler", "unipc") == 0
+    written = sorted(p.name for p in tmp_path.glob("clip_*.mp4"))
+    assert written == ["clip_000.mp4", "clip_001.mp4", "clip_002.mp4", "clip_003.mp4"]
+    assert "'a white triangle moving down'" in capsys.readouterr().out
+
+
+def test_empty_prompt_and_negative_prompt_are_accepted(model_dir, tmp_path):
+    assert cli(model_dir, "--prompt", "", "--output", str(tmp_path / "empty.mp4")) == 0
+    assert cli(model_dir, "--prompt", "a red circle", "--negative-prompt", "a blue square",
+               "--output", str(tmp_path / "neg.mp4")) == 0
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Make any call to the pipeline fail the test: bad input must be refused before sampling."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was called although the input was bad")
+    monkeypatch.setattr(LVDPipeline, "__call__", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be a positive integer, got 0"),
+        (["--steps", "-3"], "--steps must be a positive integer, got -3"),
+        (["--sampler", "heun"], "--sampler 'heun' is unknown; choose one of euler, ddim, dpm++, unipc"),
+        (["--sampler", "ddim"], "sampler 'ddim' does not fit this model: it was trained with the flow-matching"),
+        (["--frames", "6"], "num_frames=6 is not a frame count the VAE produces (1 + 4·k); nearest: 5 or 9"),
+        (["--height", "20"], "height=20 must be a positive multiple of 8 (VAE spatial factor 4 × transformer patch 2)"),
+        (["--width", "0"], "width=0 must be a positive multiple of 8"),
+        (["--output", "clip.avi"], "the suffix must be .mp4 or .gif, got '.avi'"),
+        (["--num-videos", "0"], "--num-videos must be a positive integer"),
+        (["--offload"], "--offload needs a CUDA GPU"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(model_dir, tmp_path, capsys, no_sampling, argv, message):
+    argv = ["--prompt", "a red circle", "--output", str(tmp_path / "out.mp4"), *argv]
+    assert cli(model_dir, *argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot start" in err and message in err
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_unwritable_output_is_refused(model_dir, tmp_path, capsys, no_sampling):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    assert cli(model_dir, "--prompt", "x", "--output", str(blocker / "out.mp4")) == 2
+    assert f"cannot write into {blocker}" in capsys.readouterr().err
+    assert cli(model_dir, "--prompt", "x", "--output", str(tmp_path)) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_missing_or_non_pipeline_model_folder_is_refused(tmp_path, capsys, no_sampling):
+    out = ["--prompt", "x", "--output", str(tmp_path / "out.mp4")]
+    assert generate.main(["--model", str(tmp_path / "nowhere"), *out]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert generate.main(["--model", str(tmp_path / "empty"), *out]) == 2
+    assert "is not a pipeline folder: it has no model_index.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(generate.DEFAULT_MODEL.joinpath("model_index.json").exists(), reason="the demo exists")
+def test_missing_demo_says_how_to_point_at_a_model(tmp_path, capsys, no_sampling):
+    assert generate.main(["--prompt", "a red circle moving right", "--output", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "bundled demo pipeline" in err and "point --model at a pipeline folder" in err
+
+
+def test_all_problems_are_listed_together(model_dir, tmp_path, capsys, no_sampling):
+    assert cli(model_dir, "--output", str(tmp_path / "x.webm"), "--steps", "0", "--sampler", "heun") == 2
+    err = capsys.readouterr().err
+    assert "--prompt" in err and ".webm" in err and "--steps" in err and "heun" in err
+
+
+def test_python_dash_m_in_a_fresh_process(model_dir, tmp_path):
+    """The folder loads in a new interpreter: model_index.json names lvd modules that diffusers can resolve."""
+    out = tmp_path / "fresh.mp4"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvd.generate", "--model", str(model_dir), *ARGS, "--prompt", "a red circle",
+         "--output", str(out)], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert probe_video(out).num_frames == 5
