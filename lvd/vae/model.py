@@ -1,0 +1,465 @@
+"""Causal 3D convolutional video VAE (stage 1).
+
+A KL autoencoder (Kingma & Welling 2014; Rombach et al. 2022, "latent diffusion") for video, built
+the way CogVideoX (Yang et al. 2024) and Wan (2025) build theirs:
+
+- every temporal convolution is *causal*: output frame ``t`` sees input frames ``<= t`` only. The
+  front of the clip is padded with copies of frame 0, so the first frame is encoded on its own
+  and a clip of ``1 + r·k`` frames gives ``1 + k`` latent frames (``r = temporal_compression``);
+- space is compressed ``spatial_compression``× by stride-2 convolutions;
+- GroupNorm (+SiLU) runs through ``kernels.GroupNorm(..., per_frame=True)``: statistics per frame,
+  so a frame's activations never depend on later frames, and decoding in temporal chunks with a
+  carried convolution cache (:mod:`lvd.vae.tiling`) equals decoding the whole clip to float rounding;
+- the optional mid-block attention is spatial, within each frame (keeps both properties);
+- the encoder outputs the mean and log-variance of a diagonal Gaussian posterior ``q(z|x)``.
+
+Latent normalisation: ``encode()`` returns ``(z − latent_mean) / latent_std`` per channel and
+``decode()`` undoes it. The two vectors live in the config (``config.json``), are measured by
+:func:`calibrate_latent_stats`, and are the only normalisation constants in lvd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+
+import kernels
+from lvd.vae import tiling
+
+# Named sizes. ``tiny`` trains on 64×64×17 clips on a 2-core CPU; ``base`` has CogVideoX's widths and
+# depths (CogVideoX: 216 M parameters; Wan: 96·(1,2,4,4), 127 M).
+VAE_PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32, 64), layers_per_block=1, spatial_compression=4,
+                 temporal_compression=4, norm_num_groups=8, mid_attention=False),
+    "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, spatial_compression=8,
+                  temporal_compression=4, norm_num_groups=32, mid_attention=True),
+    "base": dict(block_out_channels=(128, 256, 256, 512), layers_per_block=3, spatial_compression=8,
+                 temporal_compression=4, norm_num_groups=32, mid_attention=False),
+}
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))); ``params`` is (B, 2C, T', H', W') = [mean | logvar]."""
+
+    def __init__(self, params: torch.Tensor):
+        self.mean, logvar = params.chunk(2, dim=1)  # (B, C, T', H', W') each
+        self.logvar = logvar.clamp(-30.0, 20.0)  # exp() stays finite in fp32
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std · ε, ε ~ N(0, I) (the reparameterisation trick)."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²), summed over all latent elements: shape (B,)."""
+        kl = 0.5 * (self.mean.float().pow(2) + self.logvar.float().exp() - 1.0 - self.logvar.float())
+        return kl.flatten(1).sum(1)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d that is causal in time: output frame t sees input frames ≤ t·stride_t.
+
+    Whole clip (``cache=None``): the front is padded with ``k_t − 1`` copies of frame 0.
+    Streaming (``cache`` a dict): the input frames the previous chunk left unconsumed are prepended;
+    the first chunk pads like the whole clip. The leftover frames are stored under ``cache[self]``.
+    Space is zero-padded to keep H and W (``k//2`` on each side).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1):
+        super().__init__()
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        st = stride if isinstance(stride, int) else stride[0]
+        self.kt, self.st = kt, st
+        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(st, 1, 1), padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if cache is not None and self in cache:
+            x = torch.cat([cache[self], x], dim=2)  # (B, C, T_left + T, H, W)
+        elif self.kt > 1:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1), x], dim=2)  # replicate frame 0
+        if cache is not None:
+            n_out = (x.shape[2] - self.kt) // self.st + 1
+            cache[self] = x[:, :, n_out * self.st:].clone()  # frames the next chunk's windows still need
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))), per-frame GroupNorm, causal 3×3×3 convs."""
+
+    def __init__(self, in_channels, out_channels, groups, eps, dropout=0.0):
+        super().__init__()
+        self.norm1 = kernels.GroupNorm(groups, in_channels, eps, silu=True, per_frame=True)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = kernels.GroupNorm(groups, out_channels, eps, silu=True, per_frame=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, cache=None):
+        h = self.conv1(self.norm1(x), cache)
+        h = self.conv2(self.dropout(self.norm2(h)), cache)
+        return self.shortcut(x) + h
+
+
+class FrameAttention(nn.Module):
+    """Single-head self-attention over the H·W positions of each frame (never across frames)."""
+
+    def __init__(self, channels, groups, eps):
+        super().__init__()
+        self.norm = kernels.GroupNorm(groups, channels, eps, per_frame=True)
+        self.to_qkv = nn.Conv3d(channels, 3 * channels, 1)
+        self.proj = nn.Conv3d(channels, channels, 1)
+
+    def forward(self, x, cache=None):
+        b, c, t, h, w = x.shape
+        qkv = self.to_qkv(self.norm(x))
+        q, k, v = rearrange(qkv, "b (n c) t h w -> n (b t) 1 (h w) c", n=3)  # each (B·T, 1, H·W, C)
+        o = kernels.attention(q, k, v)
+        o = rearrange(o, "(b t) 1 (h w) c -> b c t h w", b=b, h=h)  # (B, C, T, H, W)
+        return x + self.proj(o)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv in space (pad right/bottom by 1, like diffusers), then a causal stride-2 conv in time.
+
+    Time: y_0 = f(x_0, x_0, x_0), y_i = f(x_{2i−2}, x_{2i−1}, x_{2i}), so 1 + 2k frames → 1 + k.
+    """
+
+    def __init__(self, channels, spatial: bool, temporal: bool):
+        super().__init__()
+        self.spatial = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2)) if spatial else None
+        self.temporal = CausalConv3d(channels, channels, (3, 1, 1), stride=2) if temporal else None
+
+    def forward(self, x, cache=None):
+        if self.spatial is not None:
+            x = self.spatial(F.pad(x, (0, 1, 0, 1)))  # (B, C, T, H/2, W/2)
+        if self.temporal is not None:
+            x = self.temporal(x, cache)  # (B, C, 1 + (T−1)/2, H, W)
+        return x
+
+
+class Upsample(nn.Module):
+    """Causal ×2 in time (conv to 2C channels, depth-to-time; the clip's first frame yields one frame),
+    then nearest ×2 in space followed by a 3×3 conv. 1 + k frames → 1 + 2k.
+
+    The temporal conv starts as "repeat each frame twice" (identity on its last tap), which makes a
+    fresh model reconstruct sensibly from step 0.
+    """
+
+    def __init__(self, channels, spatial: bool, temporal: bool):
+        super().__init__()
+        self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        self.spatial = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1)) if spatial else None
+        if temporal:
+            with torch.no_grad():
+                wgt = self.temporal.conv.weight  # (2C, C, 3, 1, 1)
+                wgt.zero_()
+                eye = torch.eye(channels)
+                wgt[:channels, :, -1, 0, 0] = eye
+                wgt[channels:, :, -1, 0, 0] = eye
+                self.temporal.conv.bias.zero_()
+
+    def forward(self, x, cache=None):
+        if self.temporal is not None:
+            first = cache is None or (self, "started") not in cache
+            if cache is not None:
+                cache[(self, "started")] = True
+            x = self.temporal(x, cache)  # (B, 2C, T, H, W)
+            x = rearrange(x, "b (r c) t h w -> b c (t r) h w", r=2)  # (B, C, 2T, H, W)
+            if first:
+                x = x[:, :, 1:]  # frame 0 of the clip maps to one frame: 1 + k → 1 + 2k
+        if self.spatial is not None:
+            x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # (B, C, T, 2H, 2W)
+            x = self.spatial(x)
+        return x
+
+
+class Stage(nn.Module):
+    """A list of blocks run in order, each taking ``(x, cache)``; with optional activation checkpointing."""
+
+    def __init__(self, blocks: Iterable[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(b for b in blocks if b is not None)
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing()
+
+    def forward(self, x, cache=None):
+        for block in self.blocks:
+            if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x)
+            else:
+                x = block(x, cache)
+        return x
+
+
+class Encoder(nn.Module):
+    """(B, 3, 1 + r·k, H, W) → moments (B, 2C, 1 + k, H/s, W/s)."""
+
+    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, n_spatial, n_temporal,
+                 groups, eps, dropout, mid_attention):
+        super().__init__()
+        ch = block_out_channels
+        self.conv_in = CausalConv3d(in_channels, ch[0], 3)
+        self.stages = nn.ModuleList()
+        for i, c in enumerate(ch):
+            blocks = [ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c, groups, eps, dropout) for j in range(layers_per_block)]
+            if i < len(ch) - 1 and (i < n_spatial or i < n_temporal):
+                blocks.append(Downsample(c, spatial=i < n_spatial, temporal=i < n_temporal))
+            self.stages.append(Stage(blocks))
+        self.mid = Stage([ResBlock(ch[-1], ch[-1], groups, eps, dropout),
+                          FrameAttention(ch[-1], groups, eps) if mid_attention else None,
+                          ResBlock(ch[-1], ch[-1], groups, eps, dropout)])
+        self.norm_out = kernels.GroupNorm(groups, ch[-1], eps, silu=True, per_frame=True)
+        self.conv_out = CausalConv3d(ch[-1], out_channels, 3)
+
+    def forward(self, x, cache=None):
+        x = self.conv_in(x, cache)
+        for stage in self.stages:
+            x = stage(x, cache)
+        x = self.mid(x, cache)
+        return self.conv_out(self.norm_out(x), cache)
+
+
+class Decoder(nn.Module):
+    """z (B, C, 1 + k, h, w) → video (B, 3, 1 + r·k, h·s, w·s). Time is upsampled in the low-resolution
+    stages first (as in CogVideoX), space mirrors the encoder."""
+
+    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, n_spatial, n_temporal,
+                 groups, eps, dropout, mid_attention):
+        super().__init__()
+        ch = block_out_channels
+        n = len(ch)
+        self.conv_in = CausalConv3d(in_channels, ch[-1], 3)
+        self.mid = Stage([ResBlock(ch[-1], ch[-1], groups, eps, dropout),
+                          FrameAttention(ch[-1], groups, eps) if mid_attention else None,
+                          ResBlock(ch[-1], ch[-1], groups, eps, dropout)])
+        self.stages = nn.ModuleList()
+        for j, i in enumerate(reversed(range(n))):  # j = 0 is the lowest resolution
+            c_in = ch[min(i + 1, n - 1)]
+            blocks = [ResBlock(c_in if k == 0 else ch[i], ch[i], groups, eps, dropout) for k in range(layers_per_block + 1)]
+            spatial, temporal = i >= 1 and i - 1 < n_spatial, j < n_temporal
+            if i >= 1 and (spatial or temporal):
+                blocks.append(Upsample(ch[i], spatial=spatial, temporal=temporal))
+            self.stages.append(Stage(blocks))
+        self.norm_out = kernels.GroupNorm(groups, ch[0], eps, silu=True, per_frame=True)
+        self.conv_out = CausalConv3d(ch[0], out_channels, 3)
+
+    def forward(self, z, cache=None):
+        x = self.conv_in(z, cache)
+        x = self.mid(x, cache)
+        for stage in self.stages:
+            x = stage(x, cache)
+        return self.conv_out(self.norm_out(x), cache)
+
+
+def _log2_exact(value: int, name: str) -> int:
+    n = int(round(math.log2(value))) if value >= 1 else -1
+    if n < 0 or 2**n != value:
+        raise ValueError(f"CausalVideoVAE: {name} must be a power of 2 (1, 2, 4, 8, ...), got {value}")
+    return n
+
+
+class CausalVideoVAE(ModelMixin, ConfigMixin):
+    """Causal 3D conv KL-VAE. Video (B, 3, 1 + r·k, H, W) in [−1, 1] ↔ latents (B, C, 1 + k, H/s, W/s).
+
+    ``encode``/``decode`` work on *normalised* latents (per-channel ``latent_mean``/``latent_std``
+    from the config); ``encode_posterior``/``decode_raw``/``forward`` on raw ones, for training.
+    ``enable_tiling()`` switches ``encode``/``decode``/``encode_posterior``/``decode_raw`` to spatial
+    tiles × temporal chunks (see :mod:`lvd.vae.tiling` for the exactness guarantees); ``forward`` always
+    runs the whole clip, since training needs the full graph.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        latent_channels: int = 16,
+        block_out_channels: tuple[int, ...] = (128, 256, 256, 512),
+        layers_per_block: int = 2,
+        spatial_compression: int = 8,
+        temporal_compression: int = 4,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-6,
+        mid_attention: bool = True,
+        dropout: float = 0.0,
+        latent_mean: tuple[float, ...] | None = None,
+        latent_std: tuple[float, ...] | None = None,
+    ):
+        super().__init__()
+        n_spatial = _log2_exact(spatial_compression, "spatial_compression")
+        n_temporal = _log2_exact(temporal_compression, "temporal_compression")
+        block_out_channels = tuple(block_out_channels)
+        problems = []
+        if max(n_spatial, n_temporal) > len(block_out_channels) - 1:
+            problems.append(f"{len(block_out_channels)} stages allow at most {2 ** (len(block_out_channels) - 1)}× "
+                            f"compression, got spatial {spatial_compression}, temporal {temporal_compression}")
+        bad = [c for c in block_out_channels if c % norm_num_groups]
+        if bad:
+            problems.append(f"block_out_channels {bad} are not divisible by norm_num_groups={norm_num_groups}")
+        for name, stats in (("latent_mean", latent_mean), ("latent_std", latent_std)):
+            if stats is not None and len(stats) != latent_channels:
+                problems.append(f"{name} has {len(stats)} values, expected latent_channels={latent_channels}")
+        if latent_std is not None and min(latent_std) <= 0:
+            problems.append(f"latent_std must be positive, got {list(latent_std)}")
+        if problems:
+            raise ValueError("CausalVideoVAE config: " + "; ".join(problems))
+
+        common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, n_spatial=n_spatial,
+                      n_temporal=n_temporal, groups=norm_num_groups, eps=norm_eps, dropout=dropout,
+                      mid_attention=mid_attention)
+        self.encoder = Encoder(in_channels, 2 * latent_channels, **common)
+        self.decoder = Decoder(latent_channels, out_channels, **common)
+        self.tiling: tiling.TilingConfig | None = None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CausalVideoVAE":
+        """Build a preset (random weights) from :data:`VAE_PRESETS`, with keyword overrides."""
+        if name not in VAE_PRESETS:
+            raise ValueError(f"unknown VAE preset {name!r}; choose one of {sorted(VAE_PRESETS)}")
+        return cls(**{**VAE_PRESETS[name], **overrides})
+
+    # ----- sizes and checks ---------------------------------------------------------------------
+    @property
+    def temporal_compression(self) -> int:
+        return self.config.temporal_compression
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.config.spatial_compression
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def check_input(self, num_frames: int, height: int, width: int) -> None:
+        """Raise a ValueError naming the expected values unless T = 1 + r·k and s divides H and W."""
+        r, s = self.temporal_compression, self.spatial_compression
+        problems = []
+        if num_frames < 1 or (num_frames - 1) % r:
+            near = 1 + r * max((num_frames - 1) // r, 0)
+            problems.append(f"frame count must be 1 + {r}·k (1, {1 + r}, {1 + 2 * r}, ...), got {num_frames} "
+                            f"(nearest below: {near})")
+        if height % s or width % s or height < s or width < s:
+            problems.append(f"height and width must be positive multiples of {s}, got {height}x{width}")
+        if problems:
+            raise ValueError("CausalVideoVAE input: " + "; ".join(problems))
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T', H', W') of the latents of a (T, H, W) clip."""
+        self.check_input(num_frames, height, width)
+        r, s = self.temporal_compression, self.spatial_compression
+        return (self.latent_channels, 1 + (num_frames - 1) // r, height // s, width // s)
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[1] != self.config.in_channels:
+            raise ValueError(f"CausalVideoVAE expects video (B, {self.config.in_channels}, T, H, W), "
+                             f"got shape {tuple(video.shape)}")
+        self.check_input(*video.shape[2:])
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        if z.ndim != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"CausalVideoVAE expects latents (B, {self.latent_channels}, T', H', W'), "
+                             f"got shape {tuple(z.shape)}")
+
+    # ----- tiling switches -------------------------------------------------------------------------
+    def enable_tiling(self, tile_size: int = 256, overlap: int = 64, chunk_latent_frames: int = 1,
+                      spatial: bool = True, temporal: bool = True) -> None:
+        """Process encode/decode in spatial tiles (``tile_size`` px, ``overlap`` px blended linearly)
+        and temporal chunks of ``chunk_latent_frames`` latent frames; see :class:`tiling.TilingConfig`."""
+        cfg = tiling.TilingConfig(tile_size=tile_size, overlap=overlap, chunk_latent_frames=chunk_latent_frames,
+                                  spatial=spatial, temporal=temporal)
+        cfg.validate(self.spatial_compression)
+        self.tiling = cfg
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    # ----- raw (training) interface ---------------------------------------------------------------
+    def encode_posterior(self, video: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) for video (B, 3, T, H, W) in [−1, 1]; raw (un-normalised) latent space."""
+        self._check_video(video)
+        if self.tiling is None:
+            return DiagonalGaussian(self.encoder(video))
+        return DiagonalGaussian(tiling.encode_moments(self.encoder, video, self.tiling, self.spatial_compression,
+                                                      self.temporal_compression))
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, C, T', H', W') → video (B, 3, 1 + r·(T'−1), H'·s, W'·s)."""
+        self._check_latents(z)
+        if self.tiling is None:
+            return self.decoder(z)
+        return tiling.decode_latents(self.decoder, z, self.tiling, self.spatial_compression,
+                                     self.temporal_compression, self.config.out_channels)
+
+    def forward(self, video: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
+        """Reconstruct a clip for training: returns ``(recon, posterior)``, always on the whole clip."""
+        self._check_video(video)
+        posterior = DiagonalGaussian(self.encoder(video))
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decoder(z), posterior
+
+    # ----- normalised (stage 2) interface ---------------------------------------------------------
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.latent_channels
+        mean = self.config.latent_mean if self.config.latent_mean is not None else [0.0] * c
+        std = self.config.latent_std if self.config.latent_std is not None else [1.0] * c
+        shape = (1, c, 1, 1, 1)
+        return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(shape),
+                torch.tensor(std, device=like.device, dtype=like.dtype).view(shape))
+
+    def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None):
+        """Video (B, 3, T, H, W) in [−1, 1] → normalised latents (z − latent_mean) / latent_std."""
+        posterior = self.encode_posterior(video)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        mean, std = self._latent_stats(z)
+        return (z - mean) / std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → video in ≈[−1, 1] (not clamped)."""
+        self._check_latents(latents)
+        mean, std = self._latent_stats(latents)
+        return self.decode_raw(latents * std + mean)
+
+
+@torch.no_grad()
+def calibrate_latent_stats(vae: CausalVideoVAE, batches: Iterable, *, max_batches: int | None = None,
+                           sample: bool = False, generator: torch.Generator | None = None):
+    """Measure per-channel mean and std of the raw latents over ``batches`` and store them in the config.
+
+    ``batches`` yields video tensors (B, 3, T, H, W) or loader dicts with a ``"video"`` key. Uses the
+    posterior mean (``sample=False``, matching ``encode()``'s default) or a sample. Statistics are
+    accumulated in float64 over every (b, t, h, w) position. Afterwards ``vae.encode`` returns latents
+    with ≈ zero mean and unit variance per channel on that data. Returns ``(mean, std)``, float32 (C,).
+    """
+    total = total_sq = None
+    count = 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        video = batch["video"] if isinstance(batch, dict) else batch
+        video = video.to(device=vae.device, dtype=vae.dtype)
+        posterior = vae.encode_posterior(video)
+        z = (posterior.sample(generator) if sample else posterior.mode()).double()
+        z = rearrange(z, "b c t h w -> c (b t h w)")  # (C, N)
+        total = z.sum(1) if total is None else total + z.sum(1)
+        total_sq = z.pow(2).sum(1) if total_sq is None else total_sq + z.pow(2).sum(1)
+        count += z.shape[1]
+    if count == 0:
+        raise ValueError("calibrate_latent_stats: no batches were given")
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    vae.register_to_config(latent_mean=[float(v) for v in mean], latent_std=[float(v) for v in std])
+    return mean.float(), std.float()
