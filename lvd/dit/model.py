@@ -306,6 +306,8 @@ def _cross_attention_mask(text_mask: torch.Tensor | None):
     if text_mask is None:
         return None
     mask = text_mask.bool()
+    if mask.device.type == "meta":  # shape checks only: no data to inspect
+        return mask
     empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1)
     if bool(empty.any()):
         mask = mask | empty

@@ -1,0 +1,156 @@
+"""VideoDiT properties on tiny configs: shapes, mode agreement, adaLN-Zero identity, save/load, masks."""
+
+import json
+
+import pytest
+import torch
+
+from lvd.dit import DIT_PRESETS, VideoDiT, count_parameters
+from lvd.dit.model import factorized_attention
+
+TINY = dict(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=12, pooled_dim=10)
+
+
+def _inputs(b=2, c=4, t=3, h=4, w=6, L=5, text_dim=12, pooled_dim=10, device=None):
+    mask = torch.ones(b, L, dtype=torch.bool, device=device)
+    mask[0, 3:] = False
+    return dict(
+        latents=torch.randn(b, c, t, h, w, device=device),
+        timestep=torch.tensor([3.0, 700.0][:b], device=device),
+        text_states=torch.randn(b, L, text_dim, device=device),
+        text_mask=mask,
+        text_pooled=torch.randn(b, pooled_dim, device=device),
+    )
+
+
+def _randomize(model, std=0.2):
+    """Leave adaLN-Zero's init: random weights everywhere so every path contributes."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+def test_tiny_preset_forward_shape(mode):
+    model = VideoDiT.from_preset("tiny", attention_mode=mode)
+    assert 1.5e6 < count_parameters(model) < 2.5e6
+    x = _inputs(c=16, t=5, h=8, w=8, text_dim=768, pooled_dim=768)
+    out = model(**x)
+    assert out.shape == x["latents"].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(DIT_PRESETS))
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+def test_every_preset_shapes_on_meta(name, mode):
+    with torch.device("meta"):
+        model = VideoDiT.from_preset(name, attention_mode=mode, in_channels=16, text_dim=64, pooled_dim=32)
+        x = _inputs(b=1, c=16, t=2, h=4, w=4, L=3, text_dim=64, pooled_dim=32, device="meta")
+        out = model(**x)
+    assert out.shape == (1, 16, 2, 4, 4) and out.device.type == "meta"
+    if name == "xl":
+        assert 1e9 < count_parameters(model) < 2e9
+
+
+def test_full_and_factorized_agree_on_one_frame():
+    full = _randomize(VideoDiT(**TINY, attention_mode="full"))
+    fact = VideoDiT(**TINY, attention_mode="factorized")
+    fact.load_state_dict(full.state_dict())  # same weights: the modes share every parameter
+    x = _inputs(t=1)
+    torch.testing.assert_close(fact(**x), full(**x))
+    x = _inputs(t=3)
+    assert not torch.allclose(fact(**x), full(**x), atol=1e-3)  # with time they differ
+
+
+def test_factorized_attention_is_spatial_then_temporal():
+    """O[t, s] = Σ_t' softmax_t'(q[t,s]·k[t',s]) · U[t', s], U[t', s] = Σ_s' softmax_s'(q[t',s]·k[t',s']) v[t', s']."""
+    b, heads, t, s, d = 1, 2, 3, 4, 8
+    q, k, v = (torch.randn(b, heads, t * s, d) for _ in range(3))
+    out = factorized_attention(q, k, v, (t, 2, 2))
+    q5, k5, v5 = (z.view(b, heads, t, s, d) for z in (q, k, v))
+    spatial = torch.softmax(torch.einsum("bhtsd,bhtrd->bhtsr", q5, k5) / d**0.5, dim=-1)
+    u = torch.einsum("bhtsr,bhtrd->bhtsd", spatial, v5)
+    temporal = torch.softmax(torch.einsum("bhtsd,bhusd->bhstu", q5, k5) / d**0.5, dim=-1)  # over u
+    expected = torch.einsum("bhstu,bhusd->bhtsd", temporal, u)
+    torch.testing.assert_close(out, expected.reshape(b, heads, t * s, d))
+
+
+def test_factorized_block_reaches_other_frames_and_locations():
+    model = _randomize(VideoDiT(**{**TINY, "depth": 1}, attention_mode="factorized"))
+    x = _inputs(b=1)
+    x["latents"].requires_grad_(True)
+    out = model(**x)
+    out[0, :, 0, 0:2, 0:2].sum().backward()  # the first token (frame 0, patch (0, 0))
+    grad = x["latents"].grad[0].abs().sum(0)  # (T, H, W)
+    assert grad[2, 2:4, 4:6].sum() > 0  # another frame at another location
+
+
+def test_adaln_zero_makes_every_block_the_identity_at_init():
+    model = VideoDiT(**TINY)
+    x = torch.randn(2, 9, 32)
+    cond, context = torch.randn(2, 32), torch.randn(2, 5, 32)
+    rope = torch.ones(9, 8, dtype=torch.complex64)
+    for block in model.blocks:
+        torch.testing.assert_close(block(x, cond, context, None, rope, (1, 3, 3)), x, rtol=0, atol=0)
+    assert (model(**_inputs()) == 0).all()  # zero output projection too
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _randomize(VideoDiT(**TINY, attention_mode="factorized", patch_size=(1, 2, 2)))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["attention_mode"] == "factorized" and config["hidden_size"] == 32 and config["patch_size"] == [1, 2, 2]
+    loaded = VideoDiT.from_pretrained(tmp_path)
+    x = _inputs()
+    torch.testing.assert_close(loaded(**x), model(**x), rtol=0, atol=0)
+
+
+def test_padding_tokens_are_ignored():
+    model = _randomize(VideoDiT(**TINY)).eval()
+    x = _inputs()
+    ref = model(**x)
+    x["text_states"][0, 3:] = 100.0  # masked positions of sample 0
+    out = model(**x)
+    torch.testing.assert_close(out[0], ref[0])
+    x["text_states"][0, 1] = 100.0  # a real token does change the output
+    assert not torch.allclose(model(**x)[0], ref[0])
+
+
+def test_fully_masked_text_row_is_finite():
+    model = _randomize(VideoDiT(**TINY))
+    x = _inputs()
+    x["text_mask"][1] = False
+    assert torch.isfinite(model(**x)).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = _randomize(VideoDiT(**TINY))
+    x = _inputs()
+    model(**x).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    model(**x).square().mean().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_patch_and_channel_mismatch_name_the_shape():
+    model = VideoDiT(**TINY, patch_size=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"\(T, H, W\)=\(3, 4, 5\)"):
+        model(**_inputs(w=5))
+    with pytest.raises(ValueError, match="expects latents"):
+        model(**_inputs(c=3))
+    with pytest.raises(ValueError, match="attention_mode"):
+        VideoDiT(**TINY, attention_mode="axial")
+    with pytest.raises(KeyError, match="unknown VideoDiT preset"):
+        VideoDiT.from_preset("huge")
+
+
+def test_patch_size_in_time_round_trips_shapes():
+    model = _randomize(VideoDiT(**TINY, patch_size=(2, 2, 2), attention_mode="factorized"))
+    x = _inputs(t=4)
+    assert model(**x).shape == x["latents"].shape
