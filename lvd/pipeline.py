@@ -24,15 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    ModelMixin,
-    UniPCMultistepScheduler,
-)
+from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -43,91 +35,35 @@ from diffusers.video_processor import VideoProcessor
 # names only from modules already imported (it never imports what a folder names), which these imports do.
 import lvd.dit  # noqa: F401
 import lvd.vae  # noqa: F401
+from lvd.diffusion import (
+    SAMPLERS,
+    diffusion_config_from_scheduler,
+    flow_shift_mu,
+    make_sampling_scheduler,
+    null_text_embeddings,
+    num_tokens,
+)
 from lvd.text import TextEmbeddings, encode_text
 from lvd.vae import CausalVideoVAE, as_video_vae
 
-SAMPLERS = ("euler", "ddim", "dpm++", "unipc")
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers: which diffusers scheduler fits which training objective
+# Samplers: the objective is read from the saved scheduler config (lvd.diffusion owns the table)
 # --------------------------------------------------------------------------------------------------
 
 
 def scheduler_objective(scheduler: SchedulerMixin) -> str:
-    """The objective a scheduler's config says the model was trained with: "flow", "eps" or "v".
-
-    Flow matching (rectified flow, Liu et al. 2022; Esser et al. 2024) is recorded by the scheduler class
-    ``FlowMatchEulerDiscreteScheduler`` or by ``prediction_type="flow_prediction"``; eps / v by
-    ``prediction_type`` "epsilon" / "v_prediction" (Salimans & Ho 2022).
-    """
-    config = scheduler.config
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or config.get("prediction_type") == "flow_prediction":
-        return "flow"
-    prediction_type = config.get("prediction_type", "epsilon")
-    objectives = {"epsilon": "eps", "v_prediction": "v"}
-    if prediction_type not in objectives:
-        raise ValueError(
-            f"scheduler {type(scheduler).__name__} has prediction_type={prediction_type!r}; lvd samples only "
-            f"'epsilon', 'v_prediction' or flow-matching models (check scheduler/scheduler_config.json)"
-        )
-    return objectives[prediction_type]
-
-
-def _flow_shift(config) -> float:
-    """The timestep shift of a flow schedule, whichever scheduler recorded it."""
-    return float(config.get("shift", config.get("flow_shift", 1.0)) or 1.0)
+    """The objective ("flow", "eps" or "v") a scheduler's config records, e.g. ``scheduler/scheduler_config.json``."""
+    return diffusion_config_from_scheduler(scheduler.config).objective
 
 
 def sampler_scheduler(scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
-    """A new scheduler for ``sampler`` that fits the objective recorded in ``scheduler``'s config.
-
-    ===========  ====================================  ==================================================
-    sampler      flow model                             eps / v model
-    ===========  ====================================  ==================================================
-    euler        FlowMatchEulerDiscreteScheduler        EulerDiscreteScheduler (Karras et al. 2022, Alg. 2)
-    ddim         refused (DDIM assumes a noise model)   DDIMScheduler (Song et al. 2021), eta = 0
-    dpm++        DPMSolverMultistep, flow sigmas        DPMSolverMultistepScheduler (Lu et al. 2022), 2M
-    unipc        UniPCMultistep, flow sigmas            UniPCMultistepScheduler (Zhao et al. 2023)
-    ===========  ====================================  ==================================================
-
-    Raises ValueError naming the sampler and the objective when they do not fit.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    objective = scheduler_objective(scheduler)
-    config = dict(scheduler.config)
-    num_train_timesteps = int(config.get("num_train_timesteps", 1000))
-    if objective == "flow":
-        shift = _flow_shift(config)
-        if sampler == "euler":
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-        if sampler == "ddim":
-            raise ValueError(
-                "sampler 'ddim' does not fit this model: it was trained with the flow-matching objective "
-                "(scheduler/scheduler_config.json) and DDIM assumes an eps/v noise-prediction model; "
-                "use 'euler', 'dpm++' or 'unipc'"
-            )
-        flow = dict(num_train_timesteps=num_train_timesteps, use_flow_sigmas=True,
-                    prediction_type="flow_prediction", flow_shift=shift)
-        if sampler == "dpm++":
-            return DPMSolverMultistepScheduler(**flow, algorithm_type="dpmsolver++", solver_order=2)
-        return UniPCMultistepScheduler(**flow)
-    # eps / v: keep the training noise schedule (betas) and prediction type.
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-            "prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
-    common = {k: config[k] for k in keys if k in config}
-    if common.get("timestep_spacing") in (None, "leading") and sampler != "ddim":
-        common["timestep_spacing"] = "trailing"  # multistep solvers should start at t = T, not T − T/N
-    if sampler == "euler":
-        common.pop("steps_offset", None)
-        return EulerDiscreteScheduler.from_config(common)
-    if sampler == "ddim":
-        return DDIMScheduler.from_config({**common, "clip_sample": False, "set_alpha_to_one": False})
-    if sampler == "dpm++":
-        return DPMSolverMultistepScheduler.from_config({**common, "algorithm_type": "dpmsolver++", "solver_order": 2})
-    return UniPCMultistepScheduler.from_config(common)
+    """A new scheduler for ``sampler`` ("euler", "ddim", "dpm++", "unipc") that fits the objective and noise
+    schedule recorded in ``scheduler``'s config (see :func:`lvd.diffusion.make_sampling_scheduler` for the
+    table). ValueError when the sampler is unknown or does not fit (ddim on a flow model)."""
+    return make_sampling_scheduler(sampler, diffusion_config_from_scheduler(scheduler.config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,8 +274,8 @@ class LVDPipeline(DiffusionPipeline):
         """Text embeddings for the whole denoiser batch, (B, …) or (2B, …) with CFG: [uncond; cond].
 
         The unconditional half is, for each prompt, the encoded ``negative_prompt`` if given, otherwise the
-        null embedding CFG dropout trained with. An empty prompt "" is encoded like any text, so with no
-        negative prompt its video is the model's own unconditional sample when dropout trained on "".
+        empty-prompt embedding CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`). So an empty
+        prompt "" with no negative prompt gives identical halves: the model's unconditional video.
         """
         device = device or self._execution_device
         dtype = dtype or self.transformer.dtype
@@ -350,7 +286,8 @@ class LVDPipeline(DiffusionPipeline):
                 negatives = [p for p in negative_prompt for _ in range(num_videos_per_prompt)]
                 uncond = encode_text(self.text_encoder, self.tokenizer, negatives, max_length=max_sequence_length)
             else:
-                uncond = encode_text(self.text_encoder, self.tokenizer, [""] * len(texts), max_length=max_sequence_length)
+                uncond = null_text_embeddings(self.text_encoder, self.tokenizer, len(texts),
+                                              max_length=max_sequence_length)
             cond = TextEmbeddings(
                 states=torch.cat([uncond.states, cond.states]),  # (2B, L, D)
                 mask=torch.cat([uncond.mask, cond.mask]),  # (2B, L)
@@ -465,8 +402,13 @@ class LVDPipeline(DiffusionPipeline):
         text = self.encode_prompt(prompts, negatives, do_cfg, num_videos_per_prompt, max_sequence_length, device)
         timings["text_encoding"] = _sync(device) - start
 
-        # 3. Prepare timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 3. Prepare timesteps (a dynamically shifted flow schedule needs μ for this video's token count)
+        timestep_kwargs = {}
+        if self.scheduler.config.get("use_dynamic_shifting", False):
+            latent_shape = self.video_vae.latent_shape(num_frames, height, width)
+            cfg = diffusion_config_from_scheduler(self.scheduler.config)
+            timestep_kwargs["mu"] = flow_shift_mu(cfg, num_tokens(latent_shape, self.patch_size))
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **timestep_kwargs)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
 

@@ -15,6 +15,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lvd.diffusion import null_text_embeddings
 from lvd.dit import VideoDiT
 from lvd.pipeline import SAMPLERS, LVDPipeline, LVDPipelineOutput, sampler_scheduler, scheduler_objective
 from lvd.text import encode_text
@@ -148,6 +149,25 @@ def test_every_sampler_runs_or_is_refused_for_the_objective(objective, sampler):
     assert scheduler_objective(pipeline.scheduler) == objective
     frames = run(pipeline, num_inference_steps=4, output_type="pt").frames
     assert frames.shape == (1, FRAMES, 3, SIZE, SIZE) and torch.isfinite(frames).all()
+
+
+def test_dynamic_shift_schedule_gets_mu_from_the_token_count():
+    components = tiny_components()
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                               max_image_seq_len=64)
+    pipeline = LVDPipeline(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    frames = run(pipeline, output_type="pt").frames
+    assert torch.isfinite(frames).all()
+
+
+def test_empty_prompt_uses_the_cfg_dropout_embedding(pipe):
+    """"" with no negative prompt: both CFG halves are the empty-prompt embedding training dropped to."""
+    text = pipe.encode_prompt([""], None, True, num_videos_per_prompt=2)
+    null = null_text_embeddings(pipe.text_encoder, pipe.tokenizer, 1)
+    assert text.states.shape[0] == 4
+    for row in range(4):
+        assert torch.equal(text.states[row], null.states[0]) and torch.equal(text.mask[row], null.mask[0])
 
 
 def test_sampler_scheduler_classes():
