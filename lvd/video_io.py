@@ -6,7 +6,7 @@ This is the only module in lvd that touches ffmpeg. Everything else sees tensors
     read_video(path, ..., output="float")                 -> (C, T, H, W) float32 in [-1, 1]
     write_video("out.mp4", video, fps=8)                  # H.264, yuv420p
     write_video("out.gif", video, fps=8)                  # palette GIF
-    encode_video_bytes(video, fps) -> bytes (mp4)         # what a clip shard stores
+    encode_video_bytes(video, fps) -> bytes (mp4, 4:4:4)  # what a clip shard stores
     decode_video_bytes(data)       -> (C, T, H, W) uint8
 
 Reading a window never decodes the whole file: ffmpeg seeks to ``start`` (``-ss`` before ``-i``,
@@ -247,12 +247,14 @@ def _as_uint8_frames(video: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(video.permute(1, 2, 3, 0).numpy())  # (C,T,H,W) -> (T,H,W,C)
 
 
-def write_video(path: str | Path, video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18) -> None:
+def write_video(
+    path: str | Path, video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18, pix_fmt: str = "yuv420p"
+) -> None:
     """Write ``video`` (C, T, H, W), uint8 or float in [-1, 1], to ``.mp4`` (H.264) or ``.gif``.
 
-    mp4 uses libx264, yuv420p (what every player reads), ``crf`` quality (18 ≈ visually lossless)
-    and ``+faststart`` (the index first, so the file also decodes from a pipe). yuv420p needs even
-    height and width; odd sizes raise a ValueError rather than being silently padded.
+    mp4 uses libx264, ``crf`` quality (18 ≈ visually lossless), ``+faststart`` (the index first, so
+    the file also decodes from a pipe) and yuv420p by default, which every player reads. yuv420p
+    needs even height and width; odd sizes raise a ValueError rather than being silently padded.
     GIF goes through a per-file palette (``palettegen``/``paletteuse``).
     """
     path = Path(path)
@@ -268,9 +270,9 @@ def write_video(path: str | Path, video: torch.Tensor | np.ndarray, fps: float, 
     cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
     cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "pipe:0"]
     if suffix == ".mp4":
-        if h % 2 or w % 2:
+        if pix_fmt == "yuv420p" and (h % 2 or w % 2):
             raise ValueError(f"{path}: H.264 yuv420p needs even height and width, got {h}x{w}")
-        cmd += ["-c:v", "libx264", "-preset", "fast", "-crf", str(crf), "-pix_fmt", "yuv420p"]
+        cmd += ["-c:v", "libx264", "-preset", "fast", "-crf", str(crf), "-pix_fmt", pix_fmt]
         cmd += ["-movflags", "+faststart", "-threads", "1", "-f", "mp4"]
     else:
         cmd += ["-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse", "-f", "gif"]
@@ -280,11 +282,16 @@ def write_video(path: str | Path, video: torch.Tensor | np.ndarray, fps: float, 
         raise RuntimeError(f"{path}: ffmpeg could not write the video: {_last_error(proc.stderr)}")
 
 
-def encode_video_bytes(video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18) -> bytes:
-    """The mp4 bytes (H.264, yuv420p, faststart) of ``video`` (C, T, H, W), as a clip shard stores them."""
+def encode_video_bytes(video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18, pix_fmt: str = "yuv444p") -> bytes:
+    """The mp4 bytes (H.264, faststart) of ``video`` (C, T, H, W), as a clip shard stores them.
+
+    Shards keep full colour resolution (yuv444p, H.264 High 4:4:4): only our ffmpeg reads them,
+    and 4:2:0 costs saturated edges dearly. Synthetic shapes at 32 px: worst clip 28.4 dB PSNR
+    with yuv420p, 40.5 dB with yuv444p, at 7% fewer bytes (crf 18, 8 clips).
+    """
     with tempfile.TemporaryDirectory(dir=_TMP_DIR, prefix="lvd-enc-") as tmp:
         path = Path(tmp) / "clip.mp4"
-        write_video(path, video, fps, crf=crf)
+        write_video(path, video, fps, crf=crf, pix_fmt=pix_fmt)
         return path.read_bytes()
 
 

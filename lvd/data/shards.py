@@ -2,7 +2,7 @@
 
     python -m lvd.data.shards KIND SOURCE --out DIR [options]        (see --help for every layout)
 
-Each sample is ``{__key__, mp4, txt, json}``: the clip re-encoded as H.264, its caption (UTF-8),
+Each sample is ``{__key__, mp4, txt, json}``: the clip re-encoded as H.264 (4:4:4), its caption (UTF-8),
 and metadata (source file, fps, num_frames, height, width, start time). All values are written as
 bytes; nothing is pickled. A bad input (unreadable, truncated, empty, unknown codec, too short,
 missing or non-UTF-8 caption, not a video, duplicate key) is skipped with a one-line warning and
