@@ -514,8 +514,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 batch.update(_worker=worker, _epoch=epoch, _batch=n, _stats=dict(self.stats))
                 yield batch
             if n < 0 and done == 0:
-                return  # this worker got no data in a whole epoch: stop rather than spin
+                break  # this worker got no data in a whole epoch: stop rather than spin
             epoch, done = epoch + 1, 0
+        # The skip counts after the last batch (bookkeeping only: the loader yields nothing for it).
+        yield {"_worker": worker, "_stats": dict(self.stats), "_final": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,10 +566,12 @@ class ShardLoader:
             )
         for batch in batches:
             w = batch.pop("_worker")
+            self._stats[w] = batch.pop("_stats")
+            if batch.pop("_final", False):
+                continue
             self._state["epoch"][w] = batch.pop("_epoch")
             self._state["batches"][w] = batch.pop("_batch") + 1
             self._state["next_worker"] = (w + 1) % n
-            self._stats[w] = batch.pop("_stats")
             if batch:  # a batch whose every sample was bad is only bookkeeping
                 yield batch
 
