@@ -1,11 +1,21 @@
 """Fused kernels for lvd's hot paths, each with a PyTorch reference.
 
-Models call only :func:`attention` and :func:`group_norm`; :mod:`kernels.dispatch` picks the
-backend (Triton on CUDA, SDPA or the PyTorch reference on CPU). Importing this package never
-touches a GPU driver. This package imports nothing from ``lvd``.
+Models call only :func:`attention`, :func:`group_norm` and :class:`GroupNorm`; :mod:`kernels.dispatch`
+picks the backend (Triton on CUDA with compute capability ≥ 8.0, SDPA or the PyTorch reference
+elsewhere; ``backend=`` or ``LVD_KERNELS`` forces one). Importing this package never touches a GPU
+driver. This package imports nothing from ``lvd``.
 """
 
 from kernels.attention import attention, attention_reference
+from kernels.dispatch import BACKENDS, BackendUnavailableError
 from kernels.group_norm import GroupNorm, group_norm, group_norm_reference
 
-__all__ = ["attention", "attention_reference", "group_norm", "group_norm_reference", "GroupNorm"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "GroupNorm",
+    "attention",
+    "attention_reference",
+    "group_norm",
+    "group_norm_reference",
+]

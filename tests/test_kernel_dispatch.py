@@ -1,0 +1,129 @@
+"""kernels.dispatch: which backend runs, forced backends that cannot run, LVD_KERNELS, import safety."""
+
+import importlib
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kernels
+from kernels import BackendUnavailableError, dispatch
+
+attn_mod = importlib.import_module("kernels.attention")
+
+
+def _q(dtype=torch.float32):
+    return torch.randn(1, 2, 5, 8, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("LVD_KERNELS", raising=False)
+    dispatch._logged.clear()
+
+
+def test_auto_on_cpu_uses_sdpa_for_attention_and_reference_for_group_norm():
+    q = _q()
+    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=True) == "sdpa"
+    assert dispatch.group_norm_backend(torch.randn(1, 4, 3, 3), backend="auto", interpreted=True) == "torch"
+
+
+def test_lvd_kernels_env_sets_the_default(monkeypatch):
+    q = _q()
+    monkeypatch.setenv("LVD_KERNELS", "torch")
+    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=True) == "torch"
+    monkeypatch.setenv("LVD_KERNELS", "triton")
+    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=True) == "triton"
+    # an explicit argument beats the environment
+    assert dispatch.attention_backend(q, q, q, None, backend="sdpa", interpreted=True) == "sdpa"
+
+
+def test_env_and_argument_typos_are_errors(monkeypatch):
+    q = _q()
+    with pytest.raises(ValueError, match="not one of"):
+        kernels.attention(q, q, q, backend="flash")
+    monkeypatch.setenv("LVD_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="LVD_KERNELS='cuda'"):
+        kernels.attention(q, q, q)
+
+
+def test_group_norm_treats_sdpa_and_xformers_as_the_reference(monkeypatch):
+    x = torch.randn(1, 4, 3, 3)
+    for name in ("sdpa", "xformers"):
+        assert dispatch.group_norm_backend(x, backend=name, interpreted=True) == "torch"
+    monkeypatch.setenv("LVD_KERNELS", "sdpa")  # one setting for the whole library: "no Triton"
+    torch.testing.assert_close(kernels.group_norm(x, 2), kernels.group_norm_reference(x, 2))
+
+
+def test_forcing_xformers_without_it_or_without_cuda_raises(monkeypatch):
+    q = _q()
+    monkeypatch.setattr(dispatch, "has_xformers", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="xformers is not installed"):
+        kernels.attention(q, q, q, backend="xformers")
+    monkeypatch.setattr(dispatch, "has_xformers", lambda: True)  # installed, but these are CPU tensors
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        kernels.attention(q, q, q, backend="xformers")
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
+    q = _q()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        dispatch.attention_backend(q, q, q, None, backend="triton", interpreted=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set too late: the kernels were decorated without it
+    with pytest.raises(BackendUnavailableError, match="set it before importing kernels"):
+        dispatch.group_norm_backend(torch.randn(1, 4, 3, 3), backend="triton", interpreted=False)
+
+
+def test_forcing_triton_with_an_unsupported_dtype_or_head_dim_raises():
+    q = _q()
+    big = torch.randn(1, 1, 4, 256)
+    with pytest.raises(BackendUnavailableError, match="head dim 256"):
+        dispatch.attention_backend(big, big, big, None, backend="triton", interpreted=True)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    assert dispatch.group_norm_backend(x, backend="triton", interpreted=True) == "triton"  # fp64: interpreter only
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
+        dispatch._resolve("group_norm", "triton", "dtype torch.float64 (supported: fp16, bf16, fp32)", "torch", q)
+
+
+def test_auto_falls_back_on_old_gpus_and_logs_the_reason_once(monkeypatch, caplog):
+    fake_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda", index=0))
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (7, 5))
+    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
+        for _ in range(3):
+            assert dispatch._resolve("attention", "auto", None, "sdpa", fake_cuda) == "sdpa"
+    records = [r for r in caplog.records if "capability 7.5" in r.getMessage()]
+    assert len(records) == 1
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (9, 0))
+    assert dispatch._resolve("attention", "auto", None, "sdpa", fake_cuda) == "triton"
+
+
+def test_nan_filled_outputs_only_inside_the_block():
+    with dispatch.nan_filled_outputs():
+        assert dispatch.new_empty((3,), dtype=torch.float32, device="cpu").isnan().all()
+        like = dispatch.new_empty_like(torch.randn(1, 4, 3, 3).to(memory_format=torch.channels_last))
+        assert like.isnan().all() and like.is_contiguous(memory_format=torch.channels_last)
+    assert not dispatch._nan_outputs
+
+
+def test_import_touches_no_gpu_driver():
+    """A fresh interpreter without TRITON_INTERPRET imports kernels and runs the CPU paths."""
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import torch, kernels\n"
+        "q = torch.randn(1, 1, 4, 8)\n"
+        "kernels.attention(q, q, q); kernels.group_norm(torch.randn(1, 4, 2, 2), 2)\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "from triton.runtime import driver\n"
+        "assert driver._default is None and driver._active is None, 'driver was touched'\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
