@@ -43,6 +43,9 @@ __all__ = [
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".gif", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 _TIMEOUT_S = 300.0  # a decode that takes longer than this is a hung ffmpeg, not a slow file
+# Inputs may come from the internet (shards): ffmpeg may open local files and pipes only, so a
+# crafted playlist (HLS, concat) cannot make it fetch URLs.
+_SAFE_INPUT = ("-protocol_whitelist", "file,pipe")
 # /dev/shm keeps the temp files of encode/decode_video_bytes in memory where it exists.
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
@@ -103,7 +106,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     if path.stat().st_size == 0:
         raise VideoReadError(f"{path}: empty file (0 bytes)")
     proc = subprocess.run(
-        [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        [_ffmpeg_exe(), "-hide_banner", "-nostdin", *_SAFE_INPUT, "-i", str(path)],
         capture_output=True,
         timeout=_TIMEOUT_S,
     )
@@ -177,6 +180,7 @@ def read_video(
     output: str = "uint8",
     size: int | None = None,
     crop: bool = True,
+    _format: str | None = None,
 ) -> torch.Tensor:
     """Read ``num_frames`` frames from ``start`` seconds at ``fps`` frames per second.
 
@@ -204,7 +208,9 @@ def read_video(
     cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"]
     if start > 0:
         cmd += ["-ss", f"{start:.6f}"]
-    cmd += ["-i", str(path), "-map", "0:v:0", "-an"]
+    if _format is not None:
+        cmd += ["-f", _format]
+    cmd += [*_SAFE_INPUT, "-i", str(path), "-map", "0:v:0", "-an"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
     if num_frames is not None:
@@ -296,15 +302,15 @@ def encode_video_bytes(video: torch.Tensor | np.ndarray, fps: float, *, crf: int
 
 
 def decode_video_bytes(data: bytes, *, output: str = "uint8") -> torch.Tensor:
-    """Decode every frame of an encoded video held in memory. -> (C, T, H, W) uint8 (or float).
+    """Decode every frame of mp4 bytes held in memory. -> (C, T, H, W) uint8 (or float).
 
-    The bytes go to ffmpeg through a pipe. That works for faststart mp4 (what
-    :func:`encode_video_bytes` writes) and stream formats; other files (an mp4 with its index at
-    the end) fall back to a temporary file.
+    Only the mp4 demuxer is allowed (shard bytes are untrusted input). The bytes go to ffmpeg
+    through a pipe, which works for faststart mp4 (what :func:`encode_video_bytes` writes); an mp4
+    with its index at the end falls back to a temporary file.
     """
     if not data:
         raise VideoReadError("<bytes>: empty video data (0 bytes)")
-    cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", "pipe:0"]
+    cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "mp4", *_SAFE_INPUT, "-i", "pipe:0"]
     cmd += ["-map", "0:v:0", "-an", "-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
     proc = subprocess.run(cmd, input=data, capture_output=True, timeout=_TIMEOUT_S)
     frames = _parse_ppm_stream(proc.stdout, "<bytes>") if proc.returncode == 0 else None
@@ -313,7 +319,7 @@ def decode_video_bytes(data: bytes, *, output: str = "uint8") -> torch.Tensor:
             path = Path(tmp) / "clip"
             path.write_bytes(data)
             try:
-                return read_video(path, output=output)
+                return read_video(path, output=output, _format="mp4")
             except VideoReadError as e:
                 raise VideoReadError(str(e).replace(str(path), "<bytes>")) from None
     return _to_output(frames, output)

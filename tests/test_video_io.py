@@ -122,6 +122,15 @@ def test_bad_files_raise_video_read_error_naming_file_and_reason(tmp_path, video
         decode_video_bytes(b"garbage" * 100)
 
 
+def test_untrusted_playlists_cannot_make_ffmpeg_fetch_urls(tmp_path):
+    playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:9/x.ts\n#EXT-X-ENDLIST\n"
+    with pytest.raises(VideoReadError):
+        decode_video_bytes(playlist)  # only the mp4 demuxer reads shard bytes
+    (tmp_path / "list.m3u8").write_bytes(playlist)
+    with pytest.raises(VideoReadError, match="list.m3u8"):
+        read_video(tmp_path / "list.m3u8", num_frames=1)  # protocol whitelist: file and pipe only
+
+
 def test_video_shorter_than_the_clip(videos):
     with pytest.raises(VideoReadError, match="shorter than the clip: 8 of 17 frames at 8 fps"):
         read_video(videos[".mp4"], num_frames=17, start=2.0, fps=8)
