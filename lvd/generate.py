@@ -190,7 +190,7 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
         try:
             pipe.set_sampler(args.sampler)
         except ValueError as err:
-            problems.append(f"--sampler: {err}")
+            problems.append(f"--sampler: {err} (objective from {args.model / 'scheduler' / 'scheduler_config.json'})")
     if problems:
         raise UsageError("\n".join(f"  - {p}" for p in problems))
     if args.offload:

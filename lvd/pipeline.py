@@ -44,7 +44,7 @@ from lvd.diffusion import (
     num_tokens,
 )
 from lvd.text import TextEmbeddings, encode_text
-from lvd.vae import CausalVideoVAE, as_video_vae
+from lvd.vae import as_video_vae
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -89,10 +89,11 @@ def _onload(module: torch.nn.Module) -> None:
 
 
 def _tiling_enabled(vae) -> bool:
-    """Whether a video VAE decodes in tiles now: ours keeps a ``tiling`` config, diffusers' a ``use_tiling`` flag."""
+    """Whether a video VAE decodes in tiles now: ours keeps a ``tiling`` config; a wrapped diffusers VAE
+    (``PretrainedVideoVAE.model``) a ``use_tiling`` flag."""
     if hasattr(vae, "tiling"):
         return vae.tiling is not None
-    return bool(getattr(vae, "use_tiling", False))
+    return bool(getattr(getattr(vae, "model", vae), "use_tiling", False))
 
 
 def _sync(device: torch.device) -> float:
@@ -150,8 +151,6 @@ class LVDPipeline(DiffusionPipeline):
     @property
     def video_vae(self):
         """The VAE behind the lvd video-VAE interface (normalised latents, ``decode`` → [-1, 1])."""
-        if isinstance(self.vae, CausalVideoVAE):  # TEMP until as_video_vae lands
-            return self.vae
         return as_video_vae(self.vae)
 
     @property

@@ -83,7 +83,7 @@ def no_sampling(monkeypatch):
         (["--steps", "0"], "--steps must be a positive integer, got 0"),
         (["--steps", "-3"], "--steps must be a positive integer, got -3"),
         (["--sampler", "heun"], "--sampler 'heun' is unknown; choose one of euler, ddim, dpm++, unipc"),
-        (["--sampler", "ddim"], "sampler 'ddim' does not fit this model: it was trained with the flow-matching"),
+        (["--sampler", "ddim"], "sampler 'ddim' does not fit objective 'flow'"),
         (["--frames", "6"], "num_frames=6 is not a frame count the VAE produces (1 + 4·k); nearest: 5 or 9"),
         (["--height", "20"], "height=20 must be a positive multiple of 8 (VAE spatial factor 4 × transformer patch 2)"),
         (["--width", "0"], "width=0 must be a positive multiple of 8"),
