@@ -93,6 +93,15 @@ def test_iterating_again_continues_where_it_stopped(shards):
     assert same(head + rest, collect(make_clip_loader(cfg_for(shards, epochs=1), seed=0)))
 
 
+def test_a_finished_pass_is_followed_by_the_next_epoch(shards):
+    loader = make_clip_loader(cfg_for(shards, epochs=1), seed=0)
+    first = [k for b in loader for k in b["key"]]
+    second = [k for b in loader for k in b["key"]]  # a training loop re-iterating on StopIteration
+    assert sorted(first) == sorted(second) and first != second
+    two = [k for b in make_clip_loader(cfg_for(shards, epochs=2), seed=0) for k in b["key"]]
+    assert first + second == two
+
+
 def test_split_by_node_gives_disjoint_parts_and_resampled_ranks_differ(shards):
     parts = [{k for b in make_clip_loader(cfg_for(shards), seed=0, rank=r, world_size=2) for k in b["key"]} for r in (0, 1)]
     assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == N_CLIPS

@@ -93,7 +93,10 @@ class ClipDataConfig:
     random_crop: random temporal window and spatial crop; False takes the first frames, centre crop.
     workers:     DataLoader worker processes (0 = in the main process).
     resampled:   draw shards with replacement forever (multi-node training); else epochs.
-    epochs:      None repeats forever; N stops after N passes (ignored when resampled).
+    epochs:      epochs per pass (one ``for`` loop over the loader); None = one endless pass.
+                 The next pass continues with the next epochs (new shuffles), so a training loop
+                 that calls ``iter(loader)`` again on StopIteration just keeps going.
+                 Ignored when resampled (always endless).
     drop_last:   drop the partial batch each bucket holds at the end of an epoch.
     """
 
@@ -500,8 +503,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
         physical = info.id if info is not None else 0
         worker = (physical + self.state["next_worker"]) % workers  # logical role, see the docstring
         epoch, done = self.state["epoch"][worker], self.state["batches"][worker]
-        epochs = None if self.cfg.resampled else self.cfg.epochs
-        while epochs is None or epoch < epochs:
+        last = None if self.cfg.resampled or self.cfg.epochs is None else self.state["first_epoch"] + self.cfg.epochs
+        while last is None or epoch < last:
             shards = self._shards(epoch, worker, workers)
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
             n = -1
@@ -528,8 +531,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
 class ShardLoader:
     """Iterable of batches with ``state_dict()`` / ``load_state_dict()`` for exact resume.
 
-    Iterating again after a break continues after the last batch received. ``skipped`` counts
-    samples skipped so far, by reason.
+    Iterating again after a break continues after the last batch received; iterating again after
+    a finished pass starts the next ``epochs`` epochs. ``skipped`` counts samples skipped so far,
+    by reason. One iteration at a time: two live iterators would share the position.
     """
 
     def __init__(self, codec, cfg, *, seed: int, rank: int = 0, world_size: int = 1):
@@ -544,7 +548,7 @@ class ShardLoader:
                 len(self.urls), world_size, max(1, cfg.workers),
             )  # fmt: skip
         n = max(1, cfg.workers)
-        self._state = {"epoch": [0] * n, "batches": [0] * n, "next_worker": 0}
+        self._state = {"first_epoch": 0, "epoch": [0] * n, "batches": [0] * n, "next_worker": 0}
         self._stats: dict[int, dict] = {}
 
     @property
@@ -574,12 +578,17 @@ class ShardLoader:
             self._state["next_worker"] = (w + 1) % n
             if batch:  # a batch whose every sample was bad is only bookkeeping
                 yield batch
+        # The pass ended (not broken off): the next ``iter()`` starts the next epochs.
+        if not self.cfg.resampled and self.cfg.epochs is not None:
+            end = self._state["first_epoch"] + self.cfg.epochs
+            self._state = {"first_epoch": end, "epoch": [end] * n, "batches": [0] * n, "next_worker": 0}
 
     def _fingerprint(self) -> str:
         return hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
-        """JSON-able position: per worker (epoch, batches received), the worker due next."""
+        """JSON-able position: the pass's first epoch; per worker (epoch, batches received); the
+        worker due next."""
         return {
             "version": _STATE_VERSION,
             "seed": self.seed,
@@ -602,7 +611,12 @@ class ShardLoader:
         wrong = [f"{k}: saved {d.get(k)!r}, now {v!r}" for k, v in expect.items() if d.get(k) != v]
         if wrong:
             raise ValueError("loader state does not match this loader (resume needs the same data setup): " + "; ".join(wrong))
-        self._state = {"epoch": list(d["epoch"]), "batches": list(d["batches"]), "next_worker": int(d["next_worker"])}
+        self._state = {
+            "first_epoch": int(d["first_epoch"]),
+            "epoch": list(d["epoch"]),
+            "batches": list(d["batches"]),
+            "next_worker": int(d["next_worker"]),
+        }
 
 
 def make_clip_loader(cfg: ClipDataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
