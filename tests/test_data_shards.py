@@ -204,3 +204,19 @@ def test_real_footage_shards(tmp_path):
     for s in read_shards(out):
         video = decode_video_bytes(s["mp4"])
         assert video.shape == (3, 9, 64, 64) and video.float().std() > 10  # real picture content
+
+
+def test_an_unexpected_error_in_one_job_is_skipped_not_fatal(tmp_path):
+    from lvd.data.shards import Job, clips_from_shapes, write_shards
+
+    cfg = ShapesConfig(size=16, frames=5)
+
+    def work(job):
+        if job.key.endswith("1"):
+            raise RuntimeError("boom\nsecond line")
+        return clips_from_shapes(job, cfg, 0)
+
+    jobs = [Job(f"shapes_0_{i:07d}", None, "", f"synthetic:0/{i}") for i in range(3)]
+    summary = write_shards(jobs, work, tmp_path, shard_size=10, workers=2, expected=3, progress=False)
+    assert summary.written == 2 and summary.to_dict()["skipped"] == {"unexpected error": 1}
+    assert summary.skipped[0].reason == "unexpected error: RuntimeError: boom"

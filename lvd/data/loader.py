@@ -495,6 +495,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 items.append(self.codec.decode(s, bucket, rng))
             except _SkipSample as e:
                 self._skip(f"{s['__key__']} in {s['__url__']}", str(e))
+            except Exception as e:  # noqa: BLE001 - one bad sample never ends a training run
+                self._skip(f"{s['__key__']} in {s['__url__']}", f"unexpected error ({type(e).__name__}: {e})")
         return self.codec.collate(items) if items else None
 
     def __iter__(self):

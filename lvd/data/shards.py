@@ -97,6 +97,7 @@ _CATEGORIES = [
     ("no video stream", "not a video file"),
     ("duplicate key", "duplicate key"),
     ("no such file", "missing file"),
+    ("unexpected error", "unexpected error"),
 ]
 
 
@@ -403,7 +404,7 @@ def write_shards(jobs: list[Job], work, out: Path, *, shard_size: int, workers: 
             pending: collections.deque = collections.deque()
             it = iter(jobs)
             for job in it:  # keep at most 4 jobs per worker in flight; results are taken in order
-                pending.append(pool.submit(work, job))
+                pending.append(pool.submit(_guarded, work, job))
                 if len(pending) < 4 * workers:
                     continue
                 _drain(pending.popleft().result(), sink, summary, bar)
@@ -414,6 +415,14 @@ def write_shards(jobs: list[Job], work, out: Path, *, shard_size: int, workers: 
     summary.seconds = time.perf_counter() - start
     summary.bytes = sum(p.stat().st_size for p in out.glob("shard-*.tar"))
     return summary
+
+
+def _guarded(work, job: Job):
+    """``work(job)``, with any exception turned into a skip: one bad input never ends the run."""
+    try:
+        return work(job)
+    except Exception as e:  # noqa: BLE001 - reported and counted, see the summary
+        return [], [Skip(job.source, f"unexpected error: {type(e).__name__}: {e}".splitlines()[0])]
 
 
 def _drain(result, sink, summary: Summary, bar) -> None:
