@@ -462,6 +462,8 @@ output: DIR/shard-000000.tar, ... each sample {__key__, mp4 (H.264), txt (captio
 (source, fps, num_frames, height, width, start)}, and DIR/summary.json. Bad inputs (corrupt,
 truncated or empty files, unknown codecs, videos shorter than the clip, missing or non-UTF-8
 captions, non-video files, duplicate keys) are skipped with a one-line warning and counted.
+Train on them with lvd.data.loader: ClipDataConfig(shards="DIR") or a brace pattern
+"DIR/shard-{000000..000009}.tar" (the summary prints it).
 
 examples:
   python -m lvd.data.shards ucf101 data/UCF-101 --out shards/ucf101 --frames 17 --fps 8 --size 256 \\
@@ -488,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="short side in pixels, even (default 256; synthetic 64)")
     p.add_argument("--no-crop", action="store_true", help="keep the aspect ratio instead of a centre square crop")
     p.add_argument("--clips-per-video", type=int, default=1, help="clips cut from each video, evenly spaced (default 1)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel workers (default: min(4, cores))")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel workers: threads, each driving its own ffmpeg processes, which do "
+                   "the decoding and encoding (default: min(4, cores))")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--count", type=int, default=None, help="synthetic: number of clips")
     p.add_argument("--seed", type=int, default=0, help="synthetic: dataset seed (default 0)")
