@@ -107,7 +107,7 @@ def _attn_fwd_kernel(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,7 +174,7 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ for one query block; also writes δ = rowsum(dO ∘ O) for the dK/dV kernel."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,7 +235,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dK and dV for one key block, looping over the query blocks that see it (Sᵀ layout)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -136,6 +136,15 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | N
     return f"device {x.device.type!r} is not supported by Triton"
 
 
+def _int32_reason(tensors, *, first_dims: int) -> str | None:
+    """Kernels index within one (batch[, head]) slice in int32; slices must span < 2³¹ elements."""
+    for t in tensors:
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape[first_dims:], t.stride()[first_dims:]) if n > 0)
+        if extent >= 2**31:
+            return f"one slice of a {tuple(t.shape)} tensor spans {extent} ≥ 2³¹ elements"
+    return None
+
+
 def _fast_gpu_reason(x: torch.Tensor) -> str | None:
     """Extra conditions for "auto": CUDA capability ≥ 8.0 (Ampere and newer)."""
     if x.device.type != "cuda":
@@ -185,6 +194,8 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         reason = f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
     if reason is None and q.shape[-1] > MAX_HEAD_DIM:
         reason = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if reason is None:
+        reason = _int32_reason([q, k, v], first_dims=2)
     choice = _resolve("attention", backend, reason, "sdpa", q)
     if backend == "auto" and choice == "triton" and q.device.type == "cuda":
         name = _cuda_name(_device_index(q))
@@ -202,6 +213,8 @@ def group_norm_backend(x, *, backend: str, interpreted: bool) -> str:
     reason = triton_unavailable_reason([x], op="group_norm", interpreted=interpreted)
     if reason is None and x.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
         reason = f"dtype {x.dtype} (supported: fp16, bf16, fp32)"
+    if reason is None:
+        reason = _int32_reason([x], first_dims=1)
     return _resolve("group_norm", backend, reason, "torch", x)
 
 

@@ -94,7 +94,7 @@ def _gn_stats_kernel(
     X, PART, sb, sc, st, ss, G, TU, Cg, L, CHUNK, NS,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    u = tl.program_id(0)
+    u = tl.program_id(0).to(tl.int64)  # unit offsets may pass 2³¹ elements (within a sample they may not)
     j = tl.program_id(1)
     base = (u // TU // G) * sb + (u // TU % G) * Cg * sc + (u % TU) * st
     offs_c = tl.arange(0, BLOCK_C)
@@ -130,7 +130,7 @@ def _gn_fwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    u = tl.program_id(0)
+    u = tl.program_id(0).to(tl.int64)  # unit offsets may pass 2³¹ elements (within a sample they may not)
     j = tl.program_id(1)
     # 1. merge the unit's NS partials: mean = Σ n_i m_i / n, M2 = Σ M2_i + Σ n_i (m_i − mean)²
     offs_p = tl.arange(0, BLOCK_P)
@@ -184,7 +184,7 @@ def _gn_bwd_reduce_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    u = tl.program_id(0)
+    u = tl.program_id(0).to(tl.int64)  # unit offsets may pass 2³¹ elements (within a sample they may not)
     j = tl.program_id(1)
     mean = tl.load(MEAN + u)
     rstd = tl.load(RSTD + u)
@@ -230,7 +230,7 @@ def _gn_bwd_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    u = tl.program_id(0)
+    u = tl.program_id(0).to(tl.int64)  # unit offsets may pass 2³¹ elements (within a sample they may not)
     j = tl.program_id(1)
     mean = tl.load(MEAN + u)
     rstd = tl.load(RSTD + u)

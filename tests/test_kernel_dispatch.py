@@ -127,3 +127,9 @@ def test_import_touches_no_gpu_driver():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_slices_past_int32_indexing_are_refused():
+    huge = SimpleNamespace(shape=(1, 1, 2, 1), stride=lambda: (1, 1, 2**31, 1))  # (N−1)·stride = 2³¹
+    assert "2³¹" in dispatch._int32_reason([huge], first_dims=2)
+    assert dispatch._int32_reason([torch.empty(2, 3, 4, 5)], first_dims=2) is None
