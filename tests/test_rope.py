@@ -20,7 +20,7 @@ def test_odd_head_dim_is_refused():
 def test_rotation_preserves_norm_and_is_identity_at_origin():
     grid, dims = (3, 4, 5), (8, 12, 12)
     freqs = rope_3d(grid, dims)
-    assert freqs.shape == (60, 16) and freqs.dtype == torch.complex64
+    assert freqs.shape == (60, 16, 2) and freqs.dtype == torch.float32
     x = torch.randn(2, 3, 60, 32)
     y = apply_rope(x, freqs)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
@@ -55,3 +55,11 @@ def test_each_axis_rotates_only_its_own_channels():
     assert moved_in_time[:4].abs().max() > 0 and moved_in_time[4:].abs().max() < 1e-6
     moved_in_w = apply_rope(x, freqs[1]) - x  # position (0, 0, 1)
     assert moved_in_w[:10].abs().max() < 1e-6 and moved_in_w[10:].abs().max() > 0
+
+
+def test_compiled_real_form_equals_the_complex_form(monkeypatch):
+    freqs = rope_3d((2, 3, 4), (4, 6, 6))
+    x = torch.randn(2, 2, 24, 16)
+    eager = apply_rope(x, freqs)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope(x, freqs), eager)

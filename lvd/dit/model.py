@@ -274,7 +274,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         pt, ph, pw = self.patch
         x = rearrange(latents, "b c (t p) (h q) (w r) -> b (t h w) (c p q r)", p=pt, q=ph, r=pw)  # (B, N, C·pt·ph·pw)
         x = self.patch_embed(x)  # (B, N, D)
-        rope = rope_3d(grid, self.axes_dims, theta=self.config.rope_theta, device=x.device)  # (N, Dh/2) complex
+        rope = rope_3d(grid, self.axes_dims, theta=self.config.rope_theta, device=x.device)  # (N, Dh/2, 2)
 
         # 2. Conditioning: c = emb(t) + emb(pooled), and the projected text tokens
         b = latents.shape[0]
@@ -306,8 +306,8 @@ def _cross_attention_mask(text_mask: torch.Tensor | None):
     if text_mask is None:
         return None
     mask = text_mask.bool()
-    if mask.device.type == "meta":  # shape checks only: no data to inspect
-        return mask
+    if mask.device.type == "meta" or torch.compiler.is_compiling():
+        return mask | ~mask.any(dim=-1, keepdim=True)  # no data-dependent branch (a graph break)
     empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1)
     if bool(empty.any()):
         mask = mask | empty

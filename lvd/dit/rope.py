@@ -42,7 +42,7 @@ def rope_3d(
     theta: float = 10000.0,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Rotations ``exp(i·φ)`` as a complex64 table (N, D/2), N = t·h·w in (t h w) order, D = sum(axes_dims).
+    """The rotation table (N, D/2, 2) holding (cos φ, sin φ), N = t·h·w in (t h w) order, D = sum(axes_dims).
 
     ``grid`` is the patch grid (T', H', W') after patchify, ``axes_dims`` the (d_t, d_h, d_w) split.
     """
@@ -59,13 +59,21 @@ def rope_3d(
         dim=-1,
     ).reshape(-1, 3)  # (N, 3) with N = t·h·w, rows in (t h w) order
     angles = torch.cat([_axis_angles(pos[:, i], d, theta) for i, d in enumerate(axes_dims)], dim=-1)  # (N, D/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).float()  # (N, D/2, 2): cos φ, sin φ
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(x_2i, x_2i+1)`` of ``x`` (..., N, D) by ``freqs`` (N, D/2) complex.
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(x_2i, x_2i+1)`` of ``x`` (..., N, D) by the table ``rope`` (N, D/2, 2).
 
-    One complex multiply in fp32 (also under bf16 autocast), cast back to ``x.dtype``.
+    In fp32 (also under bf16 autocast), cast back to ``x.dtype``. Eager: one complex multiply (on this
+    CPU 0.3 ms for a (1, 8, 3328, 64) q, against 8 ms for the real-valued form below); under
+    torch.compile the real form, since Inductor generates no code for complex ops and fuses this one.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., N, D/2) complex
-    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)  # (..., N, D)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, D/2, 2)
+    if torch.compiler.is_compiling():
+        cos, sin = rope.unbind(-1)
+        x0, x1 = pairs.unbind(-1)
+        rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rope))
+    return rotated.flatten(-2).to(x.dtype)  # (..., N, D)
