@@ -16,9 +16,11 @@ the VAE and this file never touches a scale or shift.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -43,7 +45,7 @@ from lvd.diffusion import (
     null_text_embeddings,
     num_tokens,
 )
-from lvd.text import TextEmbeddings, encode_text
+from lvd.text import TextEmbeddings, TextEncoder, encode_text
 from lvd.vae import as_video_vae
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -124,9 +126,15 @@ class LVDPipeline(DiffusionPipeline):
         vae: our ``CausalVideoVAE`` or a diffusers ``AutoencoderKL*`` video VAE (wrapped by ``as_video_vae``).
         text_encoder, tokenizer: a Hugging Face text model and its tokenizer (used through ``encode_text``).
         scheduler: a diffusers scheduler; its config records the objective (see ``scheduler_objective``).
+        text_encoder_id: optional name that :meth:`lvd.text.TextEncoder.from_pretrained` resolves offline (a packaged
+            encoder such as ``"all-minilm-l6-v2"``, a local folder, or a hub id in the HF cache). When set, the
+            folder refers to the encoder instead of holding it: ``save_pretrained`` writes no ``text_encoder/`` and
+            ``tokenizer/`` (model_index.json has them as ``[null, null]`` and ``"text_encoder_id"``), and
+            ``from_pretrained`` loads them by that name. This keeps the bundled demo small.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["text_encoder", "tokenizer"]  # absent from a folder that names a text_encoder_id
     _callback_tensor_inputs = ["latents", "noise_pred"]
     #: Decode with the VAE's tiling (and one video at a time) when a video has more output voxels
     #: (frames × height × width) than this. 17 × 256 × 256 keeps a decode under ~2 GB for a 4×8 VAE.
@@ -139,11 +147,13 @@ class LVDPipeline(DiffusionPipeline):
         text_encoder: torch.nn.Module,
         tokenizer: Any,
         scheduler: SchedulerMixin,
+        text_encoder_id: str | None = None,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
+        self.register_to_config(text_encoder_id=text_encoder_id)
         self.video_processor = VideoProcessor(vae_scale_factor=self.video_vae.spatial_compression)
 
     # -- component views -------------------------------------------------------------------------
@@ -171,6 +181,33 @@ class LVDPipeline(DiffusionPipeline):
         """Replace the scheduler by the one for ``sampler`` ("euler", "ddim", "dpm++", "unipc") that fits the
         model's objective; ValueError if it does not fit."""
         self.scheduler = sampler_scheduler(self.scheduler, sampler)
+
+    # -- loading and saving ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LVDPipeline":
+        """diffusers' ``from_pretrained``; a folder with a ``text_encoder_id`` gets its text encoder and tokenizer
+        from :meth:`lvd.text.TextEncoder.from_pretrained` (unless they are passed in)."""
+        index_path = Path(pretrained_model_name_or_path) / "model_index.json"
+        if index_path.is_file() and not {"text_encoder", "tokenizer"} & set(kwargs):
+            text_encoder_id = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_id")
+            if text_encoder_id:
+                encoder = TextEncoder.from_pretrained(text_encoder_id, device="cpu",
+                                                      dtype=kwargs.get("torch_dtype") or torch.float32)
+                encoder.tokenizer.model_max_length = encoder.max_length  # the length training encoded with
+                kwargs.update(text_encoder=encoder.model, tokenizer=encoder.tokenizer)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained``; with a ``text_encoder_id`` the text encoder and tokenizer are left out."""
+        if not self.config.text_encoder_id:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        names = {name: self.config[name] for name in ("text_encoder", "tokenizer")}
+        self.register_to_config(text_encoder=(None, None), tokenizer=(None, None))
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.register_to_config(**names)
 
     # -- component names in model_index.json -----------------------------------------------------
 

@@ -199,6 +199,26 @@ def test_save_and_load_round_trip(pipe_dir, pipe, tmp_path):
     assert torch.equal(run(pipe, output_type="pt").frames, run(again, output_type="pt").frames)
 
 
+def test_a_folder_can_refer_to_its_text_encoder_by_name(tmp_path):
+    """text_encoder_id: the folder holds no text_encoder/ or tokenizer/; loading resolves the name (here a local
+    folder; for the demo the packaged all-MiniLM-L6-v2) and gives the same video."""
+    components = tiny_components()
+    components["text_encoder"].save_pretrained(tmp_path / "encoder")
+    components["tokenizer"].save_pretrained(tmp_path / "encoder")
+    pipeline = LVDPipeline(**components, text_encoder_id=str(tmp_path / "encoder"))
+    pipeline.set_progress_bar_config(disable=True)
+    expected = run(pipeline, output_type="pt").frames
+    pipeline.save_pretrained(tmp_path / "pipe")
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["model_index.json", "scheduler", "transformer",
+                                                                      "vae"]
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["text_encoder_id"] == str(tmp_path / "encoder") and index["text_encoder"] == [None, None]
+    assert pipeline.config.text_encoder == ("transformers", "CLIPTextModel")  # unchanged in memory
+    again = LVDPipeline.from_pretrained(tmp_path / "pipe")
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(run(again, output_type="pt").frames, expected)
+
+
 def test_a_diffusers_video_vae_works_as_the_vae_component(tmp_path):
     """A diffusers AutoencoderKLWan (wrapped by as_video_vae at use time) generates, saves and reloads."""
     components = tiny_components()
