@@ -38,13 +38,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
 import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -612,7 +611,8 @@ class ShardLoader:
         }
         wrong = [f"{k}: saved {d.get(k)!r}, now {v!r}" for k, v in expect.items() if d.get(k) != v]
         if wrong:
-            raise ValueError("loader state does not match this loader (resume needs the same data setup): " + "; ".join(wrong))
+            problems = "; ".join(wrong)
+            raise ValueError(f"loader state does not match this loader (resume needs the same data setup): {problems}")
         self._state = {
             "first_epoch": int(d["first_epoch"]),
             "epoch": list(d["epoch"]),

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -323,7 +322,8 @@ def clips_from_video(job: Job, opts: ClipOptions) -> tuple[list[dict], list[Skip
         return [], [Skip(job.source, str(e).replace(str(job.path), "").lstrip(": "))]
     clip_seconds = opts.frames / opts.fps
     if info.duration and info.duration + 0.5 / opts.fps < clip_seconds:
-        reason = f"video shorter than the clip ({info.duration:.2f} s < {clip_seconds:.2f} s for {opts.frames} frames at {opts.fps:g} fps)"
+        need = f"{clip_seconds:.2f} s for {opts.frames} frames at {opts.fps:g} fps"
+        reason = f"video shorter than the clip ({info.duration:.2f} s < {need})"
         return [], [Skip(job.source, reason)]
     samples, skips = [], []
     for i, start in enumerate(clip_starts(info.duration, clip_seconds, opts.clips_per_video)):
@@ -387,7 +387,9 @@ def _warn(skip: Skip, bar=None) -> None:
         print(line, file=sys.stderr)
 
 
-def write_shards(jobs: list[Job], work, out: Path, *, shard_size: int, workers: int, expected: int, skips=(), progress=True) -> Summary:
+def write_shards(
+    jobs: list[Job], work, out: Path, *, shard_size: int, workers: int, expected: int, skips=(), progress=True
+) -> Summary:
     """Run ``work(job) -> (samples, skips)`` over ``jobs`` on ``workers`` threads; write in job order."""
     import webdataset as wds
     from tqdm import tqdm
@@ -482,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("kind", metavar="KIND", choices=["folder", "ucf101", "kinetics", "synthetic"], help="folder | ucf101 | kinetics | synthetic")
+    kinds = ["folder", "ucf101", "kinetics", "synthetic"]
+    p.add_argument("kind", metavar="KIND", choices=kinds, help=" | ".join(kinds))
     p.add_argument("source", metavar="SOURCE", nargs="?", type=Path, help="input folder (not used by synthetic)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     p.add_argument("--frames", type=int, default=None, help="frames per clip, 1 + 4k (default 17)")
@@ -574,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
 
         expected = len(jobs)
     else:
-        opts = ClipOptions(frames=a.frames, fps=a.fps, size=a.size, crop=not a.no_crop, clips_per_video=a.clips_per_video)
+        opts = ClipOptions(a.frames, a.fps, a.size, crop=not a.no_crop, clips_per_video=a.clips_per_video)
 
         def work(job):
             return clips_from_video(job, opts)
@@ -586,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         for old in a.out.glob("shard-*.tar"):
             old.unlink()
     try:
-        summary = write_shards(jobs, work, a.out, shard_size=a.shard_size, workers=a.workers, expected=expected, skips=skips, progress=not a.quiet)
+        summary = write_shards(
+            jobs, work, a.out, shard_size=a.shard_size, workers=a.workers, expected=expected, skips=skips,
+            progress=not a.quiet,
+        )
     except KeyboardInterrupt:
         print("interrupted; the last shard may be incomplete", file=sys.stderr)
         return 130
