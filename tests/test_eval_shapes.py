@@ -1,5 +1,6 @@
 """The pixel scorer of lvd.eval.shapes on ground-truth clips from the moving-shapes generator."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -73,3 +74,20 @@ def test_report_has_accuracy_and_confusion_tables():
     scores = [score_clip(v, c) for v, c in _ground_truth(seeds=(0,))[:12]]
     text = format_report(summarize(scores))
     assert "color accuracy" in text and "shape confusion" in text and "direction confusion" in text
+
+
+def test_cli_generates_scores_and_writes_json(tmp_path, capsys):
+    """`python -m lvd.eval.shapes` end to end on a tiny random pipeline (2 captions, 1 seed, 1 step)."""
+    from test_pipeline import tiny_components  # tests/ is on sys.path under pytest
+
+    from lvd.eval.shapes import main
+    from lvd.pipeline import LVDPipeline
+
+    LVDPipeline(**tiny_components()).save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--limit", "2", "--seeds", "0", "--steps", "1", "--size", "16",
+            "--frames", "5", "--json", str(tmp_path / "scores.json")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "color accuracy" in printed and "direction confusion" in printed
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["summary"]["clips"] == 2 and [c["caption"] for c in report["clips"]] == all_captions()[:2]

@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N captions (smoke tests)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write per-clip scores and the summary here")
     args = parser.parse_args(argv)
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sampler:
         pipe.set_sampler(args.sampler)
     start = time.perf_counter()
-    scores = evaluate_pipeline(pipe, seeds=args.seeds, num_frames=args.frames, height=args.size, width=args.size,
+    captions = all_captions()[: args.limit] if args.limit else None
+    scores = evaluate_pipeline(pipe, captions=captions, seeds=args.seeds, num_frames=args.frames, height=args.size, width=args.size,
                                num_inference_steps=args.steps, guidance_scale=args.guidance,
                                batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - start
