@@ -220,3 +220,13 @@ def test_config_errors_name_the_problem(shards, tmp_path):
         make_clip_loader(cfg_for(shards, workers=2), seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="seed: saved 0, now 5"):
         make_clip_loader(cfg_for(shards), seed=5).load_state_dict(state)
+
+
+def test_a_truncated_shard_is_reported_and_the_rest_still_loads(shards, tmp_path):
+    data = (shards / "a" / "shard-000000.tar").read_bytes()
+    (tmp_path / "shard-000000.tar").write_bytes(data[: len(data) // 2])  # cut inside a member
+    (tmp_path / "shard-000001.tar").write_bytes((shards / "a" / "shard-000001.tar").read_bytes())
+    loader = make_clip_loader(cfg_for(shards, shards=str(tmp_path), shuffle=0), seed=0)
+    keys = [k for b in loader for k in b["key"]]
+    assert 4 <= len(keys) < 8 and len(set(keys)) == len(keys)
+    assert sum(loader.skipped.values()) >= 1

@@ -321,7 +321,6 @@ class _LatentCodec:
     def __init__(self, cfg: LatentDataConfig):
         self.batch_size = cfg.batch_size
         self.sizes = {(b.frames, b.height, b.width): b.batch_size for b in cfg.buckets}
-        self.shapes: dict[tuple, int] = {}  # latent shape -> bucket id, in order of first sight
 
     def bucket(self, sample: dict) -> tuple:
         data = sample.get("latents.safetensors")
@@ -397,11 +396,12 @@ class _ShardStream(torch.utils.data.IterableDataset):
         from webdataset.gopen import gopen
         from webdataset.tariterators import base_plus_ext, tar_file_expander
 
-        def handler(exn: Exception) -> bool:
-            self._skip("<shard>", f"unreadable tar ({exn.args[0] if exn.args else type(exn).__name__})")
-            return True
-
         for url in urls:
+
+            def handler(exn: Exception, url=url) -> bool:
+                self._skip(url, f"unreadable tar ({exn.args[0] if exn.args else type(exn).__name__})")
+                return True
+
             try:
                 stream = gopen(url, "rb")
             except Exception as e:
