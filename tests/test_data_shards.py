@@ -68,7 +68,8 @@ def messy_folder(tmp_path_factory):
     (root / "notes.pdf").write_bytes(b"%PDF-1.4 not a video")
     (root / "fake.mp4").write_text("this is text, not a video\n")
     rows = ["path,caption", "good2.avi,a cat, sleeping", "good3.webm,waves", "sub/good4.mkv,a red car"]
-    rows += [f"{n}.mp4,bad {n}" for n in ("empty", "truncated", "unknown", "short", "fake")]
+    rows += [f"{n}.mp4,bad {n}" for n in ("empty", "truncated", "unknown", "short", "fake")] + ["blank.mp4, "]
+    make_video(root / "blank.mp4")  # listed with an empty caption
     (root / "captions.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -82,15 +83,15 @@ def test_folder_layout_skips_and_counts_every_bad_input(messy_folder, tmp_path, 
         "corrupt or unreadable video": 2,  # truncated.mp4, fake.mp4
         "duplicate key": 1,
         "empty file": 1,
-        "missing caption": 1,
+        "missing caption": 2,  # nocap.mp4, blank.mp4
         "not a video file": 1,
         "unsupported codec": 1,
         "video shorter than the clip": 1,
     }
     err = capsys.readouterr().err.splitlines()
     warnings = [ln for ln in err if ln.startswith("warning: skipped")]
-    assert len(warnings) == 9
-    for name in ("empty.mp4", "truncated.mp4", "unknown.mp4", "short.mp4", "nocap.mp4", "badcap.mp4", "notes.pdf", "fake.mp4"):
+    assert len(warnings) == 10
+    for name in ("blank.mp4", "empty.mp4", "truncated.mp4", "unknown.mp4", "short.mp4", "nocap.mp4", "badcap.mp4", "notes.pdf", "fake.mp4"):
         assert sum(name in ln for ln in warnings) == 1, name
     samples = {s["txt"].decode(): s for s in read_shards(out)}  # the shards are valid tars
     assert set(samples) == {"a dog runs on a beach", "a cat, sleeping", "waves", "a red car"}

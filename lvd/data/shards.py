@@ -172,6 +172,8 @@ def _read_captions_csv(root: Path, skips: list[Skip]) -> dict[str, str]:
             skips.append(Skip(rel, f"duplicate key: captions.csv line {lineno} lists '{rel}' again"))
             continue
         captions[rel] = " ".join(",".join(row[1:]).split())
+        if not captions[rel]:
+            skips.append(Skip(rel, f"empty caption (captions.csv line {lineno})"))
     return captions
 
 
