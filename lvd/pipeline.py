@@ -238,6 +238,9 @@ class LVDPipeline(DiffusionPipeline):
                      num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs) -> None:
         """Validate every argument and raise one ValueError listing all problems."""
         problems = []
+        if self.text_encoder is None or self.tokenizer is None:
+            problems.append("the pipeline has no text_encoder/tokenizer: pass them to from_pretrained, or save the "
+                            "folder with text_encoder_id naming one")
         if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt) or (
             isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)
         ):
