@@ -124,6 +124,9 @@ class TrainConfig:
     max_nan_steps: int = 20  # stop after this many non-finite steps in a row
     log_every: int = 10
     progress: bool = True  # tqdm bar on rank 0
+    # CPU threads per process (0: torch's default). On an oversubscribed CPU, 1 is several times faster:
+    # the tiny VAE at 2x17x64x64 took 5.7 s/step with 1 thread and 25 s with 2 (load average 9 on 2 cores).
+    cpu_threads: int = 0
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -220,7 +223,12 @@ class EMA:
 
 
 def prepare_model(model: nn.Module, env: DistEnv, dist_cfg: DistributedConfig, train: TrainConfig) -> tuple[nn.Module, EMA | None]:
-    """Device move, EMA copy, torch.compile and DDP/FSDP2 wrapping, applied from outside the model."""
+    """Device move, EMA copy, torch.compile and DDP/FSDP2 wrapping, applied from outside the model.
+
+    Also applies ``train.cpu_threads`` (a process-wide setting) when it is set.
+    """
+    if train.cpu_threads > 0:
+        torch.set_num_threads(train.cpu_threads)
     model = model.to(env.device)
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
     if train.compile:

@@ -1,0 +1,157 @@
+"""The training recipes end to end on tiny data the test writes: run folder, exact resume, torchrun.
+
+A "kill" is simulated by making the trainer raise KeyboardInterrupt before its 4th optimizer step,
+after the step-3 checkpoint; the same command then resumes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lvd.train import loop
+from lvd.train.checkpoint import latest_checkpoint, load_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_VAE = [
+    "data.frames=5", "data.size=16", "data.batch_size=2", "data.workers=0", "data.shuffle=4",
+    "model.overrides={block_out_channels: [8, 8, 16], norm_num_groups: 4, spatial_compression: 2}",
+    "train.cpu_threads=1", "train.progress=false", "train.log_every=1", "checkpoint.every=1", "checkpoint.keep_last=10",
+    "optim.warmup_steps=2", "eval.every=2", "eval.num_clips=2", "eval.batch_size=2", "samples.every=2", "samples.num=1",
+    "loss.adv_weight=0.1", "loss.adv_start_step=2", "discriminator.base_channels=8", "discriminator.num_layers=1",
+    "export.calibration_batches=1",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_shards(tmp_path_factory):
+    from lvd.data.shards import main as shards_main
+
+    root = tmp_path_factory.mktemp("clips")
+    common = ["--frames", "5", "--size", "16", "--shard-size", "4", "--workers", "1", "--quiet"]
+    assert shards_main(["synthetic", "--out", str(root / "train"), "--count", "8", *common]) == 0
+    assert shards_main(["synthetic", "--out", str(root / "val"), "--count", "2", "--seed", "7", *common]) == 0
+    return root
+
+
+def _vae_args(shards, run_dir, *extra):
+    return ["--config", str(ROOT / "recipes/configs/shapes_vae.yaml"), f"run.dir={run_dir}",
+            f"data.shards={shards / 'train'}", f"eval.shards={shards / 'val'}", *TINY_VAE, *extra]
+
+
+def _kill_before_step(monkeypatch, step):
+    real = loop.Trainer.train_step
+
+    def dying(self, batches):
+        if self.step == step:
+            raise KeyboardInterrupt(f"simulated kill before step {step + 1}")
+        return real(self, batches)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", dying)
+
+
+def _final_state(run_dir):
+    step_dir = latest_checkpoint(run_dir)
+    out = {}
+    for name in ("model", "ema", "optimizer", "discriminator", "discriminator_optimizer", "trainer", "rank0"):
+        if (step_dir / f"{name}.safetensors").exists() or (step_dir / f"{name}.json").exists():
+            out[name] = load_tree(step_dir, name)
+    return step_dir.name, out
+
+
+def _assert_same(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}/{i}")
+    elif hasattr(a, "tolist"):  # numpy RNG keys
+        assert a.tolist() == b.tolist(), path
+    else:
+        assert a == b, path
+
+
+def test_vae_recipe_resume_is_bit_exact(clip_shards, tmp_path, monkeypatch):
+    from recipes.train_vae import main
+
+    assert main(_vae_args(clip_shards, tmp_path / "full", "train.max_steps=5")) == 0
+    with monkeypatch.context() as m:
+        _kill_before_step(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            main(_vae_args(clip_shards, tmp_path / "cut", "train.max_steps=5"))
+    assert latest_checkpoint(tmp_path / "cut").name == "step_000003"
+    assert main(_vae_args(clip_shards, tmp_path / "cut", "train.max_steps=5")) == 0
+
+    name_a, a = _final_state(tmp_path / "full")
+    name_b, b = _final_state(tmp_path / "cut")
+    assert name_a == name_b == "step_000005"
+    _assert_same(a, b)
+    # The run folder: resolved config, metrics, tensorboard, samples, export with calibrated latents.
+    run = tmp_path / "cut"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+    assert any("eval/psnr" in r for r in rows) and "discriminator_loss" in rows[-2]
+    assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run / "samples").iterdir())[-1] == "step_000005.gif"
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["_class_name"] == "CausalVideoVAE" and len(config["latent_std"]) == 16
+
+
+def test_vae_recipe_three_steps_then_extend(clip_shards, tmp_path):
+    """Train 3 steps (a finished run), then the same command with train.max_steps=5 continues it."""
+    from recipes.train_vae import main
+
+    const = ["optim.schedule=constant", "export.enabled=false", "eval.shards="]
+    assert main(_vae_args(clip_shards, tmp_path / "full", "train.max_steps=5", *const)) == 0
+    assert main(_vae_args(clip_shards, tmp_path / "ext", "train.max_steps=3", *const)) == 0
+    assert main(_vae_args(clip_shards, tmp_path / "ext", "train.max_steps=5", *const)) == 0
+    _assert_same(_final_state(tmp_path / "full"), _final_state(tmp_path / "ext"))
+
+
+def test_vae_recipe_torchrun_two_gloo_processes(clip_shards, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "recipes/train_vae.py"),
+           *_vae_args(clip_shards, tmp_path / "ddp", "train.max_steps=2", "distributed.strategy=ddp",
+                      "distributed.device=cpu", "export.enabled=false")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert rows[-1]["samples_per_s"] > 0
+    assert latest_checkpoint(tmp_path / "ddp").name == "step_000002"
+    assert (latest_checkpoint(tmp_path / "ddp") / "rank1.json").is_file()
+
+
+def test_vae_recipe_rejects_clips_the_vae_cannot_take(clip_shards, tmp_path):
+    from recipes.train_vae import main
+
+    with pytest.raises(ValueError, match="frame count must be 1 \\+ 4"):
+        main(_vae_args(clip_shards, tmp_path / "bad", "train.max_steps=1", "data.frames=4"))
+
+
+def test_fsdp_without_torchrun_stops_the_recipe(clip_shards, tmp_path, monkeypatch):
+    from lvd.train.distributed import DistributedError
+    from recipes.train_vae import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(DistributedError, match="torchrun"):
+        main(_vae_args(clip_shards, tmp_path / "x", "distributed.strategy=fsdp"))
+
+
+def test_importing_recipes_does_nothing(tmp_path):
+    code = "import recipes.train_vae, recipes.train_latent_diffusion; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok" and not list(tmp_path.iterdir()), out.stderr[-2000:]
