@@ -292,34 +292,40 @@ def _attn_bwd_dkdv_kernel(
 # Launchers
 
 _INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  # read at decoration, as Triton does
+# The interpreter gets fixed 32×32 blocks: each program instance costs ~3 ms there, and 32 still exercises
+# tails and multi-block loops at the test shapes (N = 37, 129). Autotune would need a CPU timer there.
+_INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+_TUNE_KEY = ["N_Q", "N_K", "D", "CAUSAL", "HAS_MASK", "ACC", "PREC", "BLOCK_D"]
 
 
-def _config(q, backward: bool):
-    """Static kernel settings: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, typing constexprs).
+def _tune(kernel, shapes):
+    """On a GPU, autotune over (BLOCK_M, BLOCK_N, warps, stages); configs that overflow shared memory
+    are skipped by the autotuner. The candidates follow the FlashAttention-2 Triton tutorial; which wins
+    on an H100 is not yet measured (no GPU in the session that wrote them)."""
+    if _INTERPRETED or not dispatch.HAS_TRITON:
+        return kernel
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
 
-    GPU blocks follow the FlashAttention-2 Triton tutorial (128×64 forward, 64×64 backward for
-    16-bit inputs); they are untuned here (no GPU in the session that wrote them). The interpreter
-    gets 32×32 blocks: each program instance costs ~3 ms there, and 32 still exercises tails and
-    multi-block loops at the test shapes (N = 37, 129).
-    """
-    d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
+
+_attn_fwd = _tune(_attn_fwd_kernel, [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+                                     (64, 64, 4, 4), (64, 32, 4, 3)])
+_attn_bwd_dq = _tune(_attn_bwd_dq_kernel, [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2),
+                                           (32, 64, 4, 2), (32, 32, 4, 2)])
+_attn_bwd_dkdv = _tune(_attn_bwd_dkdv_kernel, [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2),
+                                               (64, 32, 4, 2), (32, 32, 4, 2)])
+
+
+def _consts(q):
+    """Typing constexprs: fp32 accumulation (fp64 for fp64, interpreter only), head dim block."""
     wide = q.dtype in (torch.float32, torch.float64)
-    if _INTERPRETED:
-        block_m = block_n = 32
-    elif backward:
-        block_m, block_n = (32, 32) if wide else (64, 64)
-    else:
-        block_m, block_n = (64, 32) if wide else (128, 64)
-    num_warps = 8 if block_d > 64 and not _INTERPRETED else 4
-    num_stages = 2 if backward or block_d > 64 else 3
-    consts = dict(
-        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
+    return dict(
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,  # bf16 arithmetic is broken in the interpreter
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        PREC="ieee" if wide else "tf32",  # fp32 stays fp32 (tf32 would cost ~1e-3 relative error)
-        BLOCK_D=block_d,
+        PREC="ieee" if wide else "tf32",  # fp32 stays fp32 (tf32 would cost ~1e-3 relative error); 16-bit ignores it
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        **(_INTERPRETER_BLOCKS if _INTERPRETED else {}),
     )
-    return block_m, block_n, num_warps, num_stages, consts
 
 
 def _mask_args(mask, q):
@@ -338,14 +344,10 @@ def _flash_fwd_impl(q, k, v, mask, scale, causal):
     nk = k.shape[2]
     o = dispatch.new_empty(q.shape, dtype=q.dtype, device=q.device)
     lse = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
-    block_m, block_n, num_warps, num_stages, consts = _config(q, backward=False)
     m, smb, smn = _mask_args(mask, q)
-    grid = (triton.cdiv(nq, block_m), b * h)
-    _attn_fwd_kernel[grid](
+    _attn_fwd[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
         q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
-        h, nq, nk, d, scale * 1.4426950408889634,
-        CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **consts,
+        h, nq, nk, d, scale * 1.4426950408889634, CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q),
     )
     return o, lse
 
@@ -357,15 +359,13 @@ def _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal):
     dk = dispatch.new_empty(k.shape, dtype=k.dtype, device=k.device)
     dv = dispatch.new_empty(v.shape, dtype=v.dtype, device=v.device)
     delta = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
-    block_m, block_n, num_warps, num_stages, consts = _config(q, backward=True)
     m, smb, smn = _mask_args(mask, q)
-    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                  num_warps=num_warps, num_stages=num_stages, **consts)
-    _attn_bwd_dq_kernel[(triton.cdiv(nq, block_m), b * h)](
+    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q))
+    _attn_bwd_dq[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](  # also writes δ, read below
         q, k, v, m, o, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *do.stride(), *dq.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), b * h)](
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h)](
         q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         *dk.stride(), *dv.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
     )

@@ -10,8 +10,9 @@ with L = T·H·W (or H·W), addressed through strides, so contiguous and channel
 read in place. Each unit's L axis is cut into NS chunks and every (unit, chunk) is one program, so a
 batch-1 video fills the GPU (torch's GroupNorm launches only B·G blocks):
 
-1. ``_gn_stats_kernel``: per chunk, count n, mean and M2 = Σ(x − mean)², tile by tile, merged with
-   Chan et al.'s pairwise update (δ = m_b − m_a; M2 = M2_a + M2_b + δ² n_a n_b / n), all in fp32.
+1. ``_gn_stats_kernel``: per chunk, count n, mean and M2 = Σ(x − mean)²: Welford's update in every
+   lane of the tile as the chunk streams through, then Chan et al.'s (1979) merge across lanes,
+   M2 = Σ M2_l + Σ n_l (m_l − m)², all in fp32 (fp64 for fp64 inputs, interpreter only).
    Σx² − (Σx)²/n is not used: it lost everything (0.8 relative error) at mean/std = 1000.
 2. ``_gn_fwd_kernel``: each program merges its unit's NS partials (the same Chan formula in
    vector form, in a fixed order), normalises its chunk, applies weight, bias and SiLU. Chunk 0 also
@@ -279,6 +280,11 @@ _INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  
 # Interpreter tiling: (largest BLOCK_S, tiles per chunk). Big tiles because each interpreted program
 # costs ~3 ms; two tiles per chunk so chunk loops, tails and the partial merge all run in tests.
 _INTERPRETER_TILE = (128, 2)
+# 2048-element tiles over 8 warps: 8 elements (16 B of bf16) per thread per load, and the statistics
+# kernel's three per-lane Welford accumulators stay in registers (compiled for sm_90 without a GPU:
+# 4096-element tiles on 4 warps took 243 registers a thread; see the kernels issue note).
+_GPU_TILE = 2048
+_GPU_WARPS = 8
 _GPU_TARGET_PROGRAMS = 1024  # ≈ 8 programs per SM on a 132-SM H100; a batch-1 video still fills it
 
 
@@ -318,8 +324,8 @@ def _geometry(x, num_groups, per_frame):
         cap, tiles = _INTERPRETER_TILE
         block_s = min(triton.next_power_of_2(length), max(cap // block_c, 1))
         chunk = block_s * tiles
-    else:  # 4096-element tiles; enough chunks per unit to reach the target program count
-        block_s = min(triton.next_power_of_2(length), max(4096 // block_c, 16))
+    else:  # _GPU_TILE-element tiles; enough chunks per unit to reach the target program count
+        block_s = min(triton.next_power_of_2(length), max(_GPU_TILE // block_c, 16))
         tiles_total = triton.cdiv(length, block_s)
         ns = max(1, min(tiles_total, triton.cdiv(_GPU_TARGET_PROGRAMS, units)))
         chunk = triton.cdiv(tiles_total, ns) * block_s
@@ -353,7 +359,7 @@ def _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame):
     mean = dispatch.new_empty((units,), dtype=acc_torch, device=x.device)
     rstd = dispatch.new_empty((units,), dtype=acc_torch, device=x.device)
     shape = dict(G=num_groups, TU=tu, Cg=cg, L=length, CHUNK=chunk, NS=ns)
-    warps = 1 if _INTERPRETED else 4
+    warps = 1 if _INTERPRETED else _GPU_WARPS
     _gn_stats_kernel[(units, ns)](x, part, *xs, **shape, ACC=acc, BLOCK_C=block_c, BLOCK_S=block_s,
                                   num_warps=warps)
     _gn_fwd_kernel[(units, ns)](
@@ -379,7 +385,7 @@ def _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame):
     dbp = dispatch.new_empty((units, ns, cg), dtype=acc_torch, device=x.device)
     shape = dict(G=num_groups, TU=tu, Cg=cg, L=length, CHUNK=chunk, NS=ns)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, ACC=acc,
-                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=1 if _INTERPRETED else 4)
+                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=1 if _INTERPRETED else _GPU_WARPS)
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     _gn_bwd_reduce_kernel[(units, ns)](x, dy, w_arg, b_arg, mean, rstd, part, dwp, dbp, *xs, *dys, **shape,
