@@ -133,3 +133,53 @@ def test_slices_past_int32_indexing_are_refused():
     huge = SimpleNamespace(shape=(1, 1, 2, 1), stride=lambda: (1, 1, 2**31, 1))  # (N−1)·stride = 2³¹
     assert "2³¹" in dispatch._int32_reason([huge], first_dims=2)
     assert dispatch._int32_reason([torch.empty(2, 3, 4, 5)], first_dims=2) is None
+
+
+COMPILE_CHECK = r'''
+import importlib, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+A = importlib.import_module("kernels.attention")
+G = importlib.import_module("kernels.group_norm")
+FLOATS = {"qk_scale", "scale", "eps"}
+
+
+def build(fn, ptrs, consts, cap, warps, stages):
+    sig, cexpr = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], cexpr[(i,)] = "constexpr", consts[name]
+        else:
+            sig[name] = ptrs.get(name, "fp32" if name in FLOATS else "i32")
+    src = ASTSource(fn=fn, signature=sig, constexprs=cexpr)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+attn_ptrs = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+attn_ptrs.update(Mask="*u8", LSE="*fp32", DELTA="*fp32")
+gn_ptrs = {n: "*bf16" for n in ("X", "Y", "W", "B", "DY", "DX")}
+gn_ptrs.update({n: "*fp32" for n in ("PART", "MEAN", "RSTD", "DWP", "DBP")})
+for cap in (80, 90):
+    for fn in (A._attn_fwd_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkdv_kernel):
+        consts = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, ACC=tl.float32, PREC="tf32",
+                      BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)
+        k = build(fn, attn_ptrs, consts, cap, 8, 2)
+        assert k.metadata.shared <= 166912, (fn.__name__, k.metadata.shared)
+    for fn in (G._gn_stats_kernel, G._gn_fwd_kernel, G._gn_bwd_reduce_kernel, G._gn_bwd_dx_kernel):
+        consts = dict(HAS_W=True, HAS_B=True, SILU=True, ACC=tl.float32, BLOCK_C=4, BLOCK_S=512, BLOCK_P=64)
+        build(fn, gn_ptrs, {k: v for k, v in consts.items() if k in fn.arg_names}, cap, G._GPU_WARPS, 2)
+print("compiled")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
+    """The interpreter is more permissive than the compiler: compile every kernel to a cubin (ptxas ships
+    with triton, no GPU needed) so type errors and shared-memory overflows show up on a CPU machine."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, timeout=900,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled" in out.stdout
