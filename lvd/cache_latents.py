@@ -1,0 +1,233 @@
+"""Clip shards → latent shards: run the frozen VAE and text encoder once over a dataset.
+
+    python -m lvd.cache_latents --shards "data/shapes/train/shard-{000000..000003}.tar" \\
+        --out data/shapes/latents --vae runs/shapes_vae/export --text-encoder PATH_OR_NAME
+
+Each input shard ``shard-000003.tar`` (samples ``{__key__, mp4, txt, json}``) becomes
+``OUT/shard-000003.tar`` with samples ``{__key__, latents.safetensors, txt, json}``; the safetensors
+bytes (:func:`lvd.data.loader.encode_latent_sample`, no pickle) hold ``latents`` (C, T', H', W')
+float32 — normalised by the VAE itself — plus the caption's ``text_states`` (L, D), ``text_mask`` (L,)
+and ``text_pooled`` (Dp,).
+
+Resumable: a finished shard is written to ``*.tar.tmp`` and renamed, so it is either complete or
+absent; starting the same command again skips every shard already in ``OUT``. ``OUT/uncond.safetensors``
+holds the empty prompt's embedding that classifier-free-guidance dropout trains with. ``OUT/cache.json``
+records what made the latents (VAE, text encoder, latent shape) and a second run with a different
+VAE or text encoder refuses to mix them into the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+__all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "cache_shard", "write_uncond", "main"]
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = name up to the first dot
+
+
+def expand_shards(spec: str) -> list[Path]:
+    """The training loaders' shard spec: brace patterns joined by ``::`` or a folder of ``*.tar``."""
+    from lvd.data.loader import expand_shards as expand
+
+    return [Path(u) for u in dict.fromkeys(expand(spec))]
+
+
+def read_tar_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
+    """Samples of a webdataset tar as ``{"__key__": str, ext: bytes, ...}``, in file order, nothing decoded."""
+    sample: dict = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            m = _KEY_EXT.match(member.name)
+            if m is None:
+                continue
+            key, ext = m.groups()
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def write_tar_samples(path: Path, samples: list[dict]) -> None:
+    """Write samples (bytes values) as a tar, atomically: ``path.tmp`` then rename; mtime 0 for reproducibility."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for s in samples:
+            for ext, data in s.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, device: torch.device,
+                dtype: torch.dtype, frames: int | None = None) -> int:
+    """Encode one clip shard into one latent shard; returns the number of samples written."""
+    from lvd.data.loader import encode_latent_sample
+    from lvd.video_io import decode_video_bytes
+
+    samples = list(read_tar_samples(src))
+    out: list[dict] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        videos = []
+        for s in chunk:
+            if "mp4" not in s or "txt" not in s:
+                raise ValueError(f"{src}: sample '{s['__key__']}' lacks mp4 or txt (has {sorted(k for k in s if k != '__key__')})")
+            v = decode_video_bytes(s["mp4"])  # (C, T, H, W) uint8
+            if frames is not None:
+                if v.shape[1] < frames:
+                    raise ValueError(f"{src}: sample '{s['__key__']}' has {v.shape[1]} frames, --frames asks for {frames}")
+                v = v[:, :frames]
+            videos.append(v)
+        shapes = {tuple(v.shape) for v in videos}
+        groups = [[i for i, v in enumerate(videos) if tuple(v.shape) == shp] for shp in shapes]  # same-shape batches
+        latents: list[torch.Tensor | None] = [None] * len(chunk)
+        for idx in groups:
+            c, t, h, w = videos[idx[0]].shape
+            try:
+                vae.check_input(t, h, w)
+            except ValueError as e:
+                raise ValueError(f"{src}: sample '{chunk[idx[0]]['__key__']}' ({t} frames, {h}x{w}) does not fit the VAE: {e}") from e
+            x = torch.stack([videos[i] for i in idx]).to(device=device, dtype=torch.float32) / 127.5 - 1.0  # (B, C, T, H, W)
+            z = vae.encode(x.to(dtype)).float().cpu()  # (B, C', T', H', W'), normalised by the VAE
+            for j, i in enumerate(idx):
+                latents[i] = z[j]
+        captions = [s["txt"].decode("utf-8") for s in chunk]
+        text = text_encoder(captions)
+        for i, s in enumerate(chunk):
+            tensors = {
+                "latents": latents[i].contiguous(),
+                "text_states": text.states[i].float().cpu().contiguous(),
+                "text_mask": text.mask[i].cpu().to(torch.uint8).contiguous(),
+                "text_pooled": text.pooled[i].float().cpu().contiguous(),
+            }
+            meta = json.loads(s["json"]) if "json" in s else {}
+            meta["latent_shape"] = list(latents[i].shape)
+            out.append({"__key__": s["__key__"], "latents.safetensors": encode_latent_sample(tensors),
+                        "txt": s["txt"], "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+    write_tar_samples(dst, out)
+    return len(out)
+
+
+def write_uncond(out: Path, text_encoder) -> Path:
+    """``OUT/uncond.safetensors``: the empty prompt's embedding (batch 1), what CFG dropout substitutes."""
+    from safetensors.torch import save_file
+
+    e = text_encoder.empty()
+    path = out / "uncond.safetensors"
+    tmp = out / "uncond.safetensors.tmp"
+    save_file({"text_states": e.states.float().cpu().contiguous(), "text_mask": e.mask.to(torch.uint8).cpu().contiguous(),
+               "text_pooled": e.pooled.float().cpu().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    path = out / "cache.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in ("vae", "text_encoder", "frames") if old.get(k) != manifest.get(k)]
+        if changed and any(out.glob("*.tar")):
+            raise SystemExit(
+                f"{path}: this folder holds latents made with a different {', '.join(changed)} "
+                f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use another --out or delete it"
+            )
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lvd.cache_latents", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="clip shards: brace patterns joined by '::', or a folder of *.tar")
+    p.add_argument("--out", type=Path, required=True, help="output folder for latent shards")
+    p.add_argument("--vae", required=True, help="VAE preset name, a folder we saved, or a diffusers VAE folder")
+    p.add_argument("--text-encoder", required=True, help="text encoder folder or HF name (offline)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, default=None, help="use the first N frames of each clip (1 + 4k)")
+    p.add_argument("--max-length", type=int, default=None, help="text tokens (default: the encoder's limit)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--tiling", action="store_true", help="tiled/chunked VAE encode (for 512-1024 px clips)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    # 1. Check inputs: every problem at once.
+    problems = []
+    try:
+        shards = expand_shards(a.shards)
+    except ValueError as e:
+        shards = []
+        problems.append(f"--shards: {e}")
+    if a.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.frames is not None and (a.frames < 1 or (a.frames - 1) % 4):
+        problems.append(f"--frames must be 1 + 4k, got {a.frames}")
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        problems.append("--shards: two input shards share a file name; cache them into different --out folders")
+    if problems:
+        print("python -m lvd.cache_latents: " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+
+    # 2. Skip finished shards (resumable).
+    a.out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(a.out, {"vae": str(a.vae), "text_encoder": str(a.text_encoder), "frames": a.frames,
+                            "shards": a.shards})
+    todo = [s for s in shards if not (a.out / s.name).is_file()]
+    if len(todo) < len(shards):
+        print(f"skipping {len(shards) - len(todo)} finished shard(s) already in {a.out}", file=sys.stderr)
+    if not todo and (a.out / "uncond.safetensors").is_file():
+        return 0
+
+    # 3. Load the frozen models.
+    from tqdm import tqdm
+
+    from lvd.text import TextEncoder
+    from lvd.vae import load_vae
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 only on GPU (CPU bf16 is ~600x slower)
+    vae = load_vae(a.vae, device=device, dtype=dtype)
+    vae.eval().requires_grad_(False) if hasattr(vae, "eval") else None
+    if a.tiling:
+        vae.enable_tiling()
+    text_encoder = TextEncoder.from_pretrained(a.text_encoder, max_length=a.max_length, device=device)
+    write_uncond(a.out, text_encoder)
+
+    # 4. Encode shard by shard.
+    t0, n = time.perf_counter(), 0
+    bar = tqdm(todo, unit="shard", desc="caching latents", disable=a.quiet, dynamic_ncols=True)
+    for src in bar:
+        n += cache_shard(src, a.out / src.name, vae, text_encoder, batch_size=a.batch_size, device=device,
+                         dtype=dtype, frames=a.frames)
+        bar.set_postfix(clips=n, clips_s=f"{n / (time.perf_counter() - t0):.2f}")
+    print(f"wrote {n} latent samples in {len(todo)} shard(s) to {a.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

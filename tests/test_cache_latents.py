@@ -1,0 +1,121 @@
+"""python -m lvd.cache_latents: clip shards -> latent shards that the latent loader reads back, resumable."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from lvd.cache_latents import main, read_tar_samples
+from lvd.data.loader import LatentDataConfig, decode_latent_sample, make_latent_loader
+from lvd.text import TextEncoder
+from lvd.vae import CausalVideoVAE
+from lvd.video_io import decode_video_bytes
+
+WORDS = "a red green blue yellow cyan magenta white circle square triangle moving left right up down".split()
+
+
+def make_components(root):
+    """A tiny random VAE folder and a tiny random BERT text-encoder folder (nothing downloaded)."""
+    torch.manual_seed(0)
+    vae = CausalVideoVAE.from_preset("tiny", block_out_channels=(8, 8, 16), norm_num_groups=4, spatial_compression=2,
+                                     latent_channels=4)
+    vae.save_pretrained(root / "vae")
+    (root / "text").mkdir()
+    (root / "text" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = transformers.BertTokenizer(vocab_file=str(root / "text" / "vocab.txt"), model_max_length=8)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, intermediate_size=32,
+                                                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16))
+    bert.save_pretrained(root / "text")
+    tok.save_pretrained(root / "text")
+    return root / "vae", root / "text"
+
+
+def make_clip_shards(out, count=6, shard_size=3):
+    from lvd.data.shards import main as shards_main
+
+    args = ["synthetic", "--out", str(out), "--count", str(count), "--frames", "5", "--size", "16",
+            "--shard-size", str(shard_size), "--workers", "1", "--quiet"]
+    assert shards_main(args) == 0
+    return out
+
+
+def _run(clips, out, vae_dir, text_dir, *extra):
+    return main(["--shards", str(clips), "--out", str(out), "--vae", str(vae_dir), "--text-encoder", str(text_dir),
+                 "--batch-size", "2", "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Components, clip shards, and their latent shards (cached once for the module)."""
+    root = tmp_path_factory.mktemp("cache")
+    vae_dir, text_dir = make_components(root)
+    clips = make_clip_shards(root / "clips")
+    assert _run(clips, root / "latents", vae_dir, text_dir) == 0
+    return root, vae_dir, text_dir, clips
+
+
+def test_round_trip_matches_direct_encoding(setup):
+    root, vae_dir, text_dir, clips = setup
+    out = root / "latents"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert not list(out.glob("*.tmp")) and (out / "uncond.safetensors").is_file()
+
+    vae = CausalVideoVAE.from_pretrained(vae_dir).eval()
+    text = TextEncoder.from_pretrained(text_dir, device="cpu")
+    src = {s["__key__"]: s for p in sorted(clips.glob("*.tar")) for s in read_tar_samples(p)}
+    got = {s["__key__"]: s for p in sorted(out.glob("*.tar")) for s in read_tar_samples(p)}
+    assert got.keys() == src.keys()
+    for key, s in got.items():
+        t = decode_latent_sample(s["latents.safetensors"])
+        video = decode_video_bytes(src[key]["mp4"]).float()[None] / 127.5 - 1
+        with torch.no_grad():
+            expected = vae.encode(video)[0]
+        assert t["latents"].shape == (4, 2, 8, 8) and t["latents"].dtype == torch.float32
+        torch.testing.assert_close(t["latents"], expected, atol=1e-5, rtol=1e-5)
+        emb = text([s["txt"].decode()])
+        torch.testing.assert_close(t["text_states"], emb.states[0])
+        assert torch.equal(t["text_mask"].bool(), emb.mask[0]) and t["text_pooled"].shape == (16,)
+        assert json.loads(s["json"])["latent_shape"] == [4, 2, 8, 8]
+
+    # The training loader reads them back.
+    batch = next(iter(make_latent_loader(LatentDataConfig(shards=str(out), batch_size=3, workers=0, shuffle=0), seed=0)))
+    assert batch["latents"].shape == (3, 4, 2, 8, 8) and batch["text_states"].shape == (3, 8, 16)
+
+
+def test_resume_skips_finished_shards(setup, tmp_path):
+    import shutil
+
+    root, vae_dir, text_dir, clips = setup
+    out = tmp_path / "latents"
+    shutil.copytree(root / "latents", out)
+    first, second = out / "shard-000000.tar", out / "shard-000001.tar"
+    before = first.read_bytes()
+    os.utime(first, (1, 1))
+    second.unlink()  # as if killed while writing the second shard (a .tmp may be left: it is ignored)
+    (out / "shard-000001.tar.tmp").write_bytes(b"partial")
+    assert _run(clips, out, vae_dir, text_dir) == 0
+    assert first.stat().st_mtime == 1 and first.read_bytes() == before  # untouched
+    assert second.is_file() and len(list(read_tar_samples(second))) == 3
+
+
+def test_refuses_to_mix_vaes_in_one_folder(setup):
+    root, vae_dir, text_dir, clips = setup
+    with pytest.raises(SystemExit, match="different vae"):
+        _run(clips, root / "latents", root / "other_vae", text_dir)
+
+
+def test_bad_input_is_reported(setup, tmp_path, capsys):
+    root, vae_dir, text_dir, clips = setup
+    assert _run(tmp_path / "nothing", tmp_path / "o", vae_dir, text_dir) == 2
+    assert "--shards" in capsys.readouterr().err
+    assert _run(clips, tmp_path / "o", vae_dir, text_dir, "--frames", "3") == 2
+    assert "--frames must be 1 + 4k" in capsys.readouterr().err
+    # A clip the VAE cannot take (3 frames is not 1 + 4k) is named with its shard and key.
+    from lvd.cache_latents import cache_shard
+
+    vae = CausalVideoVAE.from_pretrained(vae_dir)
+    with pytest.raises(ValueError, match="shard-000000.tar: sample .* does not fit the VAE"):
+        cache_shard(sorted(clips.glob("*.tar"))[0], tmp_path / "x.tar", vae, TextEncoder.from_pretrained(text_dir, device="cpu"),
+                    batch_size=2, device=torch.device("cpu"), dtype=torch.float32, frames=3)
