@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"config {name} failed (exit {proc.returncode})")
         results.append(json.loads(lines[-1][len("RESULT "):]))
 
-    header = f"{'config':<10}{'size':>14}{'tokens':>8}{'s/video':>9}{'text s':>8}{'s/step':>8}{'decode s':>10}{'peak GB':>9}"
+    header = (f"{'config':<10}{'size':>14}{'tokens':>8}{'s/video':>9}{'text s':>8}{'s/step':>8}{'decode s':>10}"
+              f"{'peak GB':>9}")
     print(header)
     for r in results:
         size = f"{r['frames']}x{r['height']}x{r['width']}"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lvd.pipeline import SAMPLERS, LVDPipeline
+from lvd.diffusion import SAMPLERS
+from lvd.pipeline import LVDPipeline
 from lvd.video_io import write_video
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shapes-demo"

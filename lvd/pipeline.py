@@ -48,6 +48,8 @@ from lvd.diffusion import (
 from lvd.text import TextEmbeddings, TextEncoder, encode_text
 from lvd.vae import as_video_vae
 
+__all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "sampler_scheduler", "scheduler_objective"]
+
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
@@ -218,7 +220,8 @@ class LVDPipeline(DiffusionPipeline):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") and "_internal_dict" in self.__dict__:
+        components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+        if name in components and "_internal_dict" in self.__dict__:
             self._record_library(name, value)
 
     def _record_library(self, name: str, module: Any) -> None:

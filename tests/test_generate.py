@@ -85,7 +85,7 @@ def no_sampling(monkeypatch):
         (["--sampler", "heun"], "--sampler 'heun' is unknown; choose one of euler, ddim, dpm++, unipc"),
         (["--sampler", "ddim"], "sampler 'ddim' does not fit objective 'flow'"),
         (["--frames", "6"], "num_frames=6 is not a frame count the VAE produces (1 + 4·k); nearest: 5 or 9"),
-        (["--height", "20"], "height=20 must be a positive multiple of 8 (VAE spatial factor 4 × transformer patch 2)"),
+        (["--height", "20"], "height=20 must be a positive multiple of 8 (VAE spatial factor 4 × transformer patch"),
         (["--width", "0"], "width=0 must be a positive multiple of 8"),
         (["--output", "clip.avi"], "the suffix must be .mp4 or .gif, got '.avi'"),
         (["--num-videos", "0"], "--num-videos must be a positive integer"),

@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.set_sampler(args.sampler)
     start = time.perf_counter()
     captions = all_captions()[: args.limit] if args.limit else None
-    scores = evaluate_pipeline(pipe, captions=captions, seeds=args.seeds, num_frames=args.frames, height=args.size, width=args.size,
+    scores = evaluate_pipeline(pipe, captions=captions, seeds=args.seeds, num_frames=args.frames,
+                               height=args.size, width=args.size,
                                num_inference_steps=args.steps, guidance_scale=args.guidance,
                                batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - start
