@@ -155,3 +155,79 @@ def test_importing_recipes_does_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok" and not list(tmp_path.iterdir()), out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the latent diffusion recipe
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_setup(tmp_path_factory):
+    """Tiny VAE + text encoder folders, clip shards and the latent shards lvd.cache_latents makes of them."""
+    from lvd.cache_latents import main as cache_main
+    from test_cache_latents import make_clip_shards, make_components
+
+    root = tmp_path_factory.mktemp("latents")
+    vae_dir, text_dir = make_components(root)
+    clips = make_clip_shards(root / "clips", count=8, shard_size=4)
+    assert cache_main(["--shards", str(clips), "--out", str(root / "latents"), "--vae", str(vae_dir),
+                       "--text-encoder", str(text_dir), "--quiet"]) == 0
+    return root, vae_dir, text_dir
+
+
+TINY_DIT = [
+    "data.batch_size=2", "data.workers=0", "data.shuffle=4", "model.preset=tiny",
+    "model.overrides={hidden_size: 32, depth: 2, num_heads: 2}", "train.cpu_threads=1", "train.progress=false",
+    "train.log_every=1", "checkpoint.every=1", "checkpoint.keep_last=10", "optim.warmup_steps=2",
+    "samples.every=5", "samples.num_frames=5", "samples.height=16", "samples.width=16",
+    "samples.num_inference_steps=2", "samples.prompts=[a red circle moving left]",
+]
+
+
+def _dit_args(setup, run_dir, *extra):
+    root, vae_dir, text_dir = setup
+    return ["--config", str(ROOT / "recipes/configs/shapes_dit.yaml"), f"run.dir={run_dir}",
+            f"data.shards={root / 'latents'}", f"components.vae={vae_dir}", f"components.text_encoder={text_dir}",
+            *TINY_DIT, *extra]
+
+
+def test_dit_recipe_resume_is_bit_exact_and_exports_a_pipeline(latent_setup, tmp_path, monkeypatch):
+    from recipes.train_latent_diffusion import main
+
+    assert main(_dit_args(latent_setup, tmp_path / "full", "train.max_steps=5")) == 0
+    with monkeypatch.context() as m:
+        _kill_before_step(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            main(_dit_args(latent_setup, tmp_path / "cut", "train.max_steps=5"))
+    assert main(_dit_args(latent_setup, tmp_path / "cut", "train.max_steps=5")) == 0
+    name_a, a = _final_state(tmp_path / "full")
+    name_b, b = _final_state(tmp_path / "cut")
+    assert name_a == name_b == "step_000005"
+    _assert_same(a, b)
+
+    run = tmp_path / "cut"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5] and rows[-1]["tokens_per_s"] > 0
+    assert (run / "samples" / "step_000005_0.gif").is_file()
+    export = run / "export"
+    index = json.loads((export / "model_index.json").read_text())
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert part in index and (export / part).is_dir(), part
+    from lvd.dit import VideoDiT
+
+    exported = VideoDiT.from_pretrained(export / "transformer")
+    ema = load_tree(latest_checkpoint(run), "ema")
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_dit_recipe_rejects_latents_that_do_not_fit(latent_setup, tmp_path):
+    from recipes.train_latent_diffusion import main
+
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        main(_dit_args(latent_setup, tmp_path / "a", "train.max_steps=1",
+                       "model.overrides={hidden_size: 32, depth: 1, num_heads: 2, patch_size: [1, 3, 3]}"))
+    with pytest.raises(ValueError, match="in_channels=8 but the shards have 4"):
+        main(_dit_args(latent_setup, tmp_path / "b", "train.max_steps=1",
+                       "model.overrides={hidden_size: 32, depth: 1, num_heads: 2, in_channels: 8}"))

@@ -1,0 +1,303 @@
+"""Stage 2: train the text-conditioned video DiT on cached latent shards.
+
+Launch lines::
+
+    # 0. once: latent shards from clip shards (frozen VAE + text encoder)
+    python -m lvd.cache_latents --shards data/shapes/train --out data/shapes/latents \\
+        --vae runs/shapes_vae/export --text-encoder all-minilm-l6-v2
+    # 1. one process (CPU or one GPU)
+    python recipes/train_latent_diffusion.py --config recipes/configs/shapes_dit.yaml
+    # 2. many GPUs (DDP, or FSDP2 with distributed.strategy=fsdp); multi-node through torchrun's own flags
+    torchrun --standalone --nproc_per_node 8 recipes/train_latent_diffusion.py --config recipes/configs/kinetics_dit_512.yaml
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        recipes/train_latent_diffusion.py --config recipes/configs/kinetics_dit_1024.yaml
+
+Starting the same command again resumes from the newest checkpoint in ``run.dir``. The run folder::
+
+    RUN/config.yaml  checkpoints/step_N/  metrics.jsonl  tensorboard/  samples/step_N_k.gif  export/
+
+``export/`` is the diffusers pipeline folder (``model_index.json``, ``transformer/`` with the EMA
+weights, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
+``LVDPipeline.from_pretrained`` and ``python -m lvd.generate`` load. It needs ``components.vae`` and
+``components.text_encoder`` (the ones the latents were cached with); without them only
+``export/transformer/`` is written.
+
+The model's ``in_channels``, ``text_dim`` and ``pooled_dim`` are read from the latent shards, so a
+preset fits any VAE and text encoder. Classifier-free guidance dropout replaces a caption by the
+empty-prompt embedding, read from ``uncond.safetensors`` that ``lvd.cache_latents`` writes beside
+the shards (or computed with ``components.text_encoder``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lvd.config import parse_args  # noqa: E402
+from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
+from lvd.diffusion import DiffusionConfig, num_tokens, scheduler_config, training_loss  # noqa: E402
+from lvd.dit import VideoDiT  # noqa: E402
+from lvd.text import TextEmbeddings  # noqa: E402
+from lvd.train.checkpoint import CheckpointConfig  # noqa: E402
+from lvd.train.distributed import DistributedConfig, init_distributed, model_state_dict, shutdown, unwrap  # noqa: E402
+from lvd.train.loop import (  # noqa: E402
+    Hook,
+    OptimConfig,
+    RunConfig,
+    StepOutput,
+    TrainConfig,
+    Trainer,
+    export_pretrained,
+    prepare_model,
+)
+
+log = logging.getLogger("lvd.recipes.dit")
+
+
+@dataclass
+class DiTModelConfig:
+    """``preset`` from ``lvd.dit.DIT_PRESETS``; ``overrides`` are VideoDiT arguments on top of it.
+    ``in_channels``, ``text_dim`` and ``pooled_dim`` come from the latent shards."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ComponentsConfig:
+    """The frozen stage-1 parts the latents were made with (for samples, export and the CFG empty prompt)."""
+
+    vae: str = ""  # preset name or folder (e.g. runs/shapes_vae/export)
+    text_encoder: str = ""  # folder or name TextEncoder.from_pretrained accepts
+    uncond: str = ""  # empty-prompt embedding; default: uncond.safetensors beside the first latent shard
+
+
+@dataclass
+class SamplesConfig:
+    """Sample videos of the EMA model every ``every`` steps; needs components.vae and .text_encoder."""
+
+    every: int = 1000
+    prompts: list[str] = field(default_factory=list)
+    num_frames: int = 17
+    height: int = 64
+    width: int = 64
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    format: str = "gif"
+    fps: float = 8.0
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dir: str = ""  # default RUN/export
+
+
+@dataclass
+class DiTRecipeConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: LatentDataConfig = field(default_factory=lambda: LatentDataConfig(shards="data/latents"))
+    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data ↔ model checks
+# ---------------------------------------------------------------------------------------------
+
+
+def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
+    """The first batch of the shards (a separate loader, so the training loader's position is untouched)."""
+    for batch in make_latent_loader(replace(cfg, workers=0, shuffle=0, resampled=False), seed=seed):
+        return batch
+    raise ValueError(f"data.shards '{cfg.shards}' gave no latent batch")
+
+
+def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
+    """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch)."""
+    dims = dict(in_channels=first["latents"].shape[1], text_dim=first["text_states"].shape[-1],
+                pooled_dim=first["text_pooled"].shape[-1])
+    clash = {k: (cfg.overrides[k], v) for k, v in dims.items() if k in cfg.overrides and cfg.overrides[k] != v}
+    if clash:
+        raise ValueError("model.overrides disagree with the latent shards: " + ", ".join(
+            f"{k}={a} but the shards have {b}" for k, (a, b) in clash.items()))
+    model = VideoDiT.from_preset(cfg.preset, **{**cfg.overrides, **dims})
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def check_batch(model: VideoDiT, batch: dict, shards: str) -> None:
+    """Raise a ValueError naming the samples when latents or text do not fit the model."""
+    c = model.config
+    lat, states, pooled = batch["latents"], batch["text_states"], batch["text_pooled"]
+    pt, ph, pw = c.patch_size
+    problems = []
+    if lat.ndim != 5 or lat.shape[1] != c.in_channels:
+        problems.append(f"latents {tuple(lat.shape)}: expected (B, {c.in_channels}, T', H', W')")
+    elif lat.shape[2] % pt or lat.shape[3] % ph or lat.shape[4] % pw:
+        problems.append(f"latent T'xH'xW' {tuple(lat.shape[2:])} is not divisible by patch_size {tuple(c.patch_size)}")
+    if states.shape[-1] != c.text_dim:
+        problems.append(f"text_states width {states.shape[-1]} != model text_dim {c.text_dim}")
+    if pooled.shape[-1] != c.pooled_dim:
+        problems.append(f"text_pooled width {pooled.shape[-1]} != model pooled_dim {c.pooled_dim}")
+    if problems:
+        keys = ", ".join(batch["key"][:3])
+        raise ValueError(f"latent shards '{shards}' do not fit the model (samples {keys}): " + "; ".join(problems))
+
+
+def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
+    """The empty-prompt embedding CFG dropout substitutes (None when cfg_dropout is 0)."""
+    if cfg.diffusion.cfg_dropout <= 0:
+        return None
+    path = Path(cfg.components.uncond) if cfg.components.uncond else Path(expand_shards(cfg.data.shards)[0]).parent / "uncond.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return TextEmbeddings(t["text_states"], t["text_mask"].bool(), t["text_pooled"])
+    if cfg.components.text_encoder:
+        from lvd.text import TextEncoder
+
+        return TextEncoder.from_pretrained(cfg.components.text_encoder, device="cpu").empty()
+    raise ValueError(
+        f"diffusion.cfg_dropout={cfg.diffusion.cfg_dropout} needs the empty-prompt embedding: {path} does not exist "
+        "(lvd.cache_latents writes it) and components.text_encoder is not set; or set diffusion.cfg_dropout=0"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples and export: the pipeline around the EMA transformer
+# ---------------------------------------------------------------------------------------------
+
+
+def make_pipeline(cfg: DiTRecipeConfig, transformer: VideoDiT, seq_len: int):
+    """LVDPipeline(transformer, vae, text encoder, tokenizer, scheduler) from the configured components."""
+    import diffusers
+
+    from lvd.pipeline import LVDPipeline
+    from lvd.text import TextEncoder
+    from lvd.vae import load_vae
+
+    sched = scheduler_config(cfg.diffusion, seq_len=seq_len)
+    scheduler = getattr(diffusers, sched["_class_name"]).from_config(sched)
+    vae = load_vae(cfg.components.vae, device="cpu")
+    vae = getattr(vae, "model", vae)  # the diffusers module behind a pretrained wrapper
+    text = TextEncoder.from_pretrained(cfg.components.text_encoder, device="cpu")
+    text.tokenizer.model_max_length = text.max_length  # the length the latents were cached with
+    return LVDPipeline(transformer=transformer, vae=vae, text_encoder=text.model, tokenizer=text.tokenizer,
+                       scheduler=scheduler)
+
+
+def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: VideoDiT, seq_len: int) -> None:
+    from lvd.video_io import write_video
+
+    s = cfg.samples
+    model = unwrap(ema_model)
+    pipe = make_pipeline(cfg, model, seq_len)
+    pipe.to(next(model.parameters()).device)
+    for k, prompt in enumerate(s.prompts):
+        g = torch.Generator().manual_seed(k)
+        video = pipe(prompt, num_frames=s.num_frames, height=s.height, width=s.width, generator=g,
+                     num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                     output_type="pt").frames[0]  # (T, C, H, W) in [0, 1]
+        write_video(run_dir / "samples" / f"step_{step:06d}_{k}.{s.format}", video.permute(1, 0, 2, 3) * 2 - 1, fps=s.fps)
+
+
+def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env, seq_len: int) -> Path | None:
+    """The pipeline folder when components are configured, else ``export/transformer`` only."""
+    out = Path(cfg.export.dir) if cfg.export.dir else run_dir / "export"
+    if not (cfg.components.vae and cfg.components.text_encoder):
+        return export_pretrained(ema_model, out / "transformer", env)
+    state = model_state_dict(ema_model)  # gathered under FSDP2; every rank takes part
+    if env.is_main:
+        import shutil
+
+        plain = unwrap(ema_model)
+        fresh = type(plain).from_config(plain.config)
+        fresh.load_state_dict(state)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_pipeline(cfg, fresh, seq_len).save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+    return out if env.is_main else None
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # 1. Config, processes, seed
+    cfg = parse_args(DiTRecipeConfig, argv)
+    env = init_distributed(cfg.distributed)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.run.dir)
+
+    # 2. The model, sized from the data; the empty prompt for CFG dropout
+    first = peek_latents(cfg.data, cfg.train.seed)
+    dit = build_dit(cfg.model, first)
+    check_batch(dit, first, cfg.data.shards)
+    seq_len = num_tokens(first["latents"].shape, dit.config.patch_size)
+    uncond = load_uncond(cfg)
+    model, ema = prepare_model(dit, env, cfg.distributed, cfg.train)
+    if uncond is not None:
+        uncond = uncond.to(env.device)
+
+    # 3. The loss of one micro-batch
+    def loss_fn(model, batch, step, gen):
+        check_batch(unwrap(model), batch, cfg.data.shards)
+        latents = batch["latents"].to(env.device, non_blocking=True)  # (B, C, T', H', W')
+        text = {k: batch[k].to(env.device, non_blocking=True) for k in ("text_states", "text_mask", "text_pooled")}
+        loss, metrics = training_loss(model, latents, text, cfg.diffusion, uncond=uncond, generator=gen)
+        metrics.pop("loss", None)
+        return StepOutput(loss, metrics)
+
+    patch = dit.config.patch_size
+
+    def count(batch):
+        return len(batch["latents"]), len(batch["latents"]) * num_tokens(batch["latents"].shape, patch)
+
+    # 4. Hooks: sample videos with the EMA weights
+    hooks = []
+    # (rank 0 only, so not under FSDP2, where the EMA weights are sharded over every rank)
+    if cfg.samples.prompts and cfg.components.vae and cfg.components.text_encoder and env.is_main and env.strategy != "fsdp":
+        ema_or_model = ema.model if ema is not None else model
+        hooks.append(Hook(cfg.samples.every, lambda tr, step: write_samples(cfg, run_dir, step, ema_or_model, seq_len)))
+
+    # 5. Train (or resume)
+    loader = make_latent_loader(cfg.data, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
+    trainer = Trainer(run_dir=run_dir, model=model, loss_fn=loss_fn, optim=cfg.optim, train=cfg.train,
+                      checkpoint=cfg.checkpoint, env=env, ema=ema, config=cfg, count_fn=count, hooks=hooks)
+    trainer.fit(loader)
+
+    # 6. Export the EMA transformer (with the pipeline around it when the components are known)
+    if cfg.export.enabled:
+        out = export(cfg, run_dir, ema.model if ema is not None else model, env, seq_len)
+        if env.is_main:
+            log.info("exported to %s", out)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
