@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import logging
 import platform
 import re
@@ -108,6 +110,19 @@ def bench_case(name, b, h, n, d, dtype, causal, *, gpu, repeats):
     return rows
 
 
+def fastest(rows):
+    """"triton" or "sdpa", whichever has the lower geometric-mean time over the cases both ran; or None."""
+    times = {}
+    for r in rows:
+        if "ms" in r and r["backend"] in ("triton", "sdpa"):
+            times.setdefault((r["n"], r["d"], r["mode"]), {})[r["backend"]] = r["ms"]
+    both = [t for t in times.values() if len(t) == 2]
+    if not both:
+        return None
+    log_ratio = sum(math.log(t["triton"] / t["sdpa"]) for t in both) / len(both)
+    return "triton" if log_ratio < 0 else "sdpa"
+
+
 def main(argv=None):
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -137,9 +152,14 @@ def main(argv=None):
                 print(" | ".join(f"{r['backend']:>9} N={n:>6} D={d:>3} {r['mode']}: " +
                                  (f"{r['ms']:9.3f} ms {r['tflops']:8.2f} TFLOP/s" if "ms" in r else r["skipped"])
                                  for r in last), flush=True)
+    winner = fastest(rows)
+    if winner:
+        print(f"faster of triton/sdpa here (geometric mean of fwd+bwd ms): {winner}; record it in "
+              f"kernels.dispatch.ATTENTION_FASTEST[{device_name!r}]")
     result = dict(
-        op="attention", device=device_name, dtype=args.dtype, batch=args.batch, heads=args.heads,
+        op="attention", fastest_of_triton_and_sdpa=winner, device=device_name, dtype=args.dtype, batch=args.batch, heads=args.heads,
         causal=args.causal, torch=torch.__version__, python=platform.python_version(),
+        load_average=None if gpu else [round(v, 2) for v in os.getloadavg()],
         timer="triton.testing.do_bench median" if gpu else f"perf_counter median of {args.repeats}",
         flops="fwd 4·B·H·N²·D, bwd 2.5× fwd (halved when causal)",
         note=None if gpu else "Triton timings need a GPU: on a CPU the kernels run only in the interpreter",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -135,7 +136,7 @@ def main(argv=None):
             rows += case_rows
     result = dict(
         op="group_norm_silu", device=device_name, dtype=args.dtype, groups=GROUPS, torch=torch.__version__,
-        python=platform.python_version(),
+        python=platform.python_version(), load_average=None if gpu else [round(v, 2) for v in os.getloadavg()],
         timer="triton.testing.do_bench median" if gpu else f"perf_counter median of {args.repeats}",
         bytes="gbps: ideal bytes (fwd x+y, bwd x+dy+dx); gbps_actual: our kernels' traffic (fwd 3×, bwd 5× |x|)",
         note=None if gpu else "Triton timings need a GPU: on a CPU the kernels run only in the interpreter",
