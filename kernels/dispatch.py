@@ -8,8 +8,9 @@ Backends:
 - ``"xformers"`` ``xformers.ops.memory_efficient_attention``; optional, CUDA only.
 - ``"torch"``    the plain PyTorch reference: the fallback and the test oracle.
 - ``"auto"``     the default: Triton on CUDA with compute capability ≥ 8.0 for the dtypes and shapes
-  the kernels support; otherwise SDPA (attention) or the reference (GroupNorm). When a GPU class has
-  a measured winner in :data:`ATTENTION_FASTEST`, attention takes that one instead.
+  the kernels support (attention: fp16/bf16, head dim ≤ 128; GroupNorm: fp16/bf16/fp32); otherwise
+  SDPA (attention) or the reference (GroupNorm). When a GPU class has a measured winner in
+  :data:`ATTENTION_FASTEST`, attention takes that one instead.
 
 ``LVD_KERNELS=<backend>`` in the environment replaces ``"auto"`` as the default. GroupNorm has no SDPA
 or xformers version, so for GroupNorm those two names mean the PyTorch reference: one environment
@@ -196,6 +197,10 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         reason = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if reason is None:
         reason = _int32_reason([q, k, v], first_dims=2)
+    if reason is None and backend == "auto" and q.dtype == torch.float32 and q.device.type == "cuda":
+        # our fp32 path keeps full fp32 products (tl.dot "ieee", no tensor cores); SDPA's fp32 kernels
+        # are the safer default there (not yet measured on a GPU)
+        reason = "fp32 attention (Triton's fp32 path skips tensor cores; force backend='triton' to use it)"
     choice = _resolve("attention", backend, reason, "sdpa", q)
     if backend == "auto" and choice == "triton" and q.device.type == "cuda":
         name = _cuda_name(_device_index(q))
