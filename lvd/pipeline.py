@@ -328,8 +328,7 @@ class LVDPipeline(DiffusionPipeline):
                 negatives = [p for p in negative_prompt for _ in range(num_videos_per_prompt)]
                 uncond = encode_text(self.text_encoder, self.tokenizer, negatives, max_length=max_sequence_length)
             else:
-                uncond = null_text_embeddings(self.text_encoder, self.tokenizer, len(texts),
-                                              max_length=max_sequence_length)
+                uncond = self._null_text(max_sequence_length).repeat(len(texts))
             cond = TextEmbeddings(
                 states=torch.cat([uncond.states, cond.states]),  # (2B, L, D)
                 mask=torch.cat([uncond.mask, cond.mask]),  # (2B, L)
@@ -340,6 +339,17 @@ class LVDPipeline(DiffusionPipeline):
             mask=cond.mask.to(device=device, dtype=torch.bool),
             pooled=cond.pooled.to(device=device, dtype=dtype),
         )
+
+    def _null_text(self, max_length: int | None) -> TextEmbeddings:
+        """The empty-prompt embedding (1 row), computed once per text encoder, tokenizer, length, device and dtype:
+        every call with guidance needs it, and the text model is frozen."""
+        param = next(self.text_encoder.parameters())
+        key = (id(self.text_encoder), id(self.tokenizer), max_length, param.device, param.dtype)
+        cache = self.__dict__.setdefault("_null_text_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = null_text_embeddings(self.text_encoder, self.tokenizer, 1, max_length=max_length)
+        return cache[key]
 
     # -- 4. latents ------------------------------------------------------------------------------
 
