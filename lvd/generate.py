@@ -183,8 +183,8 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
         print(f"note: --dtype {args.dtype} on a CPU is very slow (bf16 matmul ~0.3 GFLOP/s here); float32 is the "
               "CPU default", file=sys.stderr)
     try:
-        pipe = LVDPipeline.from_pretrained(str(args.model), torch_dtype=DTYPES[args.dtype])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        pipe = LVDPipeline.from_pretrained(str(args.model))  # then .to(dtype): `dtype=` is diffusers >= 0.36 only
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"  - --model {args.model}: could not load the pipeline: {err}") from err
     problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]
     if args.sampler is not None:
@@ -195,9 +195,10 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
     if problems:
         raise UsageError("\n".join(f"  - {p}" for p in problems))
     if args.offload:
+        pipe.to(dtype=DTYPES[args.dtype])
         pipe.enable_model_cpu_offload(device=args.device)
     else:
-        pipe.to(args.device)
+        pipe.to(device=args.device, dtype=DTYPES[args.dtype])
     return pipe
 
 

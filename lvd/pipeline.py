@@ -195,7 +195,7 @@ class LVDPipeline(DiffusionPipeline):
             text_encoder_id = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_id")
             if text_encoder_id:
                 encoder = TextEncoder.from_pretrained(text_encoder_id, device="cpu",
-                                                      dtype=kwargs.get("torch_dtype") or torch.float32)
+                                                      dtype=kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32)
                 encoder.tokenizer.model_max_length = encoder.max_length  # the length training encoded with
                 kwargs.update(text_encoder=encoder.model, tokenizer=encoder.tokenizer)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

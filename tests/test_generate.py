@@ -1,6 +1,7 @@
 """`python -m lvd.generate` on a tiny random pipeline folder: files, sizes, determinism, and bad input."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,14 @@ def test_unwritable_output_is_refused(model_dir, tmp_path, capsys, no_sampling):
     assert f"cannot write into {blocker}" in capsys.readouterr().err
     assert cli(model_dir, "--prompt", "x", "--output", str(tmp_path)) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_broken_pipeline_folder_is_refused(model_dir, tmp_path, capsys, no_sampling):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shutil.rmtree(broken / "transformer")
+    assert generate.main(["--model", str(broken), "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert f"--model {broken}: could not load the pipeline" in capsys.readouterr().err
 
 
 def test_missing_or_non_pipeline_model_folder_is_refused(tmp_path, capsys, no_sampling):
