@@ -1,0 +1,230 @@
+"""Video VAE encode/decode: time, achieved GFLOP/s and peak memory on this CPU.
+
+    python benchmarks/bench_vae.py                 # 1×3×9×128×128, memory sweep 256–1024 px (several minutes)
+    python benchmarks/bench_vae.py --big           # also 1×3×17×256×256 (slow: tens of minutes on 2 cores)
+    python benchmarks/bench_vae.py --quick         # smoke run: 64 px, tiny sweep
+
+Compared, all with random weights, fp32, ``--threads`` threads:
+- ours, the ``base`` preset (CogVideoX's widths and depths), whole clip and chunked (``enable_tiling(spatial=False)``);
+- diffusers ``AutoencoderKLCogVideoX()`` and ``AutoencoderKLWan()`` default configs, through their own
+  ``encode``/``decode`` (CogVideoX already processes frames in small batches with a conv cache);
+- a small-channel model of ours, tiled + chunked decode of 17-frame clips at 256…1024 px: the peak memory
+  should stay flat apart from the output tensor itself, which is listed beside it.
+
+The ceiling is the fp32 matmul rate (2048² GEMMs), measured in the same run before and after. FLOPs are
+counted by ``torch.utils.flop_counter.FlopCounterMode`` during the timed call. Each case runs in a fresh
+subprocess; peak memory is the process's VmHWM after resetting it (``/proc/self/clear_refs``), reported
+both absolute and as the rise over the RSS just before the call. Writes ``benchmarks/results/vae.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "vae.json"
+REPO = Path(__file__).resolve().parents[1]
+SMALL_CHANNEL = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, spatial_compression=8,
+                     temporal_compression=4, norm_num_groups=4, mid_attention=False)
+
+
+# ----- measurements inside one subprocess ---------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure(fn, count: bool):
+    """(result, seconds, flops or None, peak_rss_MiB, peak_rise_MiB) of one call."""
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+    with torch.no_grad(), counter:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    peak = _rss_kib("VmHWM")
+    return out, seconds, counter.get_total_flops() if count else None, peak / 1024, (peak - before) / 1024
+
+
+def _meta_flops(vae, shape) -> tuple[int, int]:
+    """(encode, decode) FLOPs of our model, counted on a meta-device copy: on CPU our convs call oneDNN
+    directly (``lvd.vae.model.conv3d``), which the FLOP counter does not see."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = type(vae).from_config(vae.config)
+        meta.tiling = vae.tiling
+        x = torch.empty(shape)
+        with FlopCounterMode(display=False) as enc:
+            z = meta.encode_posterior(x).mean
+        with FlopCounterMode(display=False) as dec:
+            meta.decode_raw(z)
+    return enc.get_total_flops(), dec.get_total_flops()
+
+
+def _build(kind: str):
+    import torch
+
+    torch.manual_seed(0)
+    if kind in ("ours-base", "ours-base-chunked"):
+        from lvd.vae import CausalVideoVAE
+
+        vae = CausalVideoVAE.from_preset("base")
+        if kind.endswith("chunked"):
+            vae.enable_tiling(spatial=False, chunk_latent_frames=1)
+        return vae.eval(), (lambda x: vae.encode_posterior(x).mean), vae.decode_raw
+    if kind == "ours-small-tiled":
+        from lvd.vae import CausalVideoVAE
+
+        vae = CausalVideoVAE(**SMALL_CHANNEL).eval()
+        vae.enable_tiling(tile_size=256, overlap=64, chunk_latent_frames=1)
+        return vae, (lambda x: vae.encode_posterior(x).mean), vae.decode_raw
+    logging.getLogger("xformers").setLevel(logging.ERROR)
+    import diffusers
+
+    cls = {"diffusers-cogvideox": diffusers.AutoencoderKLCogVideoX, "diffusers-wan": diffusers.AutoencoderKLWan}[kind]
+    vae = cls().eval()
+    return vae, (lambda x: vae.encode(x).latent_dist.mode()), (lambda z: vae.decode(z).sample)
+
+
+def run_case(spec: dict) -> dict:
+    """One model on one clip: encode (unless decode_only) and decode."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    vae, encode, decode = _build(spec["kind"])
+    b, t, h, w = spec["shape"]
+    x = torch.rand(b, 3, t, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():  # warm-up on a small clip: first-call library set-up is not what we measure
+        s = 64 if spec["kind"] != "ours-small-tiled" else 32
+        decode(encode(x[:, :, :5, :s, :s]))
+    row = {"case": spec["kind"], "shape": [b, 3, t, h, w], "threads": spec["threads"],
+           "params_M": round(sum(p.numel() for p in vae.parameters()) / 1e6, 1)}
+    ours = spec["kind"].startswith("ours")
+    enc_flops, dec_flops = _meta_flops(vae, (b, 3, t, h, w)) if ours else (None, None)
+
+    def part(sec, flops, peak, rise):
+        return dict(seconds=round(sec, 3), gflop=round(flops / 1e9, 1), gflops_per_s=round(flops / 1e9 / sec, 1),
+                    peak_rss_MiB=round(peak), peak_rise_MiB=round(rise))
+
+    if spec.get("decode_only"):
+        lat_c = vae.config.latent_channels
+        s_, r_ = vae.spatial_compression, vae.temporal_compression
+        z = torch.randn(b, lat_c, 1 + (t - 1) // r_, h // s_, w // s_)
+    else:
+        z, sec, flops, peak, rise = _measure(lambda: encode(x), count=not ours)
+        row["encode"] = part(sec, enc_flops or flops, peak, rise)
+    del x
+    video, sec, flops, peak, rise = _measure(lambda: decode(z), count=not ours)
+    row["decode"] = part(sec, dec_flops or flops, peak, rise)
+    row["output_MiB"] = round(video.numel() * video.element_size() / 2**20, 1)
+    return row
+
+
+# ----- orchestration --------------------------------------------------------------------------------
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def spawn(spec: dict, timeout: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"case": spec["kind"], "shape": spec["shape"], "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"case": spec["kind"], "shape": spec["shape"], "error": proc.stderr.strip()[-800:]}
+    return json.loads(lines[-1])
+
+
+def _fmt(part: dict | None) -> str:
+    if not part:
+        return f"{'—':>36}"
+    return f"{part['seconds']:7.2f} s {part['gflop']:8.1f} GF {part['gflops_per_s']:6.1f} GF/s {part['peak_rss_MiB']:6d} MiB"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--big", action="store_true", help="also 1×3×17×256×256 (slow)")
+    p.add_argument("--quick", action="store_true", help="smoke run on small clips")
+    p.add_argument("--sweep-frames", type=int, default=17, help="frames of the memory-sweep clips (1 + 4k)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))), flush=True)
+        return
+
+    shapes = [(1, 5, 64, 64)] if args.quick else [(1, 9, 128, 128)] + ([(1, 17, 256, 256)] if args.big else [])
+    sweep = [64, 128] if args.quick else [256, 512, 1024]
+    rate_before = matmul_gflops(args.threads)
+    print(f"fp32 matmul (2048², {args.threads} threads): {rate_before:.1f} GFLOP/s", flush=True)
+    rows = []
+    for shape in shapes:
+        for kind in ("ours-base", "ours-base-chunked", "diffusers-cogvideox", "diffusers-wan"):
+            rows.append(spawn({"kind": kind, "shape": list(shape), "threads": args.threads}, args.timeout))
+            print(json.dumps(rows[-1]), flush=True)
+    for size in sweep:
+        spec = {"kind": "ours-small-tiled", "shape": [1, args.sweep_frames, size, size], "threads": args.threads,
+                "decode_only": True}
+        rows.append(spawn(spec, args.timeout))
+        print(json.dumps(rows[-1]), flush=True)
+    rate_after = matmul_gflops(args.threads)
+    rate = (rate_before + rate_after) / 2
+
+    print(f"\nfp32 matmul: {rate_before:.1f} GFLOP/s before, {rate_after:.1f} after; "
+          f"load average {os.getloadavg()[0]:.1f} (2 cores shared with other jobs)")
+    print(f"{'case':22} {'clip':>16} | {'encode':^36} | {'decode':^36} | % of matmul (enc/dec)")
+    for r in rows:
+        clip = "x".join(str(v) for v in r["shape"][2:])
+        if "error" in r:
+            print(f"{r['case']:22} {clip:>16} | error: {r['error'][:120]}")
+            continue
+        pct = "/".join(f"{100 * r[k]['gflops_per_s'] / rate:.0f}%" if k in r else "—" for k in ("encode", "decode"))
+        print(f"{r['case']:22} {clip:>16} | {_fmt(r.get('encode'))} | {_fmt(r.get('decode'))} | {pct}"
+              + (f"  (output {r['output_MiB']} MiB, decode peak rise {r['decode']['peak_rise_MiB']} MiB)"
+                 if r["case"] == "ours-small-tiled" else ""))
+
+    result = {"benchmark": "bench_vae", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                          "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+              "matmul_gflops": {"before": round(rate_before, 1), "after": round(rate_after, 1)},
+              "command": "python benchmarks/bench_vae.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
