@@ -101,6 +101,19 @@ def test_many_partials_merge(monkeypatch):
     _check_fp32(_run(_triton(2, True, False), x, w, b, dy), _fp64_ref(x, w, b, dy, 2, True, False))
 
 
+def test_per_frame_passes_over_frame_slices_match(monkeypatch):
+    """On a GPU, per-frame passes run a few frames at a time so x is re-read from L2; same result."""
+    x, w, b = _inputs((1, 8, 5, 9, 9), torch.float32, channels_last=True)
+    dy = torch.randn(x.shape)
+    whole = _run(_triton(2, True, True), x, w, b, dy)
+    frame_bytes = 8 * 9 * 9 * 4
+    monkeypatch.setattr(gn_mod, "_INTERPRETER_L2_BYTES", 2 * frame_bytes)  # forward: 2 frames a slice
+    assert gn_mod._frame_slices(x, True, n_tensors=1) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    sliced = _run(_triton(2, True, True), x, w, b, dy)
+    assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])  # y, dx
+    _check_fp32(sliced, _fp64_ref(x, w, b, dy, 2, True, True))
+
+
 def test_fp16_error_at_most_twice_pytorch_fp16_error():
     x, w, b = _inputs((2, 8, 5, 9, 9), torch.float16)
     dy = torch.randn(x.shape, dtype=torch.float64).half()
