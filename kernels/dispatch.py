@@ -123,6 +123,8 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | N
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         return f"inputs are on several devices {sorted(map(str, devices))}"
+    if x.device.type == "meta":
+        return None  # shape-only tensors: the custom ops' fake implementations answer
     if x.device.type == "cuda":
         if interpreted:
             return "kernels were imported with TRITON_INTERPRET=1, which runs CPU tensors only"
