@@ -154,3 +154,43 @@ def test_lr_schedule_warmup_then_cosine():
     assert [lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert math.isclose(lr_at(9, cfg, 14), 0.55)  # half-way through the cosine
     assert math.isclose(lr_at(14, cfg, 14), 0.1)
+
+
+class PairLoader:
+    """Endless batches of a fixed global batch (8, 6) split into ``parts`` micro-batches, in order."""
+
+    def __init__(self, parts):
+        self.parts, self.pos = parts, 0
+
+    def __iter__(self):
+        while True:
+            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(self.pos // self.parts))
+            n = 8 // self.parts
+            k = self.pos % self.parts
+            self.pos += 1
+            yield {"x": x[k * n:(k + 1) * n]}
+
+
+def test_grad_accumulation_equals_the_large_batch(tmp_path):
+    def plain_loss(model, batch, step, gen):
+        return StepOutput((model(batch["x"]) - batch["x"]).square().mean())
+
+    finals = []
+    for parts in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 6))
+        train = TrainConfig(max_steps=3, grad_accum=parts, ema_decay=0.0, progress=False, log_every=1)
+        tr = Trainer(run_dir=tmp_path / str(parts), model=model, loss_fn=plain_loss, optim=OptimConfig(lr=1e-2),
+                     train=train, checkpoint=CheckpointConfig(every=10), env=DistEnv())
+        tr.fit(PairLoader(parts))
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_only_on_cuda(tmp_path):
+    tr = Trainer(run_dir=tmp_path, model=Toy(), loss_fn=toy_loss, optim=OptimConfig(), train=TrainConfig(mixed_precision="bf16"),
+                 checkpoint=CheckpointConfig(), env=DistEnv())
+    with tr.autocast():
+        y = nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.float32  # on a CPU training stays fp32 (bf16 matmuls run at ~0.3 GFLOP/s here)
