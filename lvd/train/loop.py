@@ -505,10 +505,13 @@ class Trainer:
             nonlocal it
             for _ in range(cfg.grad_accum):
                 try:
-                    yield next(it)
+                    batch = next(it)
                 except StopIteration:  # end of a finite epoch: start the next one
                     it = iter(loader)
-                    yield next(it)
+                    batch = next(it, None)
+                    if batch is None:
+                        raise ValueError("the data loader yielded no batch: check data.shards and the batch size") from None
+                yield batch
 
         window: list[dict] = []
         t0 = time.perf_counter()
