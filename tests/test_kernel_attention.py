@@ -41,7 +41,7 @@ def _naive(q, k, v, mask, causal):
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
     if causal:
         nq, nk = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq), float("-inf"))
+        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril(nk - nq), float("-inf"))
     return torch.softmax(s, -1).nan_to_num(0.0) @ v
 
 
