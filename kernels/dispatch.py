@@ -16,8 +16,10 @@ Backends:
 or xformers version, so for GroupNorm those two names mean the PyTorch reference: one environment
 setting can then say "no Triton" for the whole library.
 
-Forcing a backend that cannot run raises :class:`BackendUnavailableError` naming the reason. ``"auto"``
-falling back logs the reason once per (op, reason). Importing this module never touches a GPU driver:
+Forcing a backend (the ``backend=`` argument) that cannot run raises :class:`BackendUnavailableError`
+naming the reason. ``"auto"`` falling back logs the reason once per (op, reason) at INFO; an
+``LVD_KERNELS`` preference that cannot run for some call (say ``triton`` for the VAE's 512-wide
+single-head attention) falls back the same way and logs a WARNING once. Importing this module never touches a GPU driver:
 CUDA is queried only when a call sees a CUDA tensor.
 """
 
@@ -92,19 +94,21 @@ def default_backend() -> str:
     return value
 
 
-def _check_name(backend: str) -> str:
+def _requested(backend: str) -> tuple[str, bool]:
+    """(backend asked for, forced?): an explicit argument forces; ``"auto"`` reads ``$LVD_KERNELS``,
+    which states a preference that falls back (with a logged reason) where it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    return default_backend() if backend == "auto" else backend
+    return (default_backend(), False) if backend == "auto" else (backend, True)
 
 
 _logged: set[tuple[str, str]] = set()
 
 
-def _log_once(op: str, reason: str) -> None:
-    if (op, reason) not in _logged:
-        _logged.add((op, reason))
-        logger.info("kernels.%s: not using Triton: %s", op, reason)
+def _log_once(op: str, message: str, level: int = logging.INFO) -> None:
+    if (op, message) not in _logged:
+        _logged.add((op, message))
+        logger.log(level, "kernels.%s: %s", op, message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,21 +162,26 @@ def _fast_gpu_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-def _resolve(op: str, backend: str, triton_reason: str | None, fallback: str, x: torch.Tensor) -> str:
-    """Shared rule: forced "triton" raises when it cannot run; "auto" falls back and logs once."""
-    if backend == "triton":
-        if triton_reason is not None:
+def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, fallback: str,
+             x: torch.Tensor) -> str:
+    """Shared rule: a forced "triton" raises when it cannot run; "auto" (and an $LVD_KERNELS=triton
+    preference) falls back and logs the reason once."""
+    if requested == "triton":
+        if triton_reason is None:
+            return "triton"
+        if forced:
             raise BackendUnavailableError(f"kernels.{op}(backend='triton'): {triton_reason}")
-        return "triton"
-    if backend != "auto":
-        return backend
+        _log_once(op, f"{ENV_VAR}=triton, but using {fallback}: {triton_reason}", logging.WARNING)
+        return fallback
+    if requested != "auto":
+        return requested
     reason = triton_reason
     if reason is None and x.device.type == "cpu":
         reason = "CPU tensors (the interpreter is for tests; force backend='triton' to use it)"
     reason = reason or _fast_gpu_reason(x)
     if reason is None:
         return "triton"
-    _log_once(op, reason)
+    _log_once(op, f"not using Triton: {reason}")
     return fallback
 
 
@@ -182,15 +191,19 @@ def _resolve(op: str, backend: str, triton_reason: str | None, fallback: str, x:
 
 def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
     """Resolve ``backend`` for :func:`kernels.attention` to one of triton / sdpa / xformers / torch."""
-    backend = _check_name(backend)
-    if backend == "xformers":
+    requested, forced = _requested(backend)
+    if requested == "xformers":
+        why = None
         if not has_xformers():
-            raise BackendUnavailableError("kernels.attention(backend='xformers'): xformers is not installed "
-                                          "(pip install lvd[xformers])")
-        if q.device.type != "cuda":
-            raise BackendUnavailableError(f"kernels.attention(backend='xformers'): xformers needs CUDA tensors, "
-                                          f"got {q.device.type}")
-        return backend
+            why = "xformers is not installed (pip install lvd[xformers])"
+        elif q.device.type != "cuda":
+            why = f"xformers needs CUDA tensors, got {q.device.type}"
+        if why is None:
+            return "xformers"
+        if forced:
+            raise BackendUnavailableError(f"kernels.attention(backend='xformers'): {why}")
+        _log_once("attention", f"{ENV_VAR}=xformers, but choosing automatically: {why}", logging.WARNING)
+        requested = "auto"
     reason = triton_unavailable_reason([q, k, v] + ([mask] if mask is not None else []), op="attention",
                                        interpreted=interpreted)
     if reason is None and q.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
@@ -199,12 +212,12 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         reason = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if reason is None:
         reason = _int32_reason([q, k, v], first_dims=2)
-    if reason is None and backend == "auto" and q.dtype == torch.float32 and q.device.type == "cuda":
+    if reason is None and requested == "auto" and q.dtype == torch.float32 and q.device.type == "cuda":
         # our fp32 path keeps full fp32 products (tl.dot "ieee", no tensor cores); SDPA's fp32 kernels
         # are the safer default there (not yet measured on a GPU)
         reason = "fp32 attention (Triton's fp32 path skips tensor cores; force backend='triton' to use it)"
-    choice = _resolve("attention", backend, reason, "sdpa", q)
-    if backend == "auto" and choice == "triton" and q.device.type == "cuda":
+    choice = _resolve("attention", requested, forced, reason, "sdpa", q)
+    if requested == "auto" and choice == "triton" and q.device.type == "cuda":
         name = _cuda_name(_device_index(q))
         for gpu_class, winner in ATTENTION_FASTEST.items():
             if gpu_class in name:
@@ -214,15 +227,15 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
 
 def group_norm_backend(x, *, backend: str, interpreted: bool) -> str:
     """Resolve ``backend`` for :func:`kernels.group_norm` to "triton" or "torch"."""
-    backend = _check_name(backend)
-    if backend in ("sdpa", "xformers"):  # no such GroupNorm: these names mean "not ours" here
+    requested, forced = _requested(backend)
+    if requested in ("sdpa", "xformers"):  # no such GroupNorm: these names mean "not ours" here
         return "torch"
     reason = triton_unavailable_reason([x], op="group_norm", interpreted=interpreted)
     if reason is None and x.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
         reason = f"dtype {x.dtype} (supported: fp16, bf16, fp32)"
     if reason is None:
         reason = _int32_reason([x], first_dims=1)
-    return _resolve("group_norm", backend, reason, "torch", x)
+    return _resolve("group_norm", requested, forced, reason, "torch", x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,22 @@ def test_forcing_xformers_without_it_or_without_cuda_raises(monkeypatch):
         kernels.attention(q, q, q, backend="xformers")
 
 
+def test_env_preference_that_cannot_run_falls_back_with_one_warning(monkeypatch, caplog):
+    """LVD_KERNELS states a preference; only the backend= argument forces (and raises)."""
+    q = _q()
+    big = torch.randn(1, 1, 4, 256)  # a 256-wide head, like the VAE's single-head frame attention
+    monkeypatch.setenv("LVD_KERNELS", "triton")
+    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+        for _ in range(2):
+            assert dispatch.attention_backend(big, big, big, None, backend="auto", interpreted=True) == "sdpa"
+    assert len([r for r in caplog.records if "head dim 256" in r.getMessage()]) == 1
+    monkeypatch.setenv("LVD_KERNELS", "xformers")
+    monkeypatch.setattr(dispatch, "has_xformers", lambda: False)
+    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=True) == "sdpa"
+    with pytest.raises(BackendUnavailableError, match="head dim 256"):
+        dispatch.attention_backend(big, big, big, None, backend="triton", interpreted=True)
+
+
 def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
     q = _q()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -87,7 +103,7 @@ def test_forcing_triton_with_an_unsupported_dtype_or_head_dim_raises():
     x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     assert dispatch.group_norm_backend(x, backend="triton", interpreted=True) == "triton"  # fp64: interpreter only
     with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
-        dispatch._resolve("group_norm", "triton", "dtype torch.float64 (supported: fp16, bf16, fp32)", "torch", q)
+        dispatch._resolve("group_norm", "triton", True, "dtype torch.float64 (supported: fp16, bf16, fp32)", "torch", q)
 
 
 def test_auto_falls_back_on_old_gpus_and_logs_the_reason_once(monkeypatch, caplog):
@@ -95,11 +111,11 @@ def test_auto_falls_back_on_old_gpus_and_logs_the_reason_once(monkeypatch, caplo
     monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (7, 5))
     with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
         for _ in range(3):
-            assert dispatch._resolve("attention", "auto", None, "sdpa", fake_cuda) == "sdpa"
+            assert dispatch._resolve("attention", "auto", False, None, "sdpa", fake_cuda) == "sdpa"
     records = [r for r in caplog.records if "capability 7.5" in r.getMessage()]
     assert len(records) == 1
     monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (9, 0))
-    assert dispatch._resolve("attention", "auto", None, "sdpa", fake_cuda) == "triton"
+    assert dispatch._resolve("attention", "auto", False, None, "sdpa", fake_cuda) == "triton"
 
 
 def test_nan_filled_outputs_only_inside_the_block():
