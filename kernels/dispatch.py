@@ -19,8 +19,10 @@ setting can then say "no Triton" for the whole library.
 Forcing a backend (the ``backend=`` argument) that cannot run raises :class:`BackendUnavailableError`
 naming the reason. ``"auto"`` falling back logs the reason once per (op, reason) at INFO; an
 ``LVD_KERNELS`` preference that cannot run for some call (say ``triton`` for the VAE's 512-wide
-single-head attention) falls back the same way and logs a WARNING once. Importing this module never touches a GPU driver:
-CUDA is queried only when a call sees a CUDA tensor.
+single-head attention) falls back the same way and logs a WARNING once.
+
+Importing this module never touches a GPU driver: CUDA is queried only when a call sees a CUDA tensor.
+Meta tensors take the Triton path's fake (shape-only) implementations.
 """
 
 from __future__ import annotations
