@@ -13,8 +13,9 @@ Compared, all with random weights, fp32, ``--threads`` threads:
 
 The ceiling is the fp32 matmul rate (2048² GEMMs), measured in the same run before and after. FLOPs are
 counted by ``torch.utils.flop_counter.FlopCounterMode`` during the timed call. Each case runs in a fresh
-subprocess; peak memory is the process's VmHWM after resetting it (``/proc/self/clear_refs``), reported
-both absolute and as the rise over the RSS just before the call. Writes ``benchmarks/results/vae.json``.
+subprocess with glibc told to return freed blocks ≥ 128 KiB to the system at once (``MALLOC_ENV``), so that
+RSS follows live tensors; peak memory is the process's VmHWM after resetting it (``/proc/self/clear_refs``),
+reported both absolute and as the rise over the RSS just before the call. Writes ``benchmarks/results/vae.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vae.json"
 REPO = Path(__file__).resolve().parents[1]
+# glibc otherwise keeps freed blocks below its (dynamic, up to 32 MiB) mmap threshold in the heap, so RSS
+# shows memory no tensor holds any more: chunked and whole-clip encode then both read ~530 MiB peak rise.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SMALL_CHANNEL = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, spatial_compression=8,
                      temporal_compression=4, norm_num_groups=4, mid_attention=False)
 
@@ -153,7 +157,7 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 
 def spawn(spec: dict, timeout: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **MALLOC_ENV}
     cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
