@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lvd.data.synthetic import ShapesConfig, all_captions, make_clip, render_clip
 from lvd.eval.shapes import format_report, parse_caption, score_clip, summarize
@@ -35,6 +36,29 @@ def test_ground_truth_survives_h264_round_trip():
     assert summary["accuracy"]["color"] == 1.0
     assert summary["accuracy"]["direction"] == 1.0
     assert summary["accuracy"]["shape"] >= 0.9
+
+
+def _gaussian_blur(video: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur each frame of a uint8 (3, T, H, W) clip, as a soft VAE decoder would."""
+    radius = int(3 * sigma) + 1
+    kernel = torch.exp(-torch.arange(-radius, radius + 1).float() ** 2 / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, K)
+    x = video.float().permute(1, 0, 2, 3) / 255  # (T, 3, H, W)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel, groups=3)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.transpose(2, 3), groups=3)
+    return (x.permute(1, 0, 2, 3) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_blurred_triangles_are_still_triangles():
+    """σ = 1.5 px blur rounds the apex: the fill ratio alone calls 75% of triangles circles; the centroid offset
+    keeps them."""
+    clips = _ground_truth(seeds=(0,))
+    scores = [score_clip(_gaussian_blur(video, 1.5), caption) for video, caption in clips]
+    summary = summarize(scores)
+    assert summary["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 1.0}
+    triangles = [s for s in scores if s["true_shape"] == "triangle"]
+    assert sum(s["fill_ratio"] >= 0.64 for s in triangles) > len(triangles) / 2  # the ratio alone would fail
+    assert min(s["centroid_offset"] for s in triangles) > 0.06
 
 
 def test_fill_ratio_matches_the_ideal_shapes():
