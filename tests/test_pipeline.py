@@ -265,6 +265,15 @@ def test_a_folder_can_refer_to_its_text_encoder_by_name(tmp_path):
     again.set_progress_bar_config(disable=True)
     assert torch.equal(run(again, output_type="pt").frames, expected)
 
+    # An export can be written without ever loading the encoder (what the shapes-demo recipe does).
+    bare = {**components, "text_encoder": None, "tokenizer": None}
+    LVDPipeline(**bare, text_encoder_id=str(tmp_path / "encoder")).save_pretrained(tmp_path / "bare")
+    loaded = LVDPipeline.from_pretrained(tmp_path / "bare")
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(run(loaded, output_type="pt").frames, expected)
+    with pytest.raises(ValueError, match="no text_encoder/tokenizer"):
+        run(LVDPipeline(**bare))
+
 
 def test_a_diffusers_video_vae_works_as_the_vae_component(tmp_path):
     """A diffusers AutoencoderKLWan (wrapped by as_video_vae at use time) generates, saves and reloads."""
