@@ -68,17 +68,20 @@ def triton_interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates these once while tracing: no graph break
 def has_xformers() -> bool:
     """xformers is importable. It imports on a CPU but raises NotImplementedError there, so callers
     must check the device themselves (diffusers' is_xformers_available() does not)."""
     return importlib.util.find_spec("xformers") is not None
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -108,6 +111,8 @@ _logged: set[tuple[str, str]] = set()
 
 
 def _log_once(op: str, message: str, level: int = logging.INFO) -> None:
+    if torch.compiler.is_compiling():  # logging would break the graph; eager calls log it
+        return
     if (op, message) not in _logged:
         _logged.add((op, message))
         logger.log(level, "kernels.%s: %s", op, message)

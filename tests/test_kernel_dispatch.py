@@ -207,3 +207,14 @@ def test_meta_tensors_go_through_the_fake_implementations():
     assert kernels.attention(q, q, q, backend="triton").shape == q.shape
     x = torch.empty(1, 8, 3, 9, 9, device="meta")
     assert kernels.group_norm(x, 2, backend="triton", per_frame=True).shape == x.shape
+
+
+@pytest.mark.slow
+def test_auto_dispatch_compiles_without_graph_breaks():
+    """The backend choice (and its one-time log) is traced by torch.compile without breaking the graph."""
+    q = torch.randn(1, 2, 16, 32, requires_grad=True)
+    x = torch.randn(1, 8, 3, 4, 4, requires_grad=True)
+    fn = torch.compile(lambda q_, x_: kernels.attention(q_, q_, q_).sum()
+                       + kernels.group_norm(x_, 2, per_frame=True, silu=True).sum(), fullgraph=True)
+    fn(q, x).backward()
+    assert q.grad is not None and x.grad is not None
