@@ -156,7 +156,10 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
         problems.append(f"--device {device!r} is not a device (cpu, cuda, cuda:N)")
     if ns.offload and not device.startswith("cuda"):
         problems.append("--offload needs a CUDA GPU: it keeps models on the CPU and moves each to the GPU in turn")
-    dtype = ns.dtype if ns.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = ns.dtype
+    if dtype == "auto":  # fp32 on a CPU (bf16 matmul runs at ~0.3 GFLOP/s there), bf16 where the GPU has it
+        dtype = "float32" if not device.startswith("cuda") else (
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     problem = _writable_problem(Path(ns.output))
     if problem:
         problems.append(problem)
@@ -183,7 +186,7 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
         print(f"note: --dtype {args.dtype} on a CPU is very slow (bf16 matmul ~0.3 GFLOP/s here); float32 is the "
               "CPU default", file=sys.stderr)
     try:
-        pipe = LVDPipeline.from_pretrained(str(args.model))  # then .to(dtype): `dtype=` is diffusers >= 0.36 only
+        pipe = LVDPipeline.from_pretrained(str(args.model))  # cast below: diffusers renamed torch_dtype= to dtype=
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"  - --model {args.model}: could not load the pipeline: {err}") from err
     problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]
