@@ -2,7 +2,8 @@
 
 Shapes are the video-VAE ones from the kernels issue, 32 groups, bf16: 1×128×17×256×256 and 1×512×5×128×128,
 plus 1×128×20×256×256 for the "≥ 10× eager" target; each in both statistics modes (global, per_frame).
-Backends: ``triton`` (ours), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
+Backends: ``triton`` (ours), ``triton-l2`` (ours, per-frame passes over L2-sized frame slices, see
+``kernels.group_norm.L2_FRAME_SLICES``), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
 by folding T into the batch) and ``compiled`` (``torch.compile`` of the same).
 
 Bandwidth is reported two ways: ``gbps`` on the bytes an ideal fused op must move (forward: read x, write y;
@@ -24,6 +25,7 @@ Writes benchmarks/results/group_norm_<gpu name>.json (``group_norm_cpu.json`` on
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -72,8 +74,13 @@ def eager_group_norm_silu(x, w, b, per_frame):
 
 
 def backend_fn(name):
-    if name == "triton":
-        return lambda x, w, b, pf: kernels.group_norm(x, GROUPS, w, b, silu=True, per_frame=pf, backend="triton")
+    if name in ("triton", "triton-l2"):
+        gn_module = importlib.import_module("kernels.group_norm")
+
+        def fn(x, w, b, pf):
+            gn_module.L2_FRAME_SLICES = name == "triton-l2"  # per-frame passes over L2-sized frame slices
+            return kernels.group_norm(x, GROUPS, w, b, silu=True, per_frame=pf, backend="triton")
+        return fn
     if name == "compiled":
         return torch.compile(eager_group_norm_silu)
     return eager_group_norm_silu
@@ -99,7 +106,7 @@ def bench_case(name, shape, per_frame, dtype, *, gpu, repeats):
     for mode, ms, ideal, actual in (("fwd", fwd_ms, 2 * nbytes, 3 * nbytes), ("bwd", bwd_ms, 3 * nbytes, 5 * nbytes)):
         row = dict(backend=name, shape=list(shape), per_frame=per_frame, mode=mode, ms=round(ms, 4),
                    gbps=round(ideal / ms / 1e6, 2))
-        if name == "triton":
+        if name.startswith("triton"):
             row["gbps_actual"] = round(actual / ms / 1e6, 2)
         rows.append(row)
     return rows
@@ -111,7 +118,7 @@ def main(argv=None):
     p.add_argument("--shapes", default=GPU_SHAPES if gpu else CPU_SHAPES, help="BxCxTxHxW, comma-separated")
     p.add_argument("--modes", default="global,per_frame")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32")
-    p.add_argument("--backends", default="triton,eager,compiled" if gpu else "eager")
+    p.add_argument("--backends", default="triton,triton-l2,eager,compiled" if gpu else "eager")
     p.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (median)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -138,7 +145,8 @@ def main(argv=None):
         op="group_norm_silu", device=device_name, dtype=args.dtype, groups=GROUPS, torch=torch.__version__,
         python=platform.python_version(), load_average=None if gpu else [round(v, 2) for v in os.getloadavg()],
         timer="triton.testing.do_bench median" if gpu else f"perf_counter median of {args.repeats}",
-        bytes="gbps: ideal bytes (fwd x+y, bwd x+dy+dx); gbps_actual: our kernels' traffic (fwd 3×, bwd 5× |x|)",
+        bytes="gbps: ideal bytes (fwd x+y, bwd x+dy+dx); gbps_actual: bytes our kernels request (fwd 3×, bwd 5× |x|;"
+              " with triton-l2 the second read of each pass may come from L2)",
         note=None if gpu else "Triton timings need a GPU: on a CPU the kernels run only in the interpreter",
         targets_h100_bf16={"fraction_of_hbm": 0.8, "hbm_gbps": 3000, "speedup_vs_eager_1x128x20x256x256": 10},
         rows=rows,

@@ -289,6 +289,10 @@ _GPU_TILE = 2048
 _GPU_WARPS = 8
 _GPU_TARGET_PROGRAMS = 1024  # ≈ 8 programs per SM on a 132-SM H100; a batch-1 video still fills it
 _INTERPRETER_L2_BYTES = None  # no frame slicing off the GPU; tests set a small budget to exercise it
+# Per-frame passes over L2-sized frame slices (see _frame_slices). Off until a GPU run shows it pays:
+# it saves one HBM read of x per pass but costs two launches per slice, and a 256×256×128 bf16 frame
+# (16.7 MB) already fills a third of an H100's L2. benchmarks/bench_group_norm.py times both ("triton-l2").
+L2_FRAME_SLICES = False
 
 
 def _unit_strides(t, per_frame):
@@ -353,6 +357,8 @@ def _l2_budget(x):
     """Bytes of L2 a frame slice may fill (half the cache), or None: no slicing."""
     if _INTERPRETED or x.device.type != "cuda":
         return _INTERPRETER_L2_BYTES
+    if not L2_FRAME_SLICES:
+        return None
     return _l2_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device()) // 2
 
 
@@ -364,7 +370,8 @@ def _l2_bytes(index):
 def _frame_slices(x, per_frame, n_tensors):
     """Frame ranges to run each pass on. Per-frame statistics let a pass work a few frames at a time, so
     its second read of x (normalise after statistics; dx after the reductions) comes from L2, not HBM:
-    the forward then moves 2|x| instead of 3|x|, the backward 3|x| instead of 5|x| (not yet measured)."""
+    the forward then moves 2|x| instead of 3|x|, the backward 3|x| instead of 5|x| (not yet measured;
+    off by default, see L2_FRAME_SLICES)."""
     if not (per_frame and x.ndim == 5):
         return [None]
     t = x.shape[2]
