@@ -91,6 +91,7 @@ class EvalConfig:
     every: int = 500
     num_clips: int = 16
     batch_size: int = 4
+    frames: int = 0  # frames of the held-out clips (first frames, centre crop); 0: data.frames
 
 
 @dataclass
@@ -143,6 +144,12 @@ def check_data_fits(cfg: VAERecipeConfig, vae: CausalVideoVAE) -> None:
             vae.check_input(b.frames, b.height, b.width)
         except ValueError as e:
             problems.append(f"data bucket {b.frames}x{b.height}x{b.width}: {e}")
+    if cfg.eval.shards and cfg.eval.frames > 0:
+        b = cfg.data.bucket_list()[0]
+        try:
+            vae.check_input(cfg.eval.frames, b.height, b.width)
+        except ValueError as e:
+            problems.append(f"eval.frames={cfg.eval.frames}: {e}")
     if problems:
         raise ValueError("data does not fit the VAE:\n  " + "\n  ".join(problems))
 
@@ -159,6 +166,9 @@ class HeldOut:
             e = self.cfg.eval
             data = replace(self.cfg.data, shards=e.shards, batch_size=e.batch_size, shuffle=0, random_crop=False,
                            workers=0, resampled=False, epochs=1, drop_last=False, buckets=list(self.cfg.data.buckets[:1]))
+            if e.frames > 0:
+                b = data.bucket_list()[0]
+                data = replace(data, buckets=[replace(b, frames=e.frames)])
             videos, n = [], 0
             for batch in make_clip_loader(data, seed=0):
                 videos.append(batch["video"])

@@ -22,7 +22,7 @@ TINY_VAE = [
     "data.frames=5", "data.size=16", "data.batch_size=2", "data.workers=0", "data.shuffle=4",
     "model.overrides={block_out_channels: [8, 8, 16], norm_num_groups: 4, spatial_compression: 2}",
     "train.cpu_threads=1", "train.progress=false", "train.log_every=1", "checkpoint.every=1", "checkpoint.keep_last=10",
-    "optim.warmup_steps=2", "eval.every=2", "eval.num_clips=2", "eval.batch_size=2", "samples.every=2", "samples.num=1",
+    "optim.warmup_steps=2", "eval.every=2", "eval.frames=5", "eval.num_clips=2", "eval.batch_size=2", "samples.every=2", "samples.num=1",
     "loss.adv_weight=0.1", "loss.adv_start_step=2", "discriminator.base_channels=8", "discriminator.num_layers=1",
     "export.calibration_batches=1",
 ]
