@@ -181,6 +181,85 @@ def seconds_per_clip(model: Path, threads: int, steps: int = 25, clips: int = 3)
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. README figures: a GIF grid of generated clips with their prompts, and the loss curves
+# ---------------------------------------------------------------------------------------------
+
+GRID_PROMPTS = [  # every colour, shape and direction at least once
+    "a red circle moving right", "a green square moving up", "a blue triangle moving left",
+    "a yellow circle moving down", "a cyan square moving left", "a magenta triangle moving right",
+    "a white circle moving up", "a red triangle moving down", "a green circle moving left",
+    "a blue square moving right", "a yellow triangle moving up", "a magenta square moving down",
+]
+
+
+def grid_gif(model: Path, path: Path, threads: int, columns: int = 4, scale: int = 2) -> None:
+    """Generate each of :data:`GRID_PROMPTS` (25 steps, guidance 5, seed 0) and tile them with their prompt
+    printed under each clip: (3, 17, rows·(S·scale + 16), columns·S·scale) → a GIF."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    from lvd.pipeline import LVDPipeline
+    from lvd.video_io import write_video
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = LVDPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(GRID_PROMPTS, num_frames=17, height=64, width=64, num_inference_steps=25, guidance_scale=5.0,
+                  generator=[torch.Generator().manual_seed(0) for _ in GRID_PROMPTS], output_type="np").frames
+    clips = (np.asarray(frames) * 255).round().astype(np.uint8)  # (N, T, H, W, 3)
+    clips = clips.repeat(scale, axis=2).repeat(scale, axis=3)  # nearest-neighbour upscale
+    n, t, h, w, _ = clips.shape
+    label_h, rows = 16, -(-n // columns)
+    canvas = np.zeros((t, rows * (h + label_h), columns * w, 3), np.uint8)
+    font = ImageFont.load_default(size=8)
+    for k, prompt in enumerate(GRID_PROMPTS):
+        r, c = divmod(k, columns)
+        y, x = r * (h + label_h), c * w
+        canvas[:, y:y + h, x:x + w] = clips[k]
+        label = Image.new("RGB", (w, label_h), (24, 24, 24))
+        ImageDraw.Draw(label).text((w // 2, label_h // 2), prompt[2:], fill=(230, 230, 230), font=font, anchor="mm")
+        canvas[:, y + h:y + h + label_h, x:x + w] = np.asarray(label)[None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, torch.from_numpy(canvas).permute(3, 0, 1, 2).contiguous(), fps=8.0)  # (3, T, H, W)
+
+
+def loss_png(metrics: dict[str, Path], path: Path) -> None:
+    """VAE L1 loss with held-out PSNR, and the DiT's flow-matching loss (raw and smoothed), against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def read(p: Path) -> list[dict]:
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    vae, dit = read(metrics["vae"]), read(metrics["dit"])
+    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = [(m["step"], m["loss"]) for m in vae if "loss" in m]
+    ax1.plot(*zip(*train), color="tab:blue", lw=1)
+    ax1.set(xlabel="step", ylabel="VAE training loss (L1 + KL)", yscale="log", title="stage 1: VAE")
+    held = [(m["step"], m["eval/psnr"]) for m in vae if "eval/psnr" in m]
+    if held:
+        ax2 = ax1.twinx()
+        ax2.plot(*zip(*held), "o-", color="tab:red", ms=3)
+        ax2.axhline(30, color="tab:red", ls=":", lw=1)
+        ax2.set_ylabel("held-out PSNR (dB)", color="tab:red")
+    steps, losses = zip(*[(m["step"], m["loss"]) for m in dit if "loss" in m])
+    ax3.plot(steps, losses, color="tab:green", lw=0.6, alpha=0.4, label="logged")
+    k = max(1, len(losses) // 30)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    ax3.plot(steps[k - 1:], smooth, color="tab:green", lw=1.5, label=f"mean of {k}")
+    ax3.set(xlabel="step", ylabel="flow-matching loss", title="stage 2: DiT")
+    ax3.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -198,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-set", nargs="*", default=[], help="extra key=value overrides for train_latent_diffusion.py")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--skip-eval", action="store_true", help="stop after the export")
+    p.add_argument("--figures", type=Path, default=REPO / "docs/assets", help="README GIF grid and loss PNG")
     a = p.parse_args(argv)
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -277,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:], "dit_overrides": dit_cmd[dit_cmd.index("--config") + 2:],
     }
     (a.results / "shapes_demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    # 7. README figures
+    grid_gif(a.out, a.figures / "shapes_demo_grid.gif", a.threads)
+    loss_png(metrics, a.figures / "shapes_demo_loss.png")
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
