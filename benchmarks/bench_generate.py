@@ -7,9 +7,15 @@
 Configs:
 - ``demo``: the bundled demo pipeline (lvd/assets/shapes-demo/) at 64×64, 17 frames, 25 steps, guidance 5.
   Skipped, with a note in the JSON, while that folder does not exist.
+- ``tiny-64``: the ``tiny-256`` model at the demo's 64×64, 17 frames: the demo's cost before it is trained.
 - ``tiny-256``: random weights, VideoDiT preset "tiny" (width 128, 4 blocks, patch 1×2×2) over CausalVideoVAE
   preset "tiny" (4× time, 4× space, 16 channels) at 256×256, 17 frames (5120 tokens), 25 steps, guidance 5,
   with the real all-MiniLM-L6-v2 text encoder when its package is installed (else a small random CLIP).
+
+``--threads 1 2`` runs each config once per torch thread count. On a CPU shared with other busy processes,
+2 threads can be far slower than 1: every op ends at a thread-pool barrier that waits for a descheduled
+thread (measured here at load average 11: a VideoDiT "tiny" forward over 320 tokens took 4.5 s with 2
+threads, 0.1 s with 1).
 
 Each config runs in its own subprocess, so ``peak_rss_gb`` (ru_maxrss) is that config's peak, not the
 largest so far; ``rss_after_load_gb`` is the resident size before generating. One warm-up call (2 steps)
@@ -36,6 +42,7 @@ DEMO = ROOT / "lvd" / "assets" / "shapes-demo"
 CONFIGS = {
     "demo": dict(frames=17, height=64, width=64),
     "tiny-256": dict(frames=17, height=256, width=256),
+    "tiny-64": dict(frames=17, height=64, width=64),  # the demo's shapes with random weights, while it is missing
 }
 
 
@@ -49,7 +56,7 @@ def _current_rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def build_tiny_256(folder: Path) -> str:
+def build_tiny(folder: Path) -> str:
     """Save a random tiny pipeline to ``folder``; returns a description of its text encoder."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -84,21 +91,21 @@ def build_tiny_256(folder: Path) -> str:
     return described
 
 
-def run_one(name: str, steps: int, guidance: float, device: str) -> dict:
+def run_one(name: str, steps: int, guidance: float, device: str, threads: int) -> dict:
     """Load, warm up and time one config in this process."""
     import torch
 
     from lvd.dit import count_parameters
     from lvd.pipeline import LVDPipeline
 
-    torch.set_num_threads(min(os.cpu_count() or 1, 16))
+    torch.set_num_threads(threads)
     size = CONFIGS[name]
     with tempfile.TemporaryDirectory(prefix="lvd-bench-") as tmp:
         if name == "demo":
             folder, text = DEMO, "as shipped"
         else:
             folder = Path(tmp) / name
-            text = build_tiny_256(folder)
+            text = build_tiny(folder)
         began = time.perf_counter()
         pipe = LVDPipeline.from_pretrained(folder).to(device)
         load_s = time.perf_counter() - began
@@ -142,16 +149,18 @@ def run_one(name: str, steps: int, guidance: float, device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["demo", "tiny-64", "tiny-256"], choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1],
+                        help="torch threads; several values run each config once per value")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args(argv)
 
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.guidance, args.device)))
+        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.guidance, args.device, args.threads[0])))
         return 0
 
     results, skipped = [], {}
@@ -160,21 +169,22 @@ def main(argv: list[str] | None = None) -> int:
             skipped[name] = f"{DEMO.relative_to(ROOT)} does not exist yet (the shapes-demo recipe builds it)"
             print(f"skip {name}: {skipped[name]}")
             continue
-        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--guidance", str(args.guidance),
-               "--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"config {name} failed (exit {proc.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        for threads in args.threads:
+            cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--guidance",
+                   str(args.guidance), "--device", args.device, "--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"config {name} failed (exit {proc.returncode})")
+            results.append(json.loads(lines[-1][len("RESULT "):]))
 
-    header = (f"{'config':<10}{'size':>14}{'tokens':>8}{'s/video':>9}{'text s':>8}{'s/step':>8}{'decode s':>10}"
+    header = (f"{'config':<10}{'thr':>4}{'size':>14}{'tokens':>8}{'s/video':>9}{'text s':>8}{'s/step':>8}{'decode s':>10}"
               f"{'peak GB':>9}")
     print(header)
     for r in results:
         size = f"{r['frames']}x{r['height']}x{r['width']}"
-        print(f"{r['config']:<10}{size:>14}{r['tokens']:>8}{r['seconds_per_video']:>9.2f}{r['text_encoding_s']:>8.3f}"
+        print(f"{r['config']:<10}{r['threads']:>4}{size:>14}{r['tokens']:>8}{r['seconds_per_video']:>9.2f}{r['text_encoding_s']:>8.3f}"
               f"{r['denoising_s_per_step']:>8.3f}{r['decoding_s']:>10.2f}{r['peak_rss_gb']:>9.2f}")
     report = {
         "benchmark": "generate",

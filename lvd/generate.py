@@ -55,6 +55,7 @@ class GenerateArgs:
     device: str
     dtype: str
     offload: bool
+    threads: int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="videos denoised together")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default); 1 is fastest on a CPU shared with busy processes")
     p.add_argument("--offload", action="store_true", help="model CPU offload (accelerate) on a GPU, for large models")
     return p
 
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
         problems.append(f"--batch-size must be a positive integer, got {ns.batch_size}")
     if ns.fps <= 0:
         problems.append(f"--fps must be > 0, got {ns.fps}")
+    if ns.threads < 0:
+        problems.append(f"--threads must be >= 0, got {ns.threads}")
     if ns.seed < 0:
         problems.append(f"--seed must be >= 0, got {ns.seed}")
     if ns.sampler is not None and ns.sampler not in SAMPLERS:
@@ -172,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
                         negative_prompt=ns.negative_prompt, steps=ns.steps, guidance=ns.guidance, seed=ns.seed,
                         frames=ns.frames, height=ns.height, width=ns.width, fps=ns.fps, sampler=ns.sampler,
                         num_videos=ns.num_videos, batch_size=ns.batch_size, device=device, dtype=dtype,
-                        offload=ns.offload)
+                        offload=ns.offload, threads=ns.threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +257,8 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         began = time.perf_counter()
         pipe = load_pipeline(args)
         loading = time.perf_counter() - began
