@@ -11,6 +11,15 @@ from lvd.eval.shapes import format_report, parse_caption, score_clip, summarize
 from lvd.video_io import decode_video_bytes, encode_video_bytes
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a thread pool; on a shared CPU its barriers cost ~20 ms an op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ground_truth(seeds=(0, 1)):
     return [make_clip(i, seed)[:2] for seed in seeds for i in range(84)]
 

@@ -62,6 +62,16 @@ def tiny_components(objective: str = "flow", seed: int = 0) -> dict:
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a thread pool, and on a CPU shared with busy processes every op of a
+    2-thread pool waits at its barrier for a descheduled thread (~20 ms an op, measured at load 11)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_pipeline")
