@@ -106,8 +106,11 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
+    # one flat grid axis (CUDA caps axis 1 at 65,535; factorized video attention has B·H in the 100ks),
+    # query blocks fastest so neighbouring programs share their head's K/V in L2
+    num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
+    pid_m = tl.program_id(0) % num_m
+    pid_bh = (tl.program_id(0) // num_m).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,8 +176,11 @@ def _attn_bwd_dq_kernel(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ for one query block; also writes δ = rowsum(dO ∘ O) for the dK/dV kernel."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
+    # one flat grid axis (CUDA caps axis 1 at 65,535; factorized video attention has B·H in the 100ks),
+    # query blocks fastest so neighbouring programs share their head's K/V in L2
+    num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
+    pid_m = tl.program_id(0) % num_m
+    pid_bh = (tl.program_id(0) // num_m).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -234,8 +240,9 @@ def _attn_bwd_dkdv_kernel(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV for one key block, looping over the query blocks that see it (Sᵀ layout)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # batch/head offsets may pass 2³¹ elements
+    num_n = (N_K + BLOCK_N - 1) // BLOCK_N  # flat grid, key blocks fastest (see the forward)
+    pid_n = tl.program_id(0) % num_n
+    pid_bh = (tl.program_id(0) // num_n).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -345,7 +352,7 @@ def _flash_fwd_impl(q, k, v, mask, scale, causal):
     o = dispatch.new_empty(q.shape, dtype=q.dtype, device=q.device)
     lse = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
     m, smb, smn = _mask_args(mask, q)
-    _attn_fwd[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
+    _attn_fwd[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](
         q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
         h, nq, nk, d, scale * 1.4426950408889634, CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q),
     )
@@ -361,11 +368,11 @@ def _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal):
     delta = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
     m, smb, smn = _mask_args(mask, q)
     common = dict(CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q))
-    _attn_bwd_dq[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)](  # also writes δ, read below
+    _attn_bwd_dq[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](  # also writes δ, read below
         q, k, v, m, o, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *do.stride(), *dq.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
     )
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h)](
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]) * b * h,)](
         q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         *dk.stride(), *dv.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
     )
