@@ -142,12 +142,26 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | N
         return None
     if x.device.type == "cpu":
         if interpreted:
-            return None
+            return _interpreter_bug_reason()
         if triton_interpreter_requested():
             return ("TRITON_INTERPRET=1 was set after kernels was imported; it is read when the kernels "
                     "are decorated, so set it before importing kernels")
         return "tensors are on the CPU (Triton runs them only with TRITON_INTERPRET=1)"
     return f"device {x.device.type!r} is not supported by Triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_bug_reason() -> str | None:
+    """Triton 3.6's interpreter with numpy ≥ 2.4 mis-runs ``range(0, n, BLOCK)`` over a runtime n (Triton
+    issue 9171), which every kernel here uses; 3.7.1 and 3.9.0 were checked fine."""
+    import numpy
+
+    triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(p) for p in numpy.__version__.split(".")[:2])
+    if triton_version == (3, 6) and numpy_version >= (2, 4):
+        return (f"the triton {triton.__version__} interpreter with numpy {numpy.__version__} mis-runs loops over "
+                "runtime bounds (Triton issue 9171); use triton != 3.6 or numpy < 2.4")
+    return None
 
 
 def _int32_reason(tensors, *, first_dims: int) -> str | None:

@@ -218,3 +218,18 @@ def test_auto_dispatch_compiles_without_graph_breaks():
                        + kernels.group_norm(x_, 2, per_frame=True, silu=True).sum(), fullgraph=True)
     fn(q, x).backward()
     assert q.grad is not None and x.grad is not None
+
+
+def test_triton_36_interpreter_with_numpy_24_is_refused(monkeypatch):
+    """Triton issue 9171: that pair mis-runs range(0, n, BLOCK) loops, so the kernels would be wrong."""
+    import numpy
+    import triton
+
+    dispatch._interpreter_bug_reason.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    try:
+        with pytest.raises(BackendUnavailableError, match="9171"):
+            dispatch.group_norm_backend(torch.randn(1, 4, 3, 3), backend="triton", interpreted=True)
+    finally:
+        dispatch._interpreter_bug_reason.cache_clear()
