@@ -15,6 +15,10 @@ arguments, so ``rearrange(x, "b n (h d) -> b h n d")`` views need no copy). Soft
 accumulators are fp32 (fp64 for fp64 inputs, which only the interpreter runs, for gradcheck); fp16 and
 bf16 feed the tensor cores directly. A fully masked query row gives zeros and L = +inf.
 
+On a GPU the block sizes are autotuned per (N_q, N_k, D, causal, mask, dtype) from FlashAttention-2-style
+candidates; the grid is one flat axis (B·H may exceed CUDA's 65,535 limit on the other axes). Which
+candidates win, and the TFLOP/s against the issue's H100 targets, are not yet measured.
+
 Autograd and torch.compile go through ``torch.library.custom_op`` (``lvd::flash_attention_fwd`` /
 ``_bwd``) with fake and autograd registrations, so compiled graphs do not break at the kernel.
 """
