@@ -17,7 +17,7 @@ setup(
         # Lower bounds admit the CPU build torch==2.13.0; install it first or pip picks a CUDA build.
         "torch>=2.4",
         # CUDA torch 2.13.0 pins triton 3.7.1, which also runs in the CPU interpreter.
-        "triton>=3.1; platform_system == 'Linux'",
+        "triton>=3.1,!=3.6.*; platform_system == 'Linux'",  # 3.6 + numpy>=2.4 breaks the interpreter (Triton #9171)
         "transformers>=4.45",
         "diffusers>=0.32",
         "accelerate>=0.33",
