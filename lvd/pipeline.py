@@ -179,6 +179,23 @@ class LVDPipeline(DiffusionPipeline):
             return tuple(int(p) for p in patch)  # type: ignore[return-value]
         return (int(config.get("patch_size_t", 1) or 1), int(patch), int(patch))
 
+    # diffusers' pipeline properties, read by callbacks
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
     def set_sampler(self, sampler: str) -> None:
         """Replace the scheduler by the one for ``sampler`` ("euler", "ddim", "dpm++", "unipc") that fits the
         model's objective; ValueError if it does not fit."""
@@ -444,7 +461,7 @@ class LVDPipeline(DiffusionPipeline):
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         self._guidance_scale = guidance_scale
         self._interrupt = False
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.do_classifier_free_guidance
         device = self._execution_device
         batch_size = len(prompts) * num_videos_per_prompt
         timings: dict[str, float] = {}
@@ -476,7 +493,7 @@ class LVDPipeline(DiffusionPipeline):
         steps_done = 0
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                if self._interrupt:
+                if self.interrupt:
                     break
                 model_input = torch.cat([latents, latents]) if do_cfg else latents  # (2B or B, C', T', H', W')
                 if hasattr(self.scheduler, "scale_model_input"):
