@@ -99,6 +99,14 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         assert torch.allclose(torch.tensor(one["ema"][k]), torch.tensor(two["ema"][k]), atol=1e-6), k
 
 
+def test_fsdp2_two_processes_complete_two_steps(tmp_path):
+    _torchrun("fsdp", tmp_path / "fsdp", steps=2)
+    assert len(_losses(tmp_path / "fsdp")) == 2
+    one = json.loads((tmp_path / "fsdp" / "final.json").read_text())
+    assert len(one["params"]["blocks.0.weight"]) == 6  # gathered to full size on rank 0
+
+
+@pytest.mark.slow
 def test_fsdp2_two_processes_train_and_resume(tmp_path):
     _torchrun("fsdp", tmp_path / "fsdp", steps=2)
     assert len(_losses(tmp_path / "fsdp")) == 2
