@@ -85,11 +85,14 @@ def test_float_input_scores_like_uint8():
     assert a["fill_ratio"] == pytest.approx(b["fill_ratio"], abs=1e-6)
 
 
-def test_empty_and_static_clips_are_not_credited():
+def test_empty_noisy_and_static_clips_are_not_credited():
     black = torch.zeros(3, 5, 32, 32, dtype=torch.uint8)
     result = score_clip(black, "a red circle moving left")
     assert (result["color"], result["shape"], result["direction"]) == ("none", "none", "none")
     assert not (result["color_ok"] or result["shape_ok"] or result["direction_ok"])
+    noise = torch.randint(0, 256, (3, 5, 32, 32), dtype=torch.uint8)
+    result = score_clip(noise, "a white circle moving left")
+    assert (result["color"], result["shape"], result["direction"], result["consistency"]) == ("none",) * 3 + (0.0,)
     static = torch.zeros(3, 5, 32, 32, dtype=torch.uint8)
     static[0, :, 10:20, 10:20] = 255
     result = score_clip(static, "a red square moving up")

@@ -19,6 +19,8 @@ The clips are bright shapes on black (:mod:`lvd.data.synthetic`). Per frame, wit
   on the 168 ground-truth clips of seeds 0–1 blurred by a Gaussian of σ = 1.5 px: the ratio alone names
   25% of triangles (the rest "circle"), with the offset (> 0.06) all of them; circles and squares stay at
   100%, their offsets within ±0.035.
+- a clip whose mask covers more than 40% of its pixels is not a shape on black (noise, a washed-out frame):
+  every attribute is "none" (the largest true shape covers 12%).
 - **consistency**: ``1 − std_t(A_t) / mean_t(A_t)`` of the foreground area ``A_t = Σc`` over frames (1 = the
   shape keeps its size, as every true clip does).
 
@@ -47,6 +49,7 @@ _MASK_LEVEL = 0.5  # V above this is foreground
 _RAMP = (0.15, 0.85)  # V → coverage ramp, symmetric about 0.5
 _WHITE_SATURATION = 0.35
 _TRIANGLE_OFFSET = 0.06  # centroid below the box centre by more than this fraction of its height → triangle
+_MAX_FOREGROUND = 0.4  # the largest true shape covers 12% of the frame (side 0.35 of it)
 _STATIC_FRACTION = 0.03  # centroid moves less than this fraction of the frame side → "static"
 ATTRIBUTES = ("color", "shape", "direction")
 
@@ -148,6 +151,9 @@ def score_clip(video, caption: str | None = None) -> dict:
     coverage = np.clip((value - lo) / (hi - lo), 0.0, 1.0)  # (T, H, W)
     mask = value > _MASK_LEVEL  # (T, H, W)
 
+    if mask.mean() > _MAX_FOREGROUND:  # not a shape on black (noise, a washed-out frame): credit nothing
+        coverage = np.zeros_like(coverage)
+        mask = np.zeros_like(mask)
     color = _classify_color(rgb.reshape(3, -1), mask.reshape(-1), coverage.reshape(-1))
 
     ratios = np.array([_fill_ratio(coverage[t]) for t in range(frames)])
@@ -180,7 +186,7 @@ def score_clip(video, caption: str | None = None) -> dict:
         "centroid_offset": offset,
         "displacement": displacement,
         "consistency": consistency,
-        "foreground": float(mask.mean()),
+        "foreground": float((value > _MASK_LEVEL).mean()),
     }
     if caption is not None:
         truth = parse_caption(caption)
