@@ -185,13 +185,23 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
 # --------------------------------------------------------------------------------------------------
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument: none for float32 (the saved dtype), ``dtype=`` where diffusers has
+    renamed ``torch_dtype=`` (it keeps fp32-only modules in fp32, which a later ``.to(dtype)`` would not)."""
+    if dtype == torch.float32:
+        return {}
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def load_pipeline(args: GenerateArgs) -> LVDPipeline:
     """Load the pipeline onto the device and check sizes and the sampler against it (UsageError)."""
     if args.dtype != "float32" and args.device == "cpu":
         print(f"note: --dtype {args.dtype} on a CPU is very slow (bf16 matmul ~0.3 GFLOP/s here); float32 is the "
               "CPU default", file=sys.stderr)
     try:
-        pipe = LVDPipeline.from_pretrained(str(args.model))  # cast below: diffusers renamed torch_dtype= to dtype=
+        pipe = LVDPipeline.from_pretrained(str(args.model), **_dtype_kwarg(DTYPES[args.dtype]))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"  - --model {args.model}: could not load the pipeline: {err}") from err
     problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]
@@ -203,10 +213,9 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
     if problems:
         raise UsageError("\n".join(f"  - {p}" for p in problems))
     if args.offload:
-        pipe.to(dtype=DTYPES[args.dtype])
         pipe.enable_model_cpu_offload(device=args.device)
     else:
-        pipe.to(device=args.device, dtype=DTYPES[args.dtype])
+        pipe.to(args.device)
     return pipe
 
 
