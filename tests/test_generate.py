@@ -78,6 +78,12 @@ def test_empty_prompt_and_negative_prompt_are_accepted(model_dir, tmp_path):
                "--output", str(tmp_path / "neg.mp4")) == 0
 
 
+def test_bfloat16_runs_with_a_note_on_cpu(model_dir, tmp_path, capsys):
+    assert cli(model_dir, "--prompt", "a red circle", "--dtype", "bfloat16", "--output", str(tmp_path / "b.mp4")) == 0
+    assert "--dtype bfloat16 on a CPU is very slow" in capsys.readouterr().err
+    assert probe_video(tmp_path / "b.mp4").num_frames == 5
+
+
 @pytest.fixture
 def no_sampling(monkeypatch):
     """Make any call to the pipeline fail the test: bad input must be refused before sampling."""
