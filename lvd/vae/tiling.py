@@ -124,7 +124,7 @@ def encode_moments(encoder: nn.Module, video: torch.Tensor, cfg: TilingConfig, s
                   * blend_ramp(x0, tw, wl, ov if cfg.spatial else 0)[None, :]).to(moments)  # (th, tw)
         out[..., y0:y0 + th, x0:x0 + tw] += moments * weight
         wsum[y0:y0 + th, x0:x0 + tw] += weight
-    return out / wsum
+    return out.div_(wsum)  # in place: a second output-sized tensor would double the peak at 1024 px
 
 
 def decode_latents(decoder: nn.Module, z: torch.Tensor, cfg: TilingConfig, s: int, r: int,
@@ -153,4 +153,4 @@ def decode_latents(decoder: nn.Module, z: torch.Tensor, cfg: TilingConfig, s: in
         else:
             out[:, :, :, ys, xs] += decoder(zt) * weight
         wsum[ys, xs] += weight
-    return out / wsum
+    return out.div_(wsum)  # in place: a second output-sized tensor would double the peak at 1024 px
