@@ -79,6 +79,7 @@ class ComponentsConfig:
     vae: str = ""  # preset name or folder (e.g. runs/shapes_vae/export)
     text_encoder: str = ""  # folder or name TextEncoder.from_pretrained accepts
     uncond: str = ""  # empty-prompt embedding; default: uncond.safetensors beside the first latent shard
+    text_max_length: int = 0  # the --max-length the latents were cached with (0: the encoder's own limit)
 
 
 @dataclass
@@ -175,7 +176,8 @@ def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
     if cfg.components.text_encoder:
         from lvd.text import TextEncoder
 
-        return TextEncoder.from_pretrained(cfg.components.text_encoder, device="cpu").empty()
+        return TextEncoder.from_pretrained(cfg.components.text_encoder, max_length=cfg.components.text_max_length or None,
+                                           device="cpu").empty()
     raise ValueError(
         f"diffusion.cfg_dropout={cfg.diffusion.cfg_dropout} needs the empty-prompt embedding: {path} does not exist "
         "(lvd.cache_latents writes it) and components.text_encoder is not set; or set diffusion.cfg_dropout=0"
@@ -199,7 +201,8 @@ def make_pipeline(cfg: DiTRecipeConfig, transformer: VideoDiT, seq_len: int):
     scheduler = getattr(diffusers, sched["_class_name"]).from_config(sched)
     vae = load_vae(cfg.components.vae, device="cpu")
     vae = getattr(vae, "model", vae)  # the diffusers module behind a pretrained wrapper
-    text = TextEncoder.from_pretrained(cfg.components.text_encoder, device="cpu")
+    text = TextEncoder.from_pretrained(cfg.components.text_encoder, max_length=cfg.components.text_max_length or None,
+                                       device="cpu")
     text.tokenizer.model_max_length = text.max_length  # the length the latents were cached with
     return LVDPipeline(transformer=transformer, vae=vae, text_encoder=text.model, tokenizer=text.tokenizer,
                        scheduler=scheduler)

@@ -187,7 +187,7 @@ TINY_DIT = [
     "model.overrides={hidden_size: 32, depth: 2, num_heads: 2}", "train.cpu_threads=1", "train.progress=false",
     "train.log_every=1", "checkpoint.every=1", "checkpoint.keep_last=10", "optim.warmup_steps=2",
     "samples.every=5", "samples.num_frames=5", "samples.height=16", "samples.width=16",
-    "samples.num_inference_steps=2", "samples.prompts=[a red circle moving left]",
+    "samples.num_inference_steps=2", "samples.prompts=[a red circle moving left]", "components.text_max_length=8",
 ]
 
 
