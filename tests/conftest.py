@@ -13,7 +13,9 @@ logging.getLogger("xformers").setLevel(logging.ERROR)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: test models are tiny, and tests that spawn torchrun workers would oversubscribe the
+# 2 cores (43 pipeline tests took 45-70 s with 2 threads on a busy machine, 14 s with 1).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
