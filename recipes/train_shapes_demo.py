@@ -184,6 +184,18 @@ def export_pipeline(dit_export: Path, out: Path, metrics: dict[str, Path]) -> No
     tmp.replace(out)
 
 
+def train_seconds(metrics: Path) -> float:
+    """Seconds spent in training steps, from metrics.jsonl (steps between log lines / steps_per_s); counts
+    every attempt's steps once even when the run was stopped and resumed."""
+    seconds, last = 0.0, 0
+    for line in metrics.read_text().splitlines():
+        m = json.loads(line)
+        if m.get("steps_per_s"):
+            seconds += (m["step"] - last) / m["steps_per_s"] if m["step"] > last else 0.0
+            last = max(last, m["step"])
+    return round(seconds, 1)
+
+
 def seconds_per_clip(model: Path, threads: int, steps: int = 25, clips: int = 3) -> float:
     """Wall seconds of one prompt → 17x64x64 clip at ``steps`` steps, guidance 5 (after one warm-up clip)."""
     import torch
@@ -378,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy": summary["accuracy"], "consistency": summary["consistency"],
         "vae_heldout": timings["vae_heldout"], "seconds_per_clip_25_steps": timings["seconds_per_clip_25_steps"],
         "stage_seconds": {k: timings[k] for k in ("data", "vae", "cache", "dit", "export", "eval") if k in timings},
+        "train_step_seconds": {name: train_seconds(path) for name, path in metrics.items()},
         "export_mb": timings["export_mb"], "threads": a.threads, "shapes_config": dataclasses.asdict(demo_shapes()),
         "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:], "dit_overrides": dit_cmd[dit_cmd.index("--config") + 2:],
     }
