@@ -18,6 +18,7 @@ right before the model, so load from other processes hits both alike.
     python benchmarks/bench_dit.py                                  # everything (~15+ min on 2 cores)
     python benchmarks/bench_dit.py --models ours-full,wan --tokens 3k --repeats 1
     nohup python benchmarks/bench_dit.py > benchmarks/results/dit.log 2>&1 &
+    python benchmarks/bench_dit.py --tokens 3k --repeats 3 --merge   # re-measure 3k, keep the rest
 
 Writes benchmarks/results/dit.json (``--out``) and prints a table.
 """
@@ -216,6 +217,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dit.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of --out for (model, tokens) cases not run now (re-measure a few cases)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,6 +239,12 @@ def main(argv=None) -> None:
         print_table(rows[-1:])
     print()
     print_table(rows)
+    if args.merge and Path(args.out).is_file():
+        fresh = {(r["model"], r["tokens"]) for r in rows}
+        kept = [r for r in json.loads(Path(args.out).read_text())["rows"] if (r["model"], r["tokens"]) not in fresh]
+        rows = sorted(kept + rows, key=lambda r: (r["tokens"], MODELS.index(r["model"])))
+        print("merged with the earlier rows of", args.out)
+        print_table(rows)
     ups = speedups(rows)
     for s in ups:
         print(f"{s['model']} vs {s['versus']} at {s['tokens']} tokens: training step {s['train_speedup']:.2f}x, "
