@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-steps", type=int, default=None, help="default: shapes_dit.yaml's train.max_steps")
     p.add_argument("--vae-set", nargs="*", default=[], help="extra key=value overrides for train_vae.py")
     p.add_argument("--dit-set", nargs="*", default=[], help="extra key=value overrides for train_latent_diffusion.py")
+    p.add_argument("--vae-init", choices=["preset", "deterministic"], default="preset",
+                   help="preset: the tiny preset's own init; deterministic: write_vae_init's log σ² = -10 start")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--skip-eval", action="store_true", help="stop after the export")
     p.add_argument("--figures", type=Path, default=REPO / "docs/assets", help="README GIF grid and loss PNG")
@@ -341,10 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         write_data(data / "train", a.train_clips, seed=0), write_data(data / "val", a.val_clips, seed=12345)))
 
     # 2. VAE on 5-frame windows; then held-out PSNR on whole clips
-    if not (work / "vae_init/config.json").is_file():
-        write_vae_init(work / "vae_init")
-    vae_cmd = [py, "recipes/train_vae.py", "--config", "recipes/configs/shapes_vae.yaml", f"run.dir={vae_run}",
-               f"model.init_from={work / 'vae_init'}",
+    init = []
+    if a.vae_init == "deterministic":
+        if not (work / "vae_init/config.json").is_file():
+            write_vae_init(work / "vae_init")
+        init = [f"model.init_from={work / 'vae_init'}"]
+    vae_cmd = [py, "recipes/train_vae.py", "--config", "recipes/configs/shapes_vae.yaml", f"run.dir={vae_run}", *init,
                f"data.shards={data / 'train'}", f"eval.shards={data / 'val'}", *threads, *a.vae_set]
     if a.vae_steps:
         vae_cmd.append(f"train.max_steps={a.vae_steps}")
