@@ -275,7 +275,7 @@ def loss_png(metrics: dict[str, Path], path: Path) -> None:
     fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(10, 3.6))
     train = [(m["step"], m["loss"]) for m in vae if "loss" in m]
     ax1.plot(*zip(*train), color="tab:blue", lw=1)
-    ax1.set(xlabel="step", ylabel="VAE training loss (L1 + KL)", yscale="log", title="stage 1: VAE")
+    ax1.set(xlabel="step", ylabel="VAE training loss", yscale="log", title="stage 1: VAE")
     held = [(m["step"], m["eval/psnr"]) for m in vae if "eval/psnr" in m]
     if held:
         ax2 = ax1.twinx()
