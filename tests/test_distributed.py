@@ -127,3 +127,9 @@ def test_fsdp_without_torchrun_is_a_clear_error(monkeypatch):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     train(sys.argv[2], sys.argv[1], int(sys.argv[3]))
+    # torch 2.13 CPU + gloo + FSDP2: about 1 exit in 4 aborts in C++ static destructors ("terminate called
+    # without an active exception") after destroy_process_group has returned and every result is written.
+    # Skipping interpreter teardown made 16/16 runs exit cleanly; the test checks the written results.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
