@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Latents with the frozen VAE and the packaged MiniLM
     cache_cmd = [py, "-m", "lvd.cache_latents", "--shards", str(data / "train"), "--out", str(latents),
-                 "--vae", str(vae_run / "export"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS), "--device", "cpu", "--quiet"]
+                 "--vae", str(vae_run / "export"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS),
+                 "--device", "cpu", "--quiet"]
     n_shards = len(list((data / "train").glob("shard-*.tar")))
     stage("cache", len(list(latents.glob("shard-*.tar"))) == n_shards and (latents / "uncond.safetensors").is_file(),
           lambda: _run(cache_cmd, logs / "cache.log", a.threads))
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "stage_seconds": {k: timings[k] for k in ("data", "vae", "cache", "dit", "export", "eval") if k in timings},
         "train_step_seconds": {name: train_seconds(path) for name, path in metrics.items()},
         "export_mb": timings["export_mb"], "threads": a.threads, "shapes_config": dataclasses.asdict(demo_shapes()),
-        "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:], "dit_overrides": dit_cmd[dit_cmd.index("--config") + 2:],
+        "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:],
+        "dit_overrides": dit_cmd[dit_cmd.index("--config") + 2:],
     }
     (a.results / "shapes_demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
