@@ -74,18 +74,6 @@ class VAEModelConfig:
 
 
 @dataclass
-class ExtraLossConfig:
-    """Terms ``lvd.vae.losses.vae_loss`` does not have yet (to be folded into VAELossConfig by its owner).
-
-    mse_weight: w · mean (x − x̂)². On sparse clips (a shape on black) L1's median pulls the early
-    decoder to all-black (held-out PSNR flat at ~15.9 dB for 300 steps); the squared error weights
-    the large foreground errors and gets the decoder out of that plateau.
-    """
-
-    mse_weight: float = 0.0
-
-
-@dataclass
 class DiscriminatorConfig:
     """The 3D PatchGAN, built only when ``loss.adv_weight > 0``."""
 
@@ -131,7 +119,6 @@ class VAERecipeConfig:
     data: ClipDataConfig = field(default_factory=lambda: ClipDataConfig(shards="data/shards"))
     model: VAEModelConfig = field(default_factory=VAEModelConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    loss_extra: ExtraLossConfig = field(default_factory=ExtraLossConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -254,10 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         loss, metrics = vae_loss(x, recon.float(), posterior, cfg.loss, step=step, discriminator=disc,
                                  last_layer=last_layer if disc is not None else None)
         metrics.pop("loss", None)
-        if cfg.loss_extra.mse_weight > 0:
-            mse = (recon.float() - x).square().mean()
-            loss = loss + cfg.loss_extra.mse_weight * mse
-            metrics["mse"] = mse.detach()
         return StepOutput(loss, metrics, ctx=(x, recon.detach()))
 
     def count(batch):

@@ -44,7 +44,7 @@ def test_psnr_and_ssim():
         psnr(a, a[:, :, :2])
 
 
-def test_vae_loss_is_l1_plus_weighted_kl():
+def test_vae_loss_is_weighted_l1_mse_and_kl():
     x, recon = video(), video(seed=1)
     post = DiagonalGaussian(torch.randn(2, 8, 2, 4, 4))
     cfg = VAELossConfig(kl_weight=1e-3)
@@ -56,6 +56,9 @@ def test_vae_loss_is_l1_plus_weighted_kl():
     _, metrics = vae_loss(x, recon, post, VAELossConfig(perceptual_weight=0.1), step=0)
     assert metrics["perceptual"] == pytest.approx(structure_loss(x, recon).item())
     assert structure_loss(x, x) == pytest.approx(0.0, abs=1e-5)
+    loss, metrics = vae_loss(x, recon, post, VAELossConfig(l1_weight=0.0, mse_weight=2.0, kl_weight=1e-3), step=0)
+    assert torch.allclose(loss, 2.0 * (x - recon).square().mean() + 1e-3 * kl)
+    assert set(metrics) == {"loss", "l1", "kl", "mse"}
 
 
 def test_adversarial_term_turns_on_after_warm_up():

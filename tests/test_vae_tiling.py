@@ -9,8 +9,12 @@ from lvd.vae import CausalVideoVAE, TilingConfig
 from lvd.vae.tiling import blend_ramp, decode_latents, tile_starts
 
 
-def small_vae():
-    return CausalVideoVAE.from_preset("tiny", block_out_channels=(8, 16, 16), norm_num_groups=4).eval()
+LAYOUTS = ("conv", "resnet")  # block_type: the tiny preset's layout, and the small/base one
+
+
+def small_vae(layout="conv"):
+    return CausalVideoVAE.from_preset("tiny", block_type=layout, layers_per_block=1, block_out_channels=(8, 16, 16),
+                                      norm_num_groups=4).eval()
 
 
 def smooth_clip(t, h, w):
@@ -23,8 +27,9 @@ def smooth_clip(t, h, w):
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
-def test_chunked_decode_equals_full_decode(chunk):
-    vae = small_vae()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunked_decode_equals_full_decode(layout, chunk):
+    vae = small_vae(layout)
     z = torch.randn(1, 16, 4, 8, 8)
     with torch.no_grad():
         full = vae.decode_raw(z)
@@ -34,8 +39,9 @@ def test_chunked_decode_equals_full_decode(chunk):
     assert (chunked - full).abs().max() < 1e-4
 
 
-def test_chunked_encode_equals_full_encode():
-    vae = small_vae()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunked_encode_equals_full_encode(layout):
+    vae = small_vae(layout)
     x = smooth_clip(13, 32, 32)
     with torch.no_grad():
         full = vae.encode_posterior(x).mean
@@ -44,8 +50,9 @@ def test_chunked_encode_equals_full_encode():
     assert (chunked - full).abs().max() < 1e-4
 
 
-def test_a_single_tile_is_exact():
-    vae = small_vae()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_single_tile_is_exact(layout):
+    vae = small_vae(layout)
     z = torch.randn(1, 16, 2, 8, 8)
     with torch.no_grad():
         full = vae.decode_raw(z)
@@ -87,10 +94,11 @@ def test_tiles_cover_the_axis_with_the_requested_overlap():
     assert w.min() > 0 and w.max() == 1 and w[0] < w[3]
 
 
-def test_tiled_matches_untiled_within_the_stated_tolerance():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tiled_matches_untiled_within_the_stated_tolerance(layout):
     """tiling.py docstring: random-weight tiny model, 96 px clip, 64 px tiles, 32 px overlap:
     decode mean |Δ| ≤ 0.12 and max |Δ| ≤ 2.5; encode mean |Δ| ≤ 0.1. Bigger tiles do better."""
-    vae = small_vae()
+    vae = small_vae(layout)
     x = smooth_clip(5, 96, 96)
     with torch.no_grad():
         z = vae.encode_posterior(x).mean

@@ -2,7 +2,7 @@
 
 Generator (autoencoder) objective, all terms on video tensors (B, 3, T, H, W) in [−1, 1]:
 
-    L = w_l1 · mean|x − x̂|
+    L = w_l1 · mean|x − x̂| + w_mse · mean (x − x̂)²
       + w_kl · Σ KL(q(z|x) ‖ N(0, I)) / numel(x)            (SD's "sum over latents / sum over pixels")
       + w_p  · [(1 − SSIM(x, x̂)) + mean|∇x − ∇x̂|]          ("perceptual" substitute, see below)
       + w_adv · λ · (−mean D(x̂))                           (hinge GAN, from cfg.adv_start_step on)
@@ -37,6 +37,9 @@ import kernels
 class VAELossConfig:
     """Weights of the VAE loss terms; a weight of 0 switches its term off.
 
+    mse_weight: weight of mean (x − x̂)². On sparse clips (a small shape on black) L1's per-pixel sign
+    gradients let the background outvote the shape, so training sits on an all-background plateau;
+    MSE's gradient grows with the residual. The shapes recipe uses MSE alone.
     perceptual_weight: weight of the SSIM + gradient substitute for LPIPS (not LPIPS: no pretrained
     weights can be downloaded here). adv_weight: generator hinge term; adv_start_step: first step at
     which the adversarial terms (both generator and discriminator) are active. adaptive_adv_weight:
@@ -44,6 +47,7 @@ class VAELossConfig:
     """
 
     l1_weight: float = 1.0
+    mse_weight: float = 0.0
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0
     adv_weight: float = 0.0
@@ -51,7 +55,7 @@ class VAELossConfig:
     adaptive_adv_weight: bool = True
 
     def __post_init__(self):
-        bad = [k for k in ("l1_weight", "kl_weight", "perceptual_weight", "adv_weight") if getattr(self, k) < 0]
+        bad = [k for k in ("l1_weight", "mse_weight", "kl_weight", "perceptual_weight", "adv_weight") if getattr(self, k) < 0]
         if bad or self.adv_start_step < 0:
             raise ValueError(f"VAELossConfig: weights and adv_start_step must be >= 0, got "
                              f"{ {k: getattr(self, k) for k in bad + ['adv_start_step']} }")
@@ -202,6 +206,10 @@ def vae_loss(video: torch.Tensor, recon: torch.Tensor, posterior, cfg: VAELossCo
     kl = posterior.kl().sum() / video.numel()
     rec = cfg.l1_weight * l1
     metrics = {"l1": l1.detach(), "kl": kl.detach()}
+    if cfg.mse_weight > 0:
+        mse = (recon - video).square().mean()
+        rec = rec + cfg.mse_weight * mse
+        metrics["mse"] = mse.detach()
     if cfg.perceptual_weight > 0:
         p = structure_loss(video, recon)
         rec = rec + cfg.perceptual_weight * p

@@ -11,6 +11,12 @@ the way CogVideoX (Yang et al. 2024) and Wan (2025) build theirs:
   so a frame's activations never depend on later frames, and decoding in temporal chunks with a
   carried convolution cache (:mod:`lvd.vae.tiling`) equals decoding the whole clip to float rounding;
 - the optional mid-block attention is spatial, within each frame (keeps both properties);
+- two block layouts (``block_type``): ``"resnet"``, pre-norm residual blocks of causal 3×3×3 convs as in
+  CogVideoX/Wan (``small``, ``base``); and ``"conv"``, a shallow post-norm chain (conv → GroupNorm → SiLU)
+  of 1×3×3 spatial convs with all temporal mixing in the causal stride-2 down/up convs (``tiny``). On the
+  64×64 moving-shapes clips the ``conv`` layout at 0.2 M parameters reached 28.7 dB held-out PSNR in 700
+  steps, where the ``resnet`` layout at 1.9 M sat on the "black background" plateau (18 dB after 1,000
+  steps): at this scale depth delays learning far more than it adds capacity;
 - the encoder outputs the mean and log-variance of a diagonal Gaussian posterior ``q(z|x)``.
 
 Latent normalisation: ``encode()`` returns ``(z − latent_mean) / latent_std`` per channel and
@@ -36,7 +42,7 @@ from lvd.vae import tiling
 # Named sizes. ``tiny`` trains on 64×64×17 clips on a 2-core CPU; ``base`` has CogVideoX's widths and
 # depths (CogVideoX: 216 M parameters; Wan: 96·(1,2,4,4), 127 M).
 VAE_PRESETS: dict[str, dict] = {
-    "tiny": dict(block_out_channels=(16, 32, 64), layers_per_block=1, spatial_compression=4,
+    "tiny": dict(block_type="conv", block_out_channels=(32, 64, 64), spatial_compression=4,
                  temporal_compression=4, norm_num_groups=8, mid_attention=False),
     "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, spatial_compression=8,
                   temporal_compression=4, norm_num_groups=32, mid_attention=True),
@@ -215,6 +221,104 @@ class Stage(nn.Module):
         return x
 
 
+class ConvNormAct(nn.Module):
+    """conv → per-frame GroupNorm → SiLU: the ``"conv"`` layout's unit (post-norm, no residual).
+
+    ``conv`` is a :class:`CausalConv3d` (temporal kernel, carries a cache) or a 1×3×3 spatial conv with
+    symmetric padding and optional spatial stride 2 (``(H + 1) // 2`` out).
+    """
+
+    def __init__(self, in_channels, out_channels, groups, eps, *, temporal_stride=False, spatial_stride=1):
+        super().__init__()
+        if temporal_stride:
+            self.conv = CausalConv3d(in_channels, out_channels, (3, 1, 1), stride=2)
+        else:
+            self.conv = nn.Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, spatial_stride, spatial_stride),
+                                  padding=(0, 1, 1))
+        self.norm = kernels.GroupNorm(groups, out_channels, eps, silu=True, per_frame=True)
+
+    def forward(self, x, cache=None):
+        x = self.conv(x, cache) if isinstance(self.conv, CausalConv3d) else conv3d(self.conv, x)
+        return self.norm(x)
+
+
+class NormAct(nn.Module):
+    """Per-frame GroupNorm → SiLU after a block that has none (the ``"conv"`` layout's temporal upsample)."""
+
+    def __init__(self, block, channels, groups, eps):
+        super().__init__()
+        self.block = block
+        self.norm = kernels.GroupNorm(groups, channels, eps, silu=True, per_frame=True)
+
+    def forward(self, x, cache=None):
+        return self.norm(self.block(x, cache))
+
+
+class SpatialConv(nn.Module):
+    """A 1×3×3 conv (no temporal extent, so no cache), taking ``(x, cache)`` like the other blocks."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x, cache=None):
+        return conv3d(self.conv, x)
+
+
+class NearestUp(nn.Module):
+    """Nearest-neighbour ×2 in space."""
+
+    def forward(self, x, cache=None):
+        return F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # (B, C, T, 2H, 2W)
+
+
+class ConvEncoder(nn.Module):
+    """``"conv"`` layout, (B, 3, 1 + r·k, H, W) → moments (B, 2C, 1 + k, H/s, W/s).
+
+    conv_in; then per stage i ≥ 1: a 1×3×3 conv to ``ch[i]`` (stride 2 while space is still to be
+    compressed), then a causal stride-2 temporal conv while time is; every conv followed by GroupNorm+SiLU.
+    """
+
+    def __init__(self, in_channels, out_channels, block_out_channels, n_spatial, n_temporal, groups, eps):
+        super().__init__()
+        ch = block_out_channels
+        blocks = [ConvNormAct(in_channels, ch[0], groups, eps)]
+        for i in range(1, len(ch)):
+            blocks.append(ConvNormAct(ch[i - 1], ch[i], groups, eps, spatial_stride=2 if i <= n_spatial else 1))
+            if i <= n_temporal:
+                blocks.append(ConvNormAct(ch[i], ch[i], groups, eps, temporal_stride=True))
+        self.stages = nn.ModuleList([Stage(blocks)])
+        self.conv_out = SpatialConv(ch[-1], out_channels)
+
+    def forward(self, x, cache=None):
+        for stage in self.stages:
+            x = stage(x, cache)
+        return self.conv_out(x, cache)
+
+
+class ConvDecoder(nn.Module):
+    """``"conv"`` layout, z (B, C, 1 + k, h, w) → video (B, 3, 1 + r·k, h·s, w·s); mirrors :class:`ConvEncoder`
+    (time first at each stage, as the encoder compressed it last)."""
+
+    def __init__(self, in_channels, out_channels, block_out_channels, n_spatial, n_temporal, groups, eps):
+        super().__init__()
+        ch = block_out_channels
+        blocks = [ConvNormAct(in_channels, ch[-1], groups, eps)]
+        for i in reversed(range(1, len(ch))):
+            if i <= n_temporal:
+                blocks.append(NormAct(Upsample(ch[i], spatial=False, temporal=True), ch[i], groups, eps))
+            if i <= n_spatial:
+                blocks.append(NearestUp())
+            blocks.append(ConvNormAct(ch[i], ch[i - 1], groups, eps))
+        self.stages = nn.ModuleList([Stage(blocks)])
+        self.conv_out = SpatialConv(ch[0], out_channels)
+
+    def forward(self, z, cache=None):
+        for stage in self.stages:
+            z = stage(z, cache)
+        return self.conv_out(z, cache)
+
+
 class Encoder(nn.Module):
     """(B, 3, 1 + r·k, H, W) → moments (B, 2C, 1 + k, H/s, W/s)."""
 
@@ -300,6 +404,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         in_channels: int = 3,
         out_channels: int = 3,
         latent_channels: int = 16,
+        block_type: str = "resnet",
         block_out_channels: tuple[int, ...] = (128, 256, 256, 512),
         layers_per_block: int = 2,
         spatial_compression: int = 8,
@@ -316,6 +421,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         n_temporal = _log2_exact(temporal_compression, "temporal_compression")
         block_out_channels = tuple(block_out_channels)
         problems = []
+        if block_type not in ("resnet", "conv"):
+            problems.append(f"block_type must be 'resnet' or 'conv', got {block_type!r}")
         if max(n_spatial, n_temporal) > len(block_out_channels) - 1:
             problems.append(f"{len(block_out_channels)} stages allow at most {2 ** (len(block_out_channels) - 1)}× "
                             f"compression, got spatial {spatial_compression}, temporal {temporal_compression}")
@@ -330,11 +437,15 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         if problems:
             raise ValueError("CausalVideoVAE config: " + "; ".join(problems))
 
-        common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, n_spatial=n_spatial,
-                      n_temporal=n_temporal, groups=norm_num_groups, eps=norm_eps, dropout=dropout,
-                      mid_attention=mid_attention)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, **common)
-        self.decoder = Decoder(latent_channels, out_channels, **common)
+        common = dict(block_out_channels=block_out_channels, n_spatial=n_spatial, n_temporal=n_temporal,
+                      groups=norm_num_groups, eps=norm_eps)
+        if block_type == "conv":
+            self.encoder = ConvEncoder(in_channels, 2 * latent_channels, **common)
+            self.decoder = ConvDecoder(latent_channels, out_channels, **common)
+        else:
+            common.update(layers_per_block=layers_per_block, dropout=dropout, mid_attention=mid_attention)
+            self.encoder = Encoder(in_channels, 2 * latent_channels, **common)
+            self.decoder = Decoder(latent_channels, out_channels, **common)
         self.tiling: tiling.TilingConfig | None = None
 
     @classmethod
