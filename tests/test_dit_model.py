@@ -154,3 +154,31 @@ def test_patch_size_in_time_round_trips_shapes():
     model = _randomize(VideoDiT(**TINY, patch_size=(2, 2, 2), attention_mode="factorized"))
     x = _inputs(t=4)
     assert model(**x).shape == x["latents"].shape
+
+
+def test_text_padding_common_to_every_row_is_dropped_exactly():
+    """Text positions masked in every row are removed before cross-attention: the output equals the
+    model run on the truncated text without a mask."""
+    model = _randomize(VideoDiT(**TINY)).eval()
+    x = _inputs(L=7)
+    x["text_mask"][:, 5:] = False  # positions 5, 6: padding in both rows
+    out = model(**x)
+    short = dict(x, text_states=x["text_states"][:, :5], text_mask=x["text_mask"][:, :5])
+    torch.testing.assert_close(out, model(**short), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+def test_eager_fast_paths_equal_the_plain_ops(mode, monkeypatch):
+    """The fused QK-norm/RoPE op and the padding drop give the outputs and gradients of the plain
+    formulation (the path taken under torch.compile) to float rounding."""
+    model = _randomize(VideoDiT(**TINY, attention_mode=mode), std=0.1)
+    x = _inputs()
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        model.zero_grad()
+        out = model(**x)
+        out.square().mean().backward()
+        results.append([out] + [p.grad.clone() for p in model.parameters()])
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

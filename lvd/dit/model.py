@@ -40,7 +40,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 import kernels
-from lvd.dit.rope import apply_rope, default_axes_dims, rope_3d
+from lvd.dit.rope import apply_rope, default_axes_dims, rms_norm_rope, rope_3d
 
 ATTENTION_MODES = ("full", "factorized")
 
@@ -64,8 +64,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, statistics in fp32 (QK-norm per head).
 
-    Written out instead of ``nn.RMSNorm``: on this CPU the fused op took 9.6 ms on a (1, 8, 3328, 64)
-    strided q against 4.3 ms for these three ops.
+    ``forward(x, rope)`` also applies RoPE: :func:`lvd.dit.rope.rms_norm_rope` does both in one autograd
+    op with a hand-written backward (``nn.RMSNorm`` took 9.6 ms on a (1, 8, 3328, 64) strided q here).
     """
 
     def __init__(self, dim: int, eps: float):
@@ -73,9 +73,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rms = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)  # (..., 1)
-        return (x * rms.to(x.dtype)) * self.weight
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm_rope(x, self.weight, self.eps, rope)
 
 
 class SelfAttention(nn.Module):
@@ -92,8 +91,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, grid: tuple[int, int, int]) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        q = apply_rope(self.norm_q(q), rope)  # (B, H, N, Dh)
-        k = apply_rope(self.norm_k(k), rope)
+        if isinstance(self.norm_q, RMSNorm):
+            q, k = self.norm_q(q, rope), self.norm_k(k, rope)  # (B, H, N, Dh), normed and rotated
+        else:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.mode == "full":
             out = kernels.attention(q, k, v)  # (B, H, N, Dh)
         else:
@@ -283,8 +284,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if text_pooled is not None:
             cond = cond + self.pooled_embed(text_pooled.to(x.dtype))
         cond = F.silu(cond)
-        context = self.text_proj(text_states.to(x.dtype))  # (B, L, D)
-        mask = _cross_attention_mask(text_mask)  # (B, L) bool or None
+        text_states, mask = _drop_padding(text_states, _cross_attention_mask(text_mask))  # (B, L', D_text)
+        context = self.text_proj(text_states.to(x.dtype))  # (B, L', D)
 
         # 3. Blocks
         for block in self.blocks:
@@ -314,6 +315,19 @@ def _cross_attention_mask(text_mask: torch.Tensor | None):
     if bool(mask.all()):
         return None  # nothing to mask: lets SDPA take its fastest path
     return mask
+
+
+def _drop_padding(text_states: torch.Tensor, mask: torch.Tensor | None):
+    """Remove the text positions that are padding in every row: a masked key gets softmax weight
+    exactly 0, so attending to the L' kept keys gives the same output, at L'/L of the cost (a 20-token
+    caption padded to 77: cross-attention 3.7 ms instead of 9.2 ms per block forward at 3,328 tokens).
+    Returns (text_states (B, L', D), mask (B, L') or None when nothing is left to mask)."""
+    if mask is None or mask.device.type == "meta" or torch.compiler.is_compiling():
+        return text_states, mask  # data-dependent length: keep the static shape when tracing
+    keep = mask.any(dim=0)  # (L,)
+    if not bool(keep.all()):
+        text_states, mask = text_states[:, keep], mask[:, keep]
+    return text_states, (None if bool(mask.all()) else mask)
 
 
 def count_parameters(model: nn.Module) -> int:
