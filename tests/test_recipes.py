@@ -188,6 +188,7 @@ TINY_DIT = [
     "train.log_every=1", "checkpoint.every=1", "checkpoint.keep_last=10", "optim.warmup_steps=2",
     "samples.every=5", "samples.num_frames=5", "samples.height=16", "samples.width=16",
     "samples.num_inference_steps=2", "samples.prompts=[a red circle moving left]", "components.text_max_length=8",
+    "samples.shapes_eval=3",
 ]
 
 
@@ -216,6 +217,8 @@ def test_dit_recipe_resume_is_bit_exact_and_exports_a_pipeline(latent_setup, tmp
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5] and rows[-1]["tokens_per_s"] > 0
     assert (run / "samples" / "step_000005_0.gif").is_file()
+    scored = [r for r in rows if "eval/color" in r]  # samples.shapes_eval: the shapes scores are logged
+    assert [r["step"] for r in scored] == [5] and 0 <= scored[0]["eval/direction"] <= 1
     export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
     for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
