@@ -19,6 +19,7 @@ right before the model, so load from other processes hits both alike.
     python benchmarks/bench_dit.py --models ours-full,wan --tokens 3k --repeats 1
     nohup python benchmarks/bench_dit.py > benchmarks/results/dit.log 2>&1 &
     python benchmarks/bench_dit.py --tokens 3k --repeats 3 --merge   # re-measure 3k, keep the rest
+    python benchmarks/bench_dit.py --threads 1 --tokens 3k --merge   # beside a job that holds the other core
 
 Writes benchmarks/results/dit.json (``--out``) and prints a table.
 """
@@ -168,7 +169,7 @@ def run_case(name: str, tokens: str, repeats: int) -> dict:
         train_gflop=train_flops / 1e9, forward_gflops_per_s=fwd_flops / fwd_seconds / 1e9,
         train_gflops_per_s=train_flops / train_seconds / 1e9, matmul_gflops_per_s=matmul_rate / 1e9,
         forward_mfu=fwd_flops / fwd_seconds / matmul_rate, train_mfu=train_flops / train_seconds / matmul_rate,
-        loadavg_before=load_before, loadavg_after=os.getloadavg()[0],
+        threads=torch.get_num_threads(), loadavg_before=load_before, loadavg_after=os.getloadavg()[0],
     )
     del model, opt
     return row
@@ -182,14 +183,14 @@ def _timed(fn) -> float:
 
 def print_table(rows: list[dict]) -> None:
     head = f"{'model':16s} {'tokens':>6s} {'params':>7s} {'train s':>8s} {'fwd s':>7s} {'fwd GF':>7s} " \
-           f"{'fwd GF/s':>8s} {'mm GF/s':>8s} {'fwd MFU':>7s} {'trn MFU':>7s} {'load':>5s}"
+           f"{'fwd GF/s':>8s} {'mm GF/s':>8s} {'fwd MFU':>7s} {'trn MFU':>7s} {'thr':>3s} {'load':>5s}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
             f"{r['model']:16s} {r['tokens']:6d} {r['params_m']:6.1f}M {r['train_step_s']:8.2f} {r['forward_s']:7.2f} "
             f"{r['forward_gflop']:7.0f} {r['forward_gflops_per_s']:8.1f} {r['matmul_gflops_per_s']:8.1f} "
-            f"{r['forward_mfu']:7.0%} {r['train_mfu']:7.0%} {r['loadavg_after']:5.1f}"
+            f"{r['forward_mfu']:7.0%} {r['train_mfu']:7.0%} {r.get('threads', 0):3d} {r['loadavg_after']:5.1f}"
         )
 
 
@@ -241,7 +242,10 @@ def main(argv=None) -> None:
     print_table(rows)
     if args.merge and Path(args.out).is_file():
         fresh = {(r["model"], r["tokens"]) for r in rows}
-        kept = [r for r in json.loads(Path(args.out).read_text())["rows"] if (r["model"], r["tokens"]) not in fresh]
+        earlier = json.loads(Path(args.out).read_text())
+        kept = [r for r in earlier["rows"] if (r["model"], r["tokens"]) not in fresh]
+        for r in kept:  # rows from before rows carried their own thread count
+            r.setdefault("threads", earlier["machine"]["threads"])
         rows = sorted(kept + rows, key=lambda r: (r["tokens"], MODELS.index(r["model"])))
         print("merged with the earlier rows of", args.out)
         print_table(rows)
@@ -251,8 +255,9 @@ def main(argv=None) -> None:
               f"forward {s['forward_speedup']:.2f}x")
     result = dict(
         benchmark="bench_dit", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                     torch=torch.__version__, note="2 cores shared with other processes; see loadavg per row"),
+        machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                     threads=torch.get_num_threads(), torch=torch.__version__,
+                     note="cores shared with other processes; threads and loadavg per row (merged rows keep theirs)"),
         config=dict(width=WIDTH, depth=DEPTH, heads=HEADS, text=[TEXT_LEN, TEXT_DIM], channels=CHANNELS,
                     patch=[1, 2, 2], batch=1, dtype="float32", repeats=args.repeats),
         rows=rows, speedups=ups,
