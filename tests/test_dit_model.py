@@ -182,3 +182,21 @@ def test_eager_fast_paths_equal_the_plain_ops(mode, monkeypatch):
         results.append([out] + [p.grad.clone() for p in model.parameters()])
     for fast, plain in zip(*results):
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_norm_modulate_equals_layer_norm_then_modulate(batch):
+    """The one-sample fast path (modulation folded into LayerNorm's weight and bias) gives the output
+    and every gradient of LayerNorm followed by ``x · (1 + scale) + shift``."""
+    from lvd.dit.model import modulate, norm_modulate
+
+    norm = torch.nn.LayerNorm(37, eps=1e-6, elementwise_affine=False)
+    torch.manual_seed(0)
+    x, shift, scale = (torch.randn(batch, n, 37, requires_grad=True) for n in (11, 1, 1))
+    grad = torch.randn(batch, 11, 37)
+    results = []
+    for fn in (lambda: norm_modulate(norm, x, shift, scale), lambda: modulate(norm(x), shift, scale)):
+        out = fn()
+        results.append((out, *torch.autograd.grad(out, (x, shift, scale), grad)))
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

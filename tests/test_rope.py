@@ -66,21 +66,25 @@ def test_compiled_real_form_equals_the_complex_form(monkeypatch):
 
 
 @pytest.mark.parametrize("with_rope", [True, False])
-def test_fused_rms_norm_rope_matches_the_plain_ops(with_rope):
+@pytest.mark.parametrize("heads_inner", [True, False])
+def test_fused_rms_norm_rope_matches_the_plain_ops(with_rope, heads_inner):
     """Forward and both gradients of the one-op QK-norm + RoPE equal the plain composition, on a
-    strided q view cut out of a fused qkv tensor (as in the model) with odd sizes."""
+    strided k view cut out of a fused qkv tensor (as in the model) with odd sizes, in the model's
+    (B, N, H, Dh) layout and in (B, H, N, Dh)."""
     from lvd.dit.rope import rms_norm_reference, rms_norm_rope
 
     grid, dims = (3, 5, 7), (4, 6, 8)
     rope = rope_3d(grid, dims) if with_rope else None
+    if with_rope and heads_inner:
+        rope = rope[:, None]  # (N, 1, Dh/2, 2)
     torch.manual_seed(0)
     qkv = torch.randn(2, 105, 3 * 3 * 18, requires_grad=True)  # (B, N, 3·H·Dh), H=3, Dh=18
     weight = torch.nn.Parameter(torch.randn(18))
-    grad = torch.randn(2, 3, 105, 18)
+    grad = torch.randn(2, 105, 3, 18) if heads_inner else torch.randn(2, 3, 105, 18)
     results = []
     for fn in (rms_norm_rope, rms_norm_reference):
-        q = qkv.unflatten(-1, (3, 3, 18))[:, :, 1].transpose(1, 2)  # (B, H, N, Dh), not contiguous
-        out = fn(q, weight, 1e-6, rope)
+        k = qkv.unflatten(-1, (3, 3, 18)).unbind(2)[1]  # (B, N, H, Dh), not contiguous
+        out = fn(k if heads_inner else k.transpose(1, 2), weight, 1e-6, rope)
         results.append((out, *torch.autograd.grad(out, (qkv, weight), grad)))
     for fused, ref in zip(*results):
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)

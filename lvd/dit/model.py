@@ -61,6 +61,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
+def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``modulate(norm(x), shift, scale)`` for a LayerNorm without affine; x (B, N, D), shift/scale (B, 1, D).
+
+    With one sample the modulation is a per-channel affine, so it goes into LayerNorm's own weight and
+    bias: one fused op, forward + backward 1.3 ms against 4.6 ms for LayerNorm then addcmul on a
+    (1, 3328, 512) x (this CPU, one thread). Larger batches take the two-op path.
+    """
+    if x.shape[0] == 1:
+        return F.layer_norm(x, norm.normalized_shape, (1 + scale).reshape(-1), shift.reshape(-1), norm.eps)
+    return modulate(norm(x), shift, scale)
+
+
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, statistics in fp32 (QK-norm per head).
 
@@ -90,11 +102,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope, grid: tuple[int, int, int]) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        # Work in the Linear's (B, N, H, Dh) layout: unbind(2)'s backward stacks the q/k/v gradients
+        # straight into it (a "three b h n d" split cost a stack plus a 20 MB copy per block at 3k
+        # tokens), and torch's CPU flash attention reads and writes (B, N, H, Dh) memory natively.
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # 3 × (B, N, H, Dh) views
+        rope = rope[:, None]  # (N, 1, Dh/2, 2): the same rotation for every head
         if isinstance(self.norm_q, RMSNorm):
-            q, k = self.norm_q(q, rope), self.norm_k(k, rope)  # (B, H, N, Dh), normed and rotated
+            q, k = self.norm_q(q, rope), self.norm_k(k, rope)  # normed and rotated
         else:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))  # (B, H, N, Dh) views
         if self.mode == "full":
             out = kernels.attention(q, k, v)  # (B, H, N, Dh)
         else:
@@ -129,9 +146,10 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context, mask) -> torch.Tensor:
-        q = self.norm_q(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads))  # (B, H, N, Dh)
-        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
-        k = self.norm_k(k)  # (B, H, L, Dh)
+        q = self.norm_q(self.q(x).unflatten(-1, (self.num_heads, -1)))  # (B, N, H, Dh), as in SelfAttention
+        k, v = self.kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # 2 × (B, L, H, Dh)
+        k = self.norm_k(k)
+        q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))  # (B, H, N or L, Dh) views
         out = kernels.attention(q, k, v, mask=mask)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -153,9 +171,9 @@ class VideoDiTBlock(nn.Module):
     def forward(self, x, cond, context, mask, rope, grid):
         mods = self.adaLN_modulation(cond)[:, None, :].chunk(7, dim=-1)  # 7 × (B, 1, D)
         shift1, scale1, gate1, gate_x, shift2, scale2, gate2 = mods
-        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope, grid))
+        x = torch.addcmul(x, gate1, self.attn(norm_modulate(self.norm1, x, shift1, scale1), rope, grid))
         x = torch.addcmul(x, gate_x, self.cross_attn(self.norm2(x), context, mask))
-        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
+        return torch.addcmul(x, gate2, self.mlp(norm_modulate(self.norm3, x, shift2, scale2)))
 
 
 class VideoDiT(ModelMixin, ConfigMixin):
@@ -296,7 +314,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         # 4. Final adaLN + projection, unpatchify
         shift, scale = self.adaLN_out(cond)[:, None, :].chunk(2, dim=-1)  # 2 × (B, 1, D)
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, C_out·pt·ph·pw)
+        x = self.proj_out(norm_modulate(self.norm_out, x, shift, scale))  # (B, N, C_out·pt·ph·pw)
         t, h, w = grid
         return rearrange(x, "b (t h w) (c p q r) -> b c (t p) (h q) (w r)", t=t, h=h, w=w, p=pt, q=ph, r=pw)
 
