@@ -1,6 +1,6 @@
 """The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
 
-Launch line (from the repository root). The shipped model took about an hour on a 2-core CPU shared with other
+Launch line (from the repository root). The last run (not shipped: direction 54%) took about an hour on a 2-core CPU shared with other
 jobs, one thread per process: data 51 s, VAE 1,418 s (735 s for the same 3,000 steps with less company), latents
 85 s, DiT about 37 minutes (4,000 steps at 1.9 steps/s), evaluation and figures about 5 minutes::
 
