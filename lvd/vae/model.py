@@ -14,9 +14,11 @@ the way CogVideoX (Yang et al. 2024) and Wan (2025) build theirs:
 - two block layouts (``block_type``): ``"resnet"``, pre-norm residual blocks of causal 3×3×3 convs as in
   CogVideoX/Wan (``small``, ``base``); and ``"conv"``, a shallow post-norm chain (conv → GroupNorm → SiLU)
   of 1×3×3 spatial convs with all temporal mixing in the causal stride-2 down/up convs (``tiny``). On the
-  64×64 moving-shapes clips the ``conv`` layout at 0.2 M parameters reached 28.7 dB held-out PSNR in 700
-  steps, where the ``resnet`` layout at 1.9 M sat on the "black background" plateau (18 dB after 1,000
-  steps): at this scale depth delays learning far more than it adds capacity;
+  64×64 moving-shapes clips (``recipes/configs/shapes_vae.yaml``) the ``conv`` layout at 0.2 M parameters
+  reaches 30.0 dB held-out PSNR after 1,000 steps and 33.8 dB after 3,000
+  (``benchmarks/results/shapes_vae.json``), where the ``resnet`` layout at 1.9 M stayed on the
+  all-black-background plateau for the first 1,000 steps: at this scale depth delays learning far more
+  than it adds capacity;
 - the encoder outputs the mean and log-variance of a diagonal Gaussian posterior ``q(z|x)``.
 
 Latent normalisation: ``encode()`` returns ``(z − latent_mean) / latent_std`` per channel and
@@ -221,29 +223,9 @@ class Stage(nn.Module):
         return x
 
 
-class ConvNormAct(nn.Module):
-    """conv → per-frame GroupNorm → SiLU: the ``"conv"`` layout's unit (post-norm, no residual).
-
-    ``conv`` is a :class:`CausalConv3d` (temporal kernel, carries a cache) or a 1×3×3 spatial conv with
-    symmetric padding and optional spatial stride 2 (``(H + 1) // 2`` out).
-    """
-
-    def __init__(self, in_channels, out_channels, groups, eps, *, temporal_stride=False, spatial_stride=1):
-        super().__init__()
-        if temporal_stride:
-            self.conv = CausalConv3d(in_channels, out_channels, (3, 1, 1), stride=2)
-        else:
-            self.conv = nn.Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, spatial_stride, spatial_stride),
-                                  padding=(0, 1, 1))
-        self.norm = kernels.GroupNorm(groups, out_channels, eps, silu=True, per_frame=True)
-
-    def forward(self, x, cache=None):
-        x = self.conv(x, cache) if isinstance(self.conv, CausalConv3d) else conv3d(self.conv, x)
-        return self.norm(x)
-
-
 class NormAct(nn.Module):
-    """Per-frame GroupNorm → SiLU after a block that has none (the ``"conv"`` layout's temporal upsample)."""
+    """``block`` → per-frame GroupNorm → SiLU: the ``"conv"`` layout's unit (post-norm, no residual).
+    ``block`` takes ``(x, cache)``: a :class:`SpatialConv`, a :class:`CausalConv3d` or an :class:`Upsample`."""
 
     def __init__(self, block, channels, groups, eps):
         super().__init__()
@@ -255,11 +237,12 @@ class NormAct(nn.Module):
 
 
 class SpatialConv(nn.Module):
-    """A 1×3×3 conv (no temporal extent, so no cache), taking ``(x, cache)`` like the other blocks."""
+    """A 1×3×3 conv with symmetric padding, optionally stride 2 in space (``(H + 1) // 2`` out). It has no
+    temporal extent, so no cache; it takes ``(x, cache)`` like the other blocks."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, stride=1):
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.conv = nn.Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1))
 
     def forward(self, x, cache=None):
         return conv3d(self.conv, x)
@@ -275,25 +258,24 @@ class NearestUp(nn.Module):
 class ConvEncoder(nn.Module):
     """``"conv"`` layout, (B, 3, 1 + r·k, H, W) → moments (B, 2C, 1 + k, H/s, W/s).
 
-    conv_in; then per stage i ≥ 1: a 1×3×3 conv to ``ch[i]`` (stride 2 while space is still to be
-    compressed), then a causal stride-2 temporal conv while time is; every conv followed by GroupNorm+SiLU.
+    A conv to ``ch[0]``; then per stage i ≥ 1: a 1×3×3 conv to ``ch[i]`` (stride 2 while space is still
+    to be compressed), then a causal stride-2 temporal conv while time is; every conv but the last
+    followed by GroupNorm+SiLU.
     """
 
     def __init__(self, in_channels, out_channels, block_out_channels, n_spatial, n_temporal, groups, eps):
         super().__init__()
         ch = block_out_channels
-        blocks = [ConvNormAct(in_channels, ch[0], groups, eps)]
+        blocks = [NormAct(SpatialConv(in_channels, ch[0]), ch[0], groups, eps)]
         for i in range(1, len(ch)):
-            blocks.append(ConvNormAct(ch[i - 1], ch[i], groups, eps, spatial_stride=2 if i <= n_spatial else 1))
+            blocks.append(NormAct(SpatialConv(ch[i - 1], ch[i], stride=2 if i <= n_spatial else 1), ch[i], groups, eps))
             if i <= n_temporal:
-                blocks.append(ConvNormAct(ch[i], ch[i], groups, eps, temporal_stride=True))
-        self.stages = nn.ModuleList([Stage(blocks)])
+                blocks.append(NormAct(CausalConv3d(ch[i], ch[i], (3, 1, 1), stride=2), ch[i], groups, eps))
+        self.body = Stage(blocks)
         self.conv_out = SpatialConv(ch[-1], out_channels)
 
     def forward(self, x, cache=None):
-        for stage in self.stages:
-            x = stage(x, cache)
-        return self.conv_out(x, cache)
+        return self.conv_out(self.body(x, cache), cache)
 
 
 class ConvDecoder(nn.Module):
@@ -303,20 +285,18 @@ class ConvDecoder(nn.Module):
     def __init__(self, in_channels, out_channels, block_out_channels, n_spatial, n_temporal, groups, eps):
         super().__init__()
         ch = block_out_channels
-        blocks = [ConvNormAct(in_channels, ch[-1], groups, eps)]
+        blocks = [NormAct(SpatialConv(in_channels, ch[-1]), ch[-1], groups, eps)]
         for i in reversed(range(1, len(ch))):
             if i <= n_temporal:
                 blocks.append(NormAct(Upsample(ch[i], spatial=False, temporal=True), ch[i], groups, eps))
             if i <= n_spatial:
                 blocks.append(NearestUp())
-            blocks.append(ConvNormAct(ch[i], ch[i - 1], groups, eps))
-        self.stages = nn.ModuleList([Stage(blocks)])
+            blocks.append(NormAct(SpatialConv(ch[i], ch[i - 1]), ch[i - 1], groups, eps))
+        self.body = Stage(blocks)
         self.conv_out = SpatialConv(ch[0], out_channels)
 
     def forward(self, z, cache=None):
-        for stage in self.stages:
-            z = stage(z, cache)
-        return self.conv_out(z, cache)
+        return self.conv_out(self.body(z, cache), cache)
 
 
 class Encoder(nn.Module):
