@@ -200,3 +200,35 @@ def test_norm_modulate_equals_layer_norm_then_modulate(batch):
         results.append((out, *torch.autograd.grad(out, (x, shift, scale), grad)))
     for fast, plain in zip(*results):
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_pos_embed_gives_each_token_its_time_and_place():
+    from lvd.dit.model import sincos_pos_embed_3d
+
+    t, h, w, dim = 3, 4, 5, 32
+    emb = sincos_pos_embed_3d((t, h, w), dim).reshape(t, h, w, dim)
+    temporal, spatial = emb[..., : dim // 4], emb[..., dim // 4 :]
+    assert (temporal == temporal[:, :1, :1]).all()  # time part depends on t only
+    assert (spatial == spatial[:1]).all()  # place part depends on (h, w) only
+    flat = emb.reshape(t * h * w, dim)
+    assert torch.cdist(flat, flat).add(torch.eye(t * h * w)).min() > 0.1  # every token distinct
+    torch.testing.assert_close(temporal[0, 0, 0, : dim // 8], torch.zeros(dim // 8, dtype=emb.dtype))  # sin(0)
+
+
+def test_abs_pos_embed_breaks_shift_equivariance_and_round_trips(tmp_path):
+    """Without it a spatially constant input gives the same output at every place (RoPE is relative, the
+    attention then averages identical tokens); with it the output varies with the token's place."""
+    x = _inputs(b=1)
+    x["latents"] = torch.ones(1, 4, 3, 4, 6)
+    plain = _randomize(VideoDiT(**TINY, patch_size=(1, 1, 1)))  # one token per latent pixel
+    out = plain(**x)
+    torch.testing.assert_close(out, out[..., :1, :1].expand_as(out), rtol=1e-4, atol=1e-5)
+    absolute = _randomize(VideoDiT(**TINY, patch_size=(1, 1, 1), abs_pos_embed=True))
+    out = absolute(**x)
+    assert (out - out[..., :1, :1]).abs().amax() > 1e-2
+    absolute.save_pretrained(tmp_path)
+    loaded = VideoDiT.from_pretrained(tmp_path)
+    assert loaded.config.abs_pos_embed is True
+    torch.testing.assert_close(loaded(**x), out, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        VideoDiT(**{**TINY, "hidden_size": 40, "num_heads": 2}, abs_pos_embed=True)

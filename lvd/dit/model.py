@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
@@ -187,6 +187,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         attention_mode: "full" or "factorized"; qk_norm: RMSNorm on q and k per head.
         rope_theta, rope_axes_dims: RoPE base and the (t, h, w) split of the head dim (None: default).
         timestep_freq_dim: sinusoidal features of the timestep; norm_eps: epsilon of every norm.
+        abs_pos_embed: also add a fixed 3D sin-cos embedding of each token's absolute place to the patch tokens.
+            RoPE alone tells attention only relative offsets; the shapes demo's tiny DiT (see
+            recipes/train_shapes_demo.py) learns where a path starts and which way it runs much sooner with it.
     """
 
     _supports_gradient_checkpointing = True
@@ -210,6 +213,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rope_axes_dims: tuple[int, int, int] | None = None,
         timestep_freq_dim: int = 256,
         norm_eps: float = 1e-6,
+        abs_pos_embed: bool = False,
     ):
         super().__init__()
         problems = []
@@ -219,6 +223,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
             problems.append(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if len(patch_size) != 3:
             problems.append(f"patch_size must be (pt, ph, pw), got {patch_size}")
+        if abs_pos_embed and hidden_size % 16:
+            problems.append(f"abs_pos_embed needs hidden_size divisible by 16, got {hidden_size}")
         if problems:
             raise ValueError("VideoDiT config: " + "; ".join(problems))
         head_dim = hidden_size // num_heads
@@ -293,6 +299,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         pt, ph, pw = self.patch
         x = rearrange(latents, "b c (t p) (h q) (w r) -> b (t h w) (c p q r)", p=pt, q=ph, r=pw)  # (B, N, C·pt·ph·pw)
         x = self.patch_embed(x)  # (B, N, D)
+        if self.config.abs_pos_embed:
+            x = x + sincos_pos_embed_3d(grid, x.shape[-1], device=x.device).to(x.dtype)
         rope = rope_3d(grid, self.axes_dims, theta=self.config.rope_theta, device=x.device)  # (N, Dh/2, 2)
 
         # 2. Conditioning: c = emb(t) + emb(pooled), and the projected text tokens
@@ -317,6 +325,13 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x = self.proj_out(norm_modulate(self.norm_out, x, shift, scale))  # (B, N, C_out·pt·ph·pw)
         t, h, w = grid
         return rearrange(x, "b (t h w) (c p q r) -> b c (t p) (h q) (w r)", t=t, h=h, w=w, p=pt, q=ph, r=pw)
+
+
+def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, device=None) -> torch.Tensor:
+    """Fixed sin-cos embedding of each token's absolute (t, h, w) place, (N, dim) in the ``(t h w)`` token order:
+    diffusers' ``get_3d_sincos_pos_embed`` (CogVideoX-2b, Latte), dim/4 for time and 3·dim/8 for each of h and w."""
+    t, h, w = grid
+    return get_3d_sincos_pos_embed(dim, (w, h), t, device=device).reshape(t * h * w, dim)
 
 
 def _cross_attention_mask(text_mask: torch.Tensor | None):
