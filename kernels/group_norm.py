@@ -70,20 +70,16 @@ def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-6, *, sil
     """PyTorch GroupNorm (statistics in fp32, fp64 for fp64), optionally per frame and followed by SiLU."""
     _check_inputs(x, num_groups, weight, bias)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
     if per_frame and x.ndim == 5:
-        b = x.shape[0]
         y = rearrange(x, "b c t h w -> (b t) c h w")
-        y = F.group_norm(y.to(acc), num_groups, None, None, eps)
-        y = rearrange(y, "(b t) c h w -> b c t h w", b=b)
+        y = F.group_norm(y.to(acc), num_groups, w, b, eps)
+        y = rearrange(y, "(b t) c h w -> b c t h w", b=x.shape[0])
     else:
-        y = F.group_norm(x.to(acc), num_groups, None, None, eps)
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    if weight is not None:
-        y = y * weight.to(acc).view(shape)
-    if bias is not None:
-        y = y + bias.to(acc).view(shape)
-    if silu:
-        y = F.silu(y)
+        y = F.group_norm(x.to(acc), num_groups, w, b, eps)
+    if silu:  # in place when nothing needs y's gradient: the CPU VAE path, one pass and no extra tensor
+        y = F.silu(y, inplace=not (torch.is_grad_enabled() and y.requires_grad))
     return y.to(x.dtype)
 
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lvd.vae import CausalVideoVAE, TilingConfig
+from lvd.vae.model import CausalConv3d
 from lvd.vae.tiling import blend_ramp, decode_latents, tile_starts
 
 
@@ -26,9 +27,12 @@ def smooth_clip(t, h, w):
     return torch.stack(rgb)[None] * 0.8  # (1, 3, T, H, W)
 
 
+@pytest.mark.parametrize("piece_bytes", [None, 1])
 @pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_chunked_decode_equals_full_decode(layout, chunk):
+def test_chunked_decode_equals_full_decode(layout, chunk, piece_bytes, monkeypatch):
+    if piece_bytes:  # every streaming conv then runs one output frame per oneDNN call
+        monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_bytes)
     vae = small_vae(layout)
     z = torch.randn(1, 16, 4, 8, 8)
     with torch.no_grad():
@@ -39,8 +43,11 @@ def test_chunked_decode_equals_full_decode(layout, chunk):
     assert (chunked - full).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("piece_bytes", [None, 1])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_chunked_encode_equals_full_encode(layout):
+def test_chunked_encode_equals_full_encode(layout, piece_bytes, monkeypatch):
+    if piece_bytes:
+        monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_bytes)
     vae = small_vae(layout)
     x = smooth_clip(13, 32, 32)
     with torch.no_grad():
@@ -111,6 +118,20 @@ def test_tiled_matches_untiled_within_the_stated_tolerance(layout):
     assert dec_err.mean() <= 0.12 and dec_err.max() <= 2.5
     assert enc_err.mean() <= 0.1
     assert dec_err_big.mean() < dec_err.mean()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_streaming_conv_in_pieces_equals_the_whole_clip_conv(stride, monkeypatch):
+    conv = CausalConv3d(4, 6, 3, stride=stride)
+    x = torch.randn(1, 4, 13, 5, 5)
+    with torch.no_grad():
+        full = conv(x)
+        frame_bytes = 4 * 5 * 5 * 4
+        for piece_frames in (3, 4, 7):  # input frames per oneDNN call
+            monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_frames * frame_bytes)
+            cache = {}
+            chunks = [conv(x[:, :, :1], cache)] + [conv(x[:, :, a:a + 4], cache) for a in (1, 5, 9)]
+            torch.testing.assert_close(torch.cat(chunks, dim=2), full, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_tiling_settings_raise():

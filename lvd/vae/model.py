@@ -97,6 +97,12 @@ class CausalConv3d(nn.Module):
     Space is zero-padded to keep H and W (``k//2`` on each side).
     """
 
+    # A streaming call convolves its chunk in pieces of at most this many input bytes, taken as views of
+    # the chunk where they can be: oneDNN copies its input into a blocked layout, so one call on a whole
+    # 4-frame chunk with its cached frames held the chunk three times (the caller's, the concatenation and
+    # oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py).
+    STREAM_PIECE_BYTES = 32 * 2**20
+
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1):
         super().__init__()
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
@@ -105,14 +111,47 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(st, 1, 1), padding=(0, kh // 2, kw // 2))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        if cache is not None and self in cache:
-            x = torch.cat([cache[self], x], dim=2)  # (B, C, T_left + T, H, W)
-        elif self.kt > 1:
-            x = torch.cat([x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1), x], dim=2)  # replicate frame 0
         if cache is not None:
-            n_out = (x.shape[2] - self.kt) // self.st + 1
-            cache[self] = x[:, :, n_out * self.st:].clone()  # frames the next chunk's windows still need
+            return self._stream(x, cache)
+        if self.kt > 1:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1), x], dim=2)  # replicate frame 0
         return conv3d(self.conv, x)
+
+    def _stream(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        kt, st = self.kt, self.st
+        left = cache.pop(self, None)  # popped, so that it is freed as soon as the pieces that read it are done
+        if left is None:  # the clip's first chunk
+            left = x[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
+        n_left, total = left.shape[2], left.shape[2] + x.shape[2]
+
+        def frames(a: int, b: int) -> torch.Tensor:  # frames [a, b) of cat([left, x]), a view where possible
+            if a >= n_left:
+                return x[:, :, a - n_left:b - n_left]
+            if b <= n_left:
+                return left[:, :, a:b]
+            return torch.cat([left[:, :, a:], x[:, :, :b - n_left]], dim=2)
+
+        n_out = (total - kt) // st + 1
+        if n_out < 1:
+            raise ValueError(f"CausalConv3d: {total} frames with the cache, fewer than the kernel's {kt}")
+        keep_from = n_out * st  # frames [keep_from, total) are what the next chunk's windows still need
+        kept = frames(keep_from, total).clone() if keep_from < n_left else None  # rare: reaches into `left`
+        frame_bytes = x[:, :, :1].numel() * x.element_size()
+        per_piece = max(1, (self.STREAM_PIECE_BYTES // max(frame_bytes, 1) - kt) // st + 1)  # output frames
+        if per_piece >= n_out:
+            out = conv3d(self.conv, frames(0, total))
+        else:
+            out = None
+            for i in range(0, n_out, per_piece):
+                j = min(i + per_piece, n_out)
+                piece = conv3d(self.conv, frames(i * st, (j - 1) * st + kt))  # (B, C_out, j - i, H', W')
+                if out is None:
+                    out = piece.new_empty(piece.shape[:2] + (n_out,) + piece.shape[3:])
+                out[:, :, i:j] = piece
+                if j * st >= n_left:
+                    left = None  # later pieces read x only
+        cache[self] = kept if kept is not None else x[:, :, keep_from - n_left:].clone()
+        return out
 
 
 class ResBlock(nn.Module):
@@ -128,8 +167,8 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, cache=None):
-        h = self.conv1(self.norm1(x), cache)
-        h = self.conv2(self.dropout(self.norm2(h)), cache)
+        h = self.norm2(self.conv1(self.norm1(x), cache))  # conv1's output is freed once normed
+        h = self.conv2(self.dropout(h), cache)
         return (x if self.shortcut is None else conv3d(self.shortcut, x)) + h
 
 
