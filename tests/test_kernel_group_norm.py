@@ -99,6 +99,27 @@ def test_mean_1000_times_std_keeps_precision(silu):
     _check_fp32(_run(_triton(2, silu, False), x, w, b, dy), _fp64_ref(x, w, b, dy, 2, silu, False))
 
 
+@pytest.mark.parametrize("shape,groups", [((1, 8, 5, 6, 7), 4), ((2, 16, 3, 4, 4), 8)])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_torch_path_per_frame_without_grad_matches_reference(shape, groups, silu):
+    """The no-grad per-frame fast path (row sums + one addcmul) against the reference; output stays contiguous."""
+    x, w, b = _inputs(shape, torch.float32)
+    with torch.no_grad():
+        assert gn_mod._per_frame_no_grad(x, groups, w, b, 1e-6, silu) is not None  # the fast path ran
+        got = group_norm(x, groups, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, group_norm_reference(x, groups, w, b, 1e-6, silu=silu, per_frame=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_per_frame_without_grad_refuses_when_mean_dwarfs_std():
+    x, w, b = _inputs((1, 8, 3, 9, 9), torch.float32, mean=1000.0, std=1.0)
+    with torch.no_grad():
+        assert gn_mod._per_frame_no_grad(x, 2, w, b, 1e-6, True) is None  # E[x²] − mean² would be noise
+        got = group_norm(x, 2, w, b, 1e-6, silu=True, per_frame=True, backend="torch")
+    torch.testing.assert_close(got, group_norm_reference(x, 2, w, b, 1e-6, silu=True, per_frame=True), rtol=0, atol=0)
+
+
 def test_many_partials_merge(monkeypatch):
     """Tiny tiles cut each unit into many chunks: exercises the cross-program Chan merge."""
     monkeypatch.setattr(gn_mod, "_INTERPRETER_TILE", (16, 1))
