@@ -24,6 +24,10 @@ batch-1 video fills the GPU (torch's GroupNorm launches only B·G blocks):
    (torch.sum, fixed order): deterministic, no atomics.
 
 Autograd and torch.compile go through ``torch.library.custom_op`` (``lvd::group_norm_fwd`` / ``_bwd``).
+
+The PyTorch path (CPU, or where Triton is not chosen) is :func:`group_norm_reference`, except for per-frame
+inference on contiguous fp32 input: :func:`_per_frame_no_grad` takes row sums in x's own layout and hands
+back to the reference whenever its one-pass variance could lose precision (|mean| ≫ std).
 """
 
 from __future__ import annotations
