@@ -528,7 +528,7 @@ def _per_frame_no_grad(x, num_groups, weight, bias, eps, silu):
 
     The reference moves time next to batch and back, two copies of the tensor, and leaves a non-contiguous
     result that the next convolution copies again. Here the statistics come from row sums over H·W (fast
-    contiguous reductions) and one ``addcmul`` writes y in x's own layout: 2.2x faster on a
+    contiguous reductions) and one ``addcmul`` writes y in x's own layout: 2x faster on a
     (1, 128, 4, 128, 128) tensor including the copy it saves the convolution (this CPU, one thread).
     The one-pass variance E[x²] − mean² loses precision when |mean| ≫ std, so then it returns None
     and the caller takes the reference.

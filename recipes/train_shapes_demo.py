@@ -62,7 +62,7 @@ VAE_DEMO = ["model.overrides={latent_channels: 8}"]
 # patches (80 tokens) it learned colour and shape but drew every clip nearly static (direction 25-42%).
 # shapes_dit.yaml turns on abs_pos_embed (a sin-cos embedding of each token's place, on top of RoPE). Without it
 # the DiT found the axis of motion but not its sign: direction 54.2% after 4,000 steps (left/right and up/down
-# swapped in 40% of clips), and 17% against 100% with it in the periodic evaluation at step 1,000.
+# swapped in 27% of clips), and 17% against 100% with it in the periodic evaluation at step 1,000.
 DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]", "optim.lr=1e-3"]
 DIT_STEPS = 6_000
 
