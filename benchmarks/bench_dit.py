@@ -4,7 +4,10 @@ Matched size (issue 5): 8 layers, width 512, 8 heads × 64, MLP 2048, 16 latent 
 text 77×768, batch 1, fp32. Token counts: "3k" = 13×32×32 latents (3,328 tokens), "6k" = 13×44×44
 (6,292), "13k" = 13×64×64 (13,312). Models:
 
-- ``ours-full`` / ``ours-factorized``: :class:`lvd.dit.VideoDiT` with ``attention_mode`` full / factorized;
+- ``ours-full`` / ``ours-factorized``: :class:`lvd.dit.VideoDiT` with ``attention_mode`` full / factorized
+  and a cross-attention sublayer per block (``text_attention="cross"``, the default);
+- ``ours-full-concat`` / ``ours-factorized-concat``: the same with ``text_attention="concat"`` (text keys
+  and values appended to the self-attention's, no cross-attention sublayer);
 - ``cogvideox``: ``diffusers.CogVideoXTransformer3DModel`` (joint text+video attention, sin-cos positions);
 - ``wan``: ``diffusers.WanTransformer3DModel`` (self-attention + cross-attention, 3D RoPE).
 
@@ -42,10 +45,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
-MODELS = ("ours-full", "ours-factorized", "cogvideox", "wan")
+MODELS = ("ours-full", "ours-factorized", "ours-full-concat", "ours-factorized-concat", "cogvideox", "wan")
 TOKENS = {"3k": (13, 32, 32), "6k": (13, 44, 44), "13k": (13, 64, 64)}  # latent (T, H, W), patch 1×2×2
 DEFAULT_CASES = [(m, "3k") for m in MODELS] + [
-    ("ours-factorized", "6k"), ("cogvideox", "6k"), ("ours-factorized", "13k"), ("cogvideox", "13k")
+    ("ours-factorized", "6k"), ("ours-factorized-concat", "6k"), ("cogvideox", "6k"),
+    ("ours-factorized", "13k"), ("ours-factorized-concat", "13k"), ("cogvideox", "13k"),
 ]
 WIDTH, DEPTH, HEADS, TEXT_LEN, TEXT_DIM, CHANNELS = 512, 8, 8, 77, 768, 16
 
@@ -73,6 +77,7 @@ def build(name: str, grid: tuple[int, int, int]):
         model = VideoDiT(
             in_channels=CHANNELS, patch_size=(1, 2, 2), hidden_size=WIDTH, depth=DEPTH, num_heads=HEADS,
             text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, attention_mode=name.split("-")[1],
+            text_attention="concat" if name.endswith("-concat") else "cross",
         )
         mask = torch.ones(1, TEXT_LEN, dtype=torch.bool)
         mask[:, 20:] = False  # a realistic caption: 20 real tokens, the rest padding
@@ -207,7 +212,7 @@ def speedups(rows: list[dict]) -> list[dict]:
         if not rivals:
             continue
         best = min(rivals, key=lambda r: r["train_step_s"])
-        for ours in ("ours-full", "ours-factorized"):
+        for ours in (m for m in MODELS if m.startswith("ours")):
             if ours in at:
                 out.append(dict(tokens=tokens, model=ours, versus=best["model"],
                                 train_speedup=best["train_step_s"] / at[ours]["train_step_s"],

@@ -232,3 +232,113 @@ def test_abs_pos_embed_breaks_shift_equivariance_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(**x), out, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="divisible by 16"):
         VideoDiT(**{**TINY, "hidden_size": 40, "num_heads": 2}, abs_pos_embed=True)
+
+
+# text_attention="concat": text keys and values appended to the self-attention's
+
+
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+def test_concat_text_attention_shapes_parameters_and_meta(mode):
+    cross, concat = VideoDiT(**TINY, attention_mode=mode), VideoDiT(**TINY, attention_mode=mode, text_attention="concat")
+    d = TINY["hidden_size"]
+    # per block: cross-attention's q, kv, proj and norm2 go (3·D² + … ), text_kv (2·D²) and one modulation chunk less
+    per_block_cross = (d * d + d) + (2 * d * d + 2 * d) + (d * d + d) + 2 * d + 2 * (d // 2) + (d * d + d)
+    per_block_concat = (2 * d * d + 2 * d) + d // 2
+    assert count_parameters(cross) - count_parameters(concat) == TINY["depth"] * (per_block_cross - per_block_concat)
+    x = _inputs()
+    out = _randomize(concat)(**x)
+    assert out.shape == x["latents"].shape and torch.isfinite(out).all()
+    with torch.device("meta"):
+        model = VideoDiT.from_preset("large", attention_mode=mode, text_attention="concat", in_channels=16)
+        out = model(**_inputs(b=1, c=16, t=2, h=4, w=4, L=3, text_dim=768, pooled_dim=768, device="meta"))
+    assert out.shape == (1, 16, 2, 4, 4)
+
+
+def test_concat_attention_is_one_softmax_over_video_and_text_keys():
+    """SelfAttention with text keys equals a softmax over [video keys (RoPE, norm_k); text keys (norm_text_k)]."""
+    from lvd.dit.model import SelfAttention
+    from lvd.dit.rope import rope_3d
+
+    torch.manual_seed(0)
+    dim, heads, grid = 16, 2, (2, 2, 3)
+    attn = SelfAttention(dim, heads, mode="full", qk_norm=True, eps=1e-6, text_keys=True)
+    _randomize(attn)
+    n, L = 12, 4
+    x, context = torch.randn(2, n, dim), torch.randn(2, L, dim)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    rope = rope_3d(grid, (4, 2, 2))
+    out = attn(x, rope, grid, context, mask)
+
+    q, k, v = attn.qkv(x).view(2, n, 3, heads, -1).unbind(2)
+    q, k = attn.norm_q(q, rope[:, None]), attn.norm_k(k, rope[:, None])
+    tk, tv = attn.text_kv(context).view(2, L, 2, heads, -1).unbind(2)
+    keys, values = torch.cat([k, attn.norm_text_k(tk)], 1), torch.cat([v, tv], 1)  # (B, N + L, H, Dh)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, keys) / (dim // heads) ** 0.5
+    keep = torch.cat([torch.ones(2, n, dtype=torch.bool), mask], 1)
+    probs = scores.masked_fill(~keep[:, None, None], float("-inf")).softmax(-1)
+    expected = attn.proj(torch.einsum("bhnm,bmhd->bnhd", probs, values).reshape(2, n, dim))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_concat_full_and_factorized_agree_on_one_frame_and_ignore_padding():
+    full = _randomize(VideoDiT(**TINY, attention_mode="full", text_attention="concat")).eval()
+    fact = VideoDiT(**TINY, attention_mode="factorized", text_attention="concat").eval()
+    fact.load_state_dict(full.state_dict())
+    x = _inputs(t=1)
+    torch.testing.assert_close(fact(**x), full(**x))
+    for model in (full, fact):
+        x = _inputs()
+        ref = model(**x)
+        x["text_states"][0, 3:] = 100.0  # masked positions of sample 0
+        torch.testing.assert_close(model(**x), ref)
+        x["text_states"][0, 1] = 100.0  # a real token does change the output, in every frame
+        changed = (model(**x)[0] - ref[0]).abs().amax(dim=(0, 2, 3))  # (T,)
+        assert (changed > 1e-4).all()
+
+
+def test_concat_factorized_sees_text_in_every_frame():
+    """The spatial step appends the text keys to each frame's keys, U[t] = softmax([k_t; k_text]) [v_t; v_text];
+    the temporal step is as without text."""
+    b, heads, t, s, L, d = 2, 2, 3, 4, 5, 8
+    q, k, v = (torch.randn(b, heads, t * s, d) for _ in range(3))
+    tk, tv = torch.randn(b, L, heads, d), torch.randn(b, L, heads, d)
+    mask = torch.ones(b, L, dtype=torch.bool)
+    mask[1, 2:] = False
+    out = factorized_attention(q, k, v, (t, 2, 2), text=(tk, tv, mask))
+    q5, k5, v5 = (z.view(b, heads, t, s, d) for z in (q, k, v))
+    keep = torch.cat([torch.ones(b, s, dtype=torch.bool), mask], 1)  # (B, S + L)
+    u = []
+    for f in range(t):
+        keys = torch.cat([k5[:, :, f], tk.transpose(1, 2)], 2)
+        values = torch.cat([v5[:, :, f], tv.transpose(1, 2)], 2)
+        scores = (q5[:, :, f] @ keys.transpose(-1, -2) / d**0.5).masked_fill(~keep[:, None, None], float("-inf"))
+        u.append(scores.softmax(-1) @ values)  # (B, H, S, Dh)
+    u = torch.stack(u, 2)  # (B, H, T, S, Dh)
+    temporal = torch.softmax(torch.einsum("bhtsd,bhusd->bhstu", q5, k5) / d**0.5, dim=-1)
+    expected = torch.einsum("bhstu,bhusd->bhtsd", temporal, u)
+    torch.testing.assert_close(out, expected.reshape(b, heads, t * s, d))
+
+
+def test_concat_adaln_zero_identity_checkpointing_and_round_trip(tmp_path):
+    model = VideoDiT(**TINY, text_attention="concat")
+    x = torch.randn(2, 9, 32)
+    cond, context = torch.randn(2, 32), torch.randn(2, 5, 32)
+    for block in model.blocks:
+        assert block.adaLN_modulation.out_features == 6 * 32
+        torch.testing.assert_close(block(x, cond, context, None, torch.randn(9, 8, 2), (1, 3, 3)), x, rtol=0, atol=0)
+    _randomize(model)
+    inputs = _inputs()
+    model(**inputs).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert all(g.abs().sum() > 0 for g in grads)  # every parameter is used
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(**inputs).square().mean().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+    model.save_pretrained(tmp_path)
+    loaded = VideoDiT.from_pretrained(tmp_path)
+    assert loaded.config.text_attention == "concat"
+    torch.testing.assert_close(loaded(**inputs), model(**inputs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text_attention"):
+        VideoDiT(**TINY, text_attention="joint")

@@ -24,6 +24,17 @@ Attention modes (config key ``attention_mode``), both through :func:`kernels.att
   (Latte/TimeSformer instead add separate temporal layers; sharing q/k/v keeps one set of weights
   and 1.8× fewer FLOPs than full attention at 3k tokens, see benchmarks/bench_dit.py.)
 
+Text attention (config key ``text_attention``):
+
+- ``"cross"`` (above): a separate cross-attention sublayer, as PixArt-α and Wan.
+- ``"concat"``: no cross-attention sublayer. Each block projects the text tokens to keys and values
+  (their own Linear and QK-norm, no RoPE) and appends them to the self-attention's keys and values,
+  so one softmax weighs video and text keys together; text tokens are never queries and are not
+  updated from block to block (unlike CogVideoX's and SD3's joint attention, where they are). The
+  cross-attention's query and output projections, its LayerNorm and its attention call go, and the
+  modulation has six chunks as in DiT: at the issue-5 benchmark size (3,328 tokens, width 512) the
+  forward is 7% fewer FLOPs. In factorized mode the text keys join the spatial (per-frame) step.
+
 Constructor argument names are the keys of ``config.json``: do not rename them.
 """
 
@@ -37,12 +48,13 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
-from einops import rearrange
+from einops import rearrange, repeat
 
 import kernels
 from lvd.dit.rope import apply_rope, default_axes_dims, rms_norm_rope, rope_3d
 
 ATTENTION_MODES = ("full", "factorized")
+TEXT_ATTENTION = ("cross", "concat")
 
 # Architecture sizes. Data-dependent keys (in_channels, text_dim, pooled_dim) come from the VAE and
 # the text encoder: pass them to `VideoDiT.from_preset(name, in_channels=…, text_dim=…)`.
@@ -90,18 +102,26 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv Linear, RMSNorm QK-norm and 3D RoPE."""
+    """Multi-head self-attention with a fused qkv Linear, RMSNorm QK-norm and 3D RoPE.
 
-    def __init__(self, dim: int, num_heads: int, *, mode: str, qk_norm: bool, eps: float):
+    With ``text_keys`` (``text_attention="concat"``) the text tokens' keys and values (``text_kv``, their
+    own QK-norm, no RoPE) are appended to the video tokens' before the softmax.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, mode: str, qk_norm: bool, eps: float, text_keys: bool = False):
         super().__init__()
         self.num_heads, self.mode = num_heads, mode
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        if text_keys:
+            self.text_kv = nn.Linear(dim, 2 * dim)
+            self.norm_text_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope, grid: tuple[int, int, int]) -> torch.Tensor:
+    def forward(self, x, rope, grid: tuple[int, int, int], context=None, mask=None) -> torch.Tensor:
+        """x (B, N, D); context (B, L, D) and mask (B, L) bool or None: used only with ``text_keys``."""
         # Work in the Linear's (B, N, H, Dh) layout: unbind(2)'s backward stacks the q/k/v gradients
         # straight into it (a "three b h n d" split cost a stack plus a 20 MB copy per block at 3k
         # tokens), and torch's CPU flash attention reads and writes (B, N, H, Dh) memory natively.
@@ -111,19 +131,40 @@ class SelfAttention(nn.Module):
             q, k = self.norm_q(q, rope), self.norm_k(k, rope)  # normed and rotated
         else:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))  # (B, H, N, Dh) views
+        text = None
+        if hasattr(self, "text_kv"):
+            text_k, text_v = self.text_kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, Dh)
+            text = (self.norm_text_k(text_k), text_v, mask)
         if self.mode == "full":
-            out = kernels.attention(q, k, v)  # (B, H, N, Dh)
+            if text is not None:  # video keys first, then text: (B, N + L, H, Dh)
+                k, v = torch.cat([k, text[0]], dim=1), torch.cat([v, text[1]], dim=1)
+                mask = None if mask is None else F.pad(mask, (k.shape[1] - mask.shape[1], 0), value=True)
+            q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))  # (B, H, N, Dh) views
+            out = kernels.attention(q, k, v, mask=mask)  # (B, H, N, Dh)
         else:
-            out = factorized_attention(q, k, v, grid)
+            q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))
+            out = factorized_attention(q, k, v, grid, text=text)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
-def factorized_attention(q, k, v, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Spatial then temporal attention (see the module docstring); q/k/v (B, H, N, Dh), N in (t s) order."""
+def factorized_attention(q, k, v, grid: tuple[int, int, int], text=None) -> torch.Tensor:
+    """Spatial then temporal attention (see the module docstring); q/k/v (B, H, N, Dh), N in (t s) order.
+
+    ``text``: (text_k (B, L, H, Dh), text_v (B, L, H, Dh), mask (B, L) bool or None), keys appended to
+    every frame's keys in the spatial step (``text_attention="concat"``).
+    """
     t = grid[0]
     per_frame = "b h (t s) d -> (b t) h s d"
-    u = kernels.attention(*(rearrange(z, per_frame, t=t) for z in (q, k, v)))  # (B·T, H, S, Dh)
+    qs, ks, vs = (rearrange(z, per_frame, t=t) for z in (q, k, v))  # (B·T, H, S, Dh)
+    mask = None
+    if text is not None:
+        text_k, text_v, text_mask = text
+        every_frame = "b l h d -> (b t) h l d"  # the same text keys for each of the B·T frames
+        ks = torch.cat([ks, repeat(text_k, every_frame, t=t)], dim=2)
+        vs = torch.cat([vs, repeat(text_v, every_frame, t=t)], dim=2)
+        if text_mask is not None:
+            mask = F.pad(text_mask.repeat_interleave(t, dim=0), (qs.shape[2], 0), value=True)  # (B·T, S + L)
+    u = kernels.attention(qs, ks, vs, mask=mask)  # (B·T, H, S, Dh)
     if t == 1:  # one key per temporal softmax: the temporal step is the identity
         return rearrange(u, "(b t) h s d -> b h (t s) d", t=t)
     per_location = "b h (t s) d -> (b s) h t d"
@@ -155,24 +196,33 @@ class CrossAttention(nn.Module):
 
 
 class VideoDiTBlock(nn.Module):
-    """One adaLN-Zero transformer block: self-attention, cross-attention to text, MLP."""
+    """One adaLN-Zero transformer block: self-attention, cross-attention to text (``text_attention="cross"``;
+    with ``"concat"`` the text keys join the self-attention instead), MLP."""
 
-    def __init__(self, dim, num_heads, *, mlp_ratio, mode, qk_norm, eps):
+    def __init__(self, dim, num_heads, *, mlp_ratio, mode, qk_norm, eps, text_attention="cross"):
         super().__init__()
+        self.concat_text = text_attention == "concat"
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.attn = SelfAttention(dim, num_heads, mode=mode, qk_norm=qk_norm, eps=eps)
-        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(dim, num_heads, qk_norm=qk_norm, eps=eps)
+        self.attn = SelfAttention(dim, num_heads, mode=mode, qk_norm=qk_norm, eps=eps, text_keys=self.concat_text)
+        if not self.concat_text:
+            self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+            self.cross_attn = CrossAttention(dim, num_heads, qk_norm=qk_norm, eps=eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Linear(dim, 7 * dim)  # input: SiLU(c), computed once per forward
+        # input: SiLU(c), computed once per forward; outputs (shift1, scale1, gate1, [gate_x,] shift2, scale2, gate2)
+        self.adaLN_modulation = nn.Linear(dim, (6 if self.concat_text else 7) * dim)
 
     def forward(self, x, cond, context, mask, rope, grid):
-        mods = self.adaLN_modulation(cond)[:, None, :].chunk(7, dim=-1)  # 7 × (B, 1, D)
-        shift1, scale1, gate1, gate_x, shift2, scale2, gate2 = mods
-        x = torch.addcmul(x, gate1, self.attn(norm_modulate(self.norm1, x, shift1, scale1), rope, grid))
-        x = torch.addcmul(x, gate_x, self.cross_attn(self.norm2(x), context, mask))
+        mods = list(self.adaLN_modulation(cond)[:, None, :].chunk(6 if self.concat_text else 7, dim=-1))  # (B, 1, D) each
+        shift1, scale1, gate1 = mods[:3]
+        shift2, scale2, gate2 = mods[-3:]
+        h = norm_modulate(self.norm1, x, shift1, scale1)
+        if self.concat_text:
+            x = torch.addcmul(x, gate1, self.attn(h, rope, grid, context, mask))
+        else:
+            x = torch.addcmul(x, gate1, self.attn(h, rope, grid))
+            x = torch.addcmul(x, mods[3], self.cross_attn(self.norm2(x), context, mask))
         return torch.addcmul(x, gate2, self.mlp(norm_modulate(self.norm3, x, shift2, scale2)))
 
 
@@ -190,6 +240,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         abs_pos_embed: also add a fixed 3D sin-cos embedding of each token's absolute place to the patch tokens.
             RoPE alone tells attention only relative offsets; the shapes demo's tiny DiT (see
             recipes/train_shapes_demo.py) learns where a path starts and which way it runs much sooner with it.
+        text_attention: "cross" (a cross-attention sublayer per block) or "concat" (text keys and values
+            appended to the self-attention's); see the module docstring.
     """
 
     _supports_gradient_checkpointing = True
@@ -214,11 +266,14 @@ class VideoDiT(ModelMixin, ConfigMixin):
         timestep_freq_dim: int = 256,
         norm_eps: float = 1e-6,
         abs_pos_embed: bool = False,
+        text_attention: str = "cross",
     ):
         super().__init__()
         problems = []
         if attention_mode not in ATTENTION_MODES:
             problems.append(f"attention_mode={attention_mode!r} is not one of {ATTENTION_MODES}")
+        if text_attention not in TEXT_ATTENTION:
+            problems.append(f"text_attention={text_attention!r} is not one of {TEXT_ATTENTION}")
         if hidden_size % num_heads:
             problems.append(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if len(patch_size) != 3:
@@ -244,7 +299,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         )
         self.blocks = nn.ModuleList(
             VideoDiTBlock(
-                hidden_size, num_heads, mlp_ratio=mlp_ratio, mode=attention_mode, qk_norm=qk_norm, eps=norm_eps
+                hidden_size, num_heads, mlp_ratio=mlp_ratio, mode=attention_mode, qk_norm=qk_norm, eps=norm_eps,
+                text_attention=text_attention,
             )
             for _ in range(depth)
         )
