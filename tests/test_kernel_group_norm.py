@@ -112,6 +112,27 @@ def test_torch_path_per_frame_without_grad_matches_reference(shape, groups, silu
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 20, 64], ids=["one-block", "many-blocks"])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_torch_path_per_frame_channels_last_matches_reference_and_stays_channels_last(silu, block_bytes, monkeypatch):
+    """The channels-last no-grad path (block-wise sums over H·W) against the reference; the output keeps the
+    channels-last layout the next oneDNN convolution reads without a reorder."""
+    monkeypatch.setattr(gn_mod, "_CL_BLOCK_BYTES", block_bytes)  # 64 B: 2 rows of 8 channels per block
+    x, w, b = _inputs((2, 8, 3, 5, 7), torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        assert gn_mod._per_frame_no_grad_channels_last(x, 4, w, b, 1e-6, silu) is not None
+        got = group_norm(x, 4, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
+        far = (x * 1e-3 + 1000.0).contiguous(memory_format=torch.channels_last_3d)  # |mean| ≫ std: the reference
+        assert gn_mod._per_frame_no_grad_channels_last(far, 4, w, b, 1e-6, silu) is None
+        far_got = group_norm(far, 4, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
+    assert got.is_contiguous(memory_format=torch.channels_last_3d) and not got.is_contiguous()
+    torch.testing.assert_close(got, group_norm_reference(x, 4, w, b, 1e-6, silu=silu, per_frame=True),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(far_got, group_norm_reference(far, 4, w, b, 1e-6, silu=silu, per_frame=True),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_torch_path_per_frame_without_grad_refuses_when_mean_dwarfs_std():
     x, w, b = _inputs((1, 8, 3, 9, 9), torch.float32, mean=1000.0, std=1.0)
     with torch.no_grad():

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lvd.vae import CausalVideoVAE, TilingConfig
+from lvd.vae import model as vae_model
 from lvd.vae.model import CausalConv3d
 from lvd.vae.tiling import blend_ramp, decode_latents, tile_starts
 
@@ -142,3 +143,38 @@ def test_bad_tiling_settings_raise():
         vae.enable_tiling(tile_size=32, overlap=24)
     with pytest.raises(ValueError, match="chunk_latent_frames"):
         vae.enable_tiling(chunk_latent_frames=0)
+
+
+@pytest.mark.parametrize("tiling", ["whole", "chunked", "tiled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channels_last_inference_equals_the_default_layout_and_stays_channels_last(layout, tiling, monkeypatch):
+    """CPU inference runs channels-last (``CausalVideoVAE.cpu_channels_last``): the same encode/decode to
+    float rounding as the default layout, every convolution reads channels-last input (no fallback to a
+    reorder anywhere in the network), and the results come back in the default layout."""
+    monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", 1)  # pieces are views of the chunk too
+    vae = CausalVideoVAE.from_preset("tiny", block_type=layout, layers_per_block=1, block_out_channels=(8, 16, 16),
+                                     norm_num_groups=4, mid_attention=layout == "resnet").eval()
+    if tiling == "chunked":
+        vae.enable_tiling(spatial=False, chunk_latent_frames=1)
+    elif tiling == "tiled":
+        vae.enable_tiling(tile_size=32, overlap=16, chunk_latent_frames=1)
+    x = smooth_clip(9, 48, 48)
+    layouts = []
+    conv3d = vae_model.conv3d
+
+    def recording_conv3d(conv, inp):
+        layouts.append(inp.is_contiguous(memory_format=torch.channels_last_3d))
+        return conv3d(conv, inp)
+
+    monkeypatch.setattr(vae_model, "conv3d", recording_conv3d)  # every conv of the network goes through it
+    with torch.no_grad():
+        z = vae.encode_posterior(x).mean
+        video = vae.decode_raw(z)
+        vae.cpu_channels_last = False
+        z_ref = vae.encode_posterior(x).mean
+        video_ref = vae.decode_raw(z_ref)
+    assert z.is_contiguous() and video.is_contiguous()
+    torch.testing.assert_close(z, z_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(video, video_ref, rtol=1e-4, atol=1e-4)
+    n = len(layouts) // 2  # the channels-last run's convolutions, then the default layout's
+    assert n > 0 and all(layouts[:n]) and not all(layouts[n:])

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lvd.vae.layout import memory_format_of
+
 
 @dataclass
 class TilingConfig:
@@ -110,6 +112,7 @@ def encode_moments(encoder: nn.Module, video: torch.Tensor, cfg: TilingConfig, s
     out = wsum = None
     for y0, x0, th, tw in _tiles(hl, wl, tile, ov, cfg.spatial):
         clip = video[:, :, :, y0 * s:(y0 + th) * s, x0 * s:(x0 + tw) * s]  # (B, 3, T, th·s, tw·s)
+        clip = clip.contiguous(memory_format=memory_format_of(video))  # a tile of a channels-last clip stays so
         if cfg.temporal:
             cache: dict = {}
             parts = [encoder(clip[:, :, a:e], cache) for a, e in _frame_chunks(t, 1, r * cfg.chunk_latent_frames)]
@@ -140,7 +143,7 @@ def decode_latents(decoder: nn.Module, z: torch.Tensor, cfg: TilingConfig, s: in
         ys, xs = slice(y0 * s, (y0 + th) * s), slice(x0 * s, (x0 + tw) * s)
         pov = ov * s if cfg.spatial else 0
         weight = (blend_ramp(y0 * s, th * s, h, pov)[:, None] * blend_ramp(x0 * s, tw * s, w, pov)[None, :]).to(z)
-        zt = z[..., y0:y0 + th, x0:x0 + tw]  # (B, C, T', th, tw)
+        zt = z[..., y0:y0 + th, x0:x0 + tw].contiguous(memory_format=memory_format_of(z))  # (B, C, T', th, tw)
         if cfg.temporal:
             cache: dict = {}
             frame = 0
