@@ -3,6 +3,8 @@
     python benchmarks/bench_vae.py                 # 1×3×9×128×128, memory sweep 256–1024 px (several minutes)
     python benchmarks/bench_vae.py --big           # also 1×3×17×256×256 (slow: tens of minutes on 2 cores)
     python benchmarks/bench_vae.py --quick         # smoke run: 64 px, tiny sweep
+    python benchmarks/bench_vae.py --big --cases ours-base,ours-base-chunked --default-layout \
+        --out benchmarks/results/vae_default_layout.json   # ours without the channels-last CPU layout
 
 Compared, all with random weights, fp32, ``--threads`` threads:
 - ours, the ``base`` preset (CogVideoX's widths and depths), whole clip and chunked (``enable_tiling(spatial=False)``);
@@ -114,6 +116,10 @@ def run_case(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("default_layout"):
+        from lvd.vae import CausalVideoVAE
+
+        CausalVideoVAE.cpu_channels_last = False
     vae, encode, decode = _build(spec["kind"])
     b, t, h, w = spec["shape"]
     x = torch.rand(b, 3, t, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -123,6 +129,8 @@ def run_case(spec: dict) -> dict:
     row = {"case": spec["kind"], "shape": [b, 3, t, h, w], "threads": spec["threads"],
            "params_M": round(sum(p.numel() for p in vae.parameters()) / 1e6, 1)}
     ours = spec["kind"].startswith("ours")
+    if ours:
+        row["layout"] = "default" if spec.get("default_layout") else "channels_last_3d (CPU inference)"
     enc_flops, dec_flops = _meta_flops(vae, (b, 3, t, h, w)) if ours else (None, None)
 
     def part(sec, flops, peak, rise):
@@ -184,6 +192,11 @@ def main(argv=None) -> None:
     p.add_argument("--sweep-frames", type=int, default=17, help="frames of the memory-sweep clips (1 + 4k)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--cases", default=None,
+                   help="comma list of kinds to run (ours-base, ours-base-chunked, diffusers-cogvideox, diffusers-wan, "
+                        "ours-small-tiled); default: all")
+    p.add_argument("--default-layout", action="store_true",
+                   help="run our VAE in the default (channels-first) layout on CPU: CausalVideoVAE.cpu_channels_last=False")
     args = p.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))), flush=True)
@@ -194,13 +207,17 @@ def main(argv=None) -> None:
     rate_before = matmul_gflops(args.threads)
     print(f"fp32 matmul (2048², {args.threads} threads): {rate_before:.1f} GFLOP/s", flush=True)
     rows = []
+    wanted = set(args.cases.split(",")) if args.cases else None
+    layout = {"default_layout": True} if args.default_layout else {}
     for shape in shapes:
         for kind in ("ours-base", "ours-base-chunked", "diffusers-cogvideox", "diffusers-wan"):
-            rows.append(spawn({"kind": kind, "shape": list(shape), "threads": args.threads}, args.timeout))
+            if wanted is not None and kind not in wanted:
+                continue
+            rows.append(spawn({"kind": kind, "shape": list(shape), "threads": args.threads, **layout}, args.timeout))
             print(json.dumps(rows[-1]), flush=True)
-    for size in sweep:
+    for size in sweep if wanted is None or "ours-small-tiled" in wanted else []:
         spec = {"kind": "ours-small-tiled", "shape": [1, args.sweep_frames, size, size], "threads": args.threads,
-                "decode_only": True}
+                "decode_only": True, **layout}
         rows.append(spawn(spec, args.timeout))
         print(json.dumps(rows[-1]), flush=True)
     rate_after = matmul_gflops(args.threads)
