@@ -540,18 +540,34 @@ def _per_frame_no_grad(x, num_groups, weight, bias, eps, silu):
     b, c, t, h, w = x.shape
     g, cg = num_groups, c // num_groups
     rows = x.view(b, g, cg, t, h * w)
-    n = cg * h * w
-    mean = rows.sum(-1).sum(2) / n  # (B, G, T)
-    var = torch.linalg.vector_norm(rows, dim=-1).square().sum(2) / n - mean.square()
+    total = rows.sum(-1).view(b, c, t).transpose(1, 2)  # (B, T, C)
+    total_sq = torch.linalg.vector_norm(rows, dim=-1).square().view(b, c, t).transpose(1, 2)
+    affine = _frame_affine(total, total_sq, h * w, num_groups, weight, bias, eps)
+    if affine is None:
+        return None
+    # (B, G, C/G, T, 1), contiguous: strided operands would make addcmul pick a strided layout for y
+    scale, shift = (a.view(b, t, g, cg).permute(0, 2, 3, 1).contiguous()[..., None] for a in affine)
+    y = torch.addcmul(shift, rows, scale).view(b, c, t, h, w)
+    return F.silu(y, inplace=True) if silu else y
+
+
+def _frame_affine(total, total_sq, count, num_groups, weight, bias, eps):
+    """Per-frame GroupNorm as an affine map y = x · scale + shift, from per-(b, t, channel) sums of x and x²
+    over ``count`` pixels: (scale, shift), each (B, T, C). None when the one-pass variance E[x²] − mean² could
+    have lost its precision (|mean| ≫ std); the caller then takes the reference."""
+    b, t, c = total.shape
+    g, cg = num_groups, c // num_groups
+    n = cg * count
+    mean = total.view(b, t, g, cg).sum(-1) / n  # (B, T, G)
+    var = total_sq.view(b, t, g, cg).sum(-1) / n - mean.square()
     if bool((mean.square() > 1e3 * var).any()):
         return None
-    rstd = (var.clamp_min(0) + eps).rsqrt()[:, :, None]  # (B, G, 1, T)
-    scale = rstd * weight.view(1, g, cg, 1) if weight is not None else rstd.expand(b, g, cg, t)
-    shift = -mean[:, :, None] * scale
+    rstd = (var.clamp_min(0) + eps).rsqrt()[..., None]  # (B, T, G, 1)
+    scale = rstd * weight.view(g, cg) if weight is not None else rstd.expand(b, t, g, cg)
+    shift = -mean[..., None] * scale
     if bias is not None:
-        shift = shift + bias.view(1, g, cg, 1)
-    y = torch.addcmul(shift[..., None], rows, scale[..., None]).view(b, c, t, h, w)
-    return F.silu(y, inplace=True) if silu else y
+        shift = shift + bias.view(g, cg)
+    return scale.reshape(b, t, c), shift.reshape(b, t, c)
 
 
 _CL_BLOCK_BYTES = 1 << 20  # rows per block of the channels-last sums: 1 MiB, cache-sized
@@ -565,7 +581,6 @@ def _per_frame_no_grad_channels_last(x, num_groups, weight, bias, eps, silu):
     convolves without a reorder. Returns None when |mean| ≫ std, like the contiguous version.
     """
     b, c, t, h, w = x.shape
-    g, cg = num_groups, c // num_groups
     rows = x.permute(0, 2, 3, 4, 1).view(b, t, h * w, c)
     total = rows.new_zeros(b, t, c)
     total_sq = rows.new_zeros(b, t, c)
@@ -574,17 +589,11 @@ def _per_frame_no_grad_channels_last(x, num_groups, weight, bias, eps, silu):
         part = rows[:, :, i:i + block]
         total += part.sum(2)
         total_sq += (part * part).sum(2)
-    n = cg * h * w
-    mean = total.view(b, t, g, cg).sum(-1) / n  # (B, T, G)
-    var = total_sq.view(b, t, g, cg).sum(-1) / n - mean.square()
-    if bool((mean.square() > 1e3 * var).any()):
+    affine = _frame_affine(total, total_sq, h * w, num_groups, weight, bias, eps)
+    if affine is None:
         return None
-    rstd = (var.clamp_min(0) + eps).rsqrt()[..., None]  # (B, T, G, 1)
-    scale = rstd * weight.view(g, cg) if weight is not None else rstd.expand(b, t, g, cg)
-    shift = -mean[..., None] * scale
-    if bias is not None:
-        shift = shift + bias.view(g, cg)
-    y = torch.addcmul(shift.reshape(b, t, 1, c), rows, scale.reshape(b, t, 1, c))  # (B, T, H·W, C)
+    scale, shift = (a[:, :, None] for a in affine)  # (B, T, 1, C)
+    y = torch.addcmul(shift, rows, scale)  # (B, T, H·W, C)
     if silu:
         F.silu(y, inplace=True)
     return y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)

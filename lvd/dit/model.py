@@ -115,9 +115,8 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
-        if text_keys:
-            self.text_kv = nn.Linear(dim, 2 * dim)
-            self.norm_text_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.text_kv = nn.Linear(dim, 2 * dim) if text_keys else None
+        self.norm_text_k = (RMSNorm(head_dim, eps) if qk_norm else nn.Identity()) if text_keys else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope, grid: tuple[int, int, int], context=None, mask=None) -> torch.Tensor:
@@ -132,7 +131,7 @@ class SelfAttention(nn.Module):
         else:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         text = None
-        if hasattr(self, "text_kv"):
+        if self.text_kv is not None:
             text_k, text_v = self.text_kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, Dh)
             text = (self.norm_text_k(text_k), text_v, mask)
         if self.mode == "full":

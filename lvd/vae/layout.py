@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -22,3 +23,16 @@ def cat_frames(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     shape[2] = sum(p.shape[2] for p in parts)
     out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
     return torch.cat(parts, dim=2, out=out)  # channels-last is the no-grad inference layout: no autograd here
+
+
+def pad_right_bottom(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad H and W by one at the end (``F.pad(x, (0, 1, 0, 1))``), in x's memory format: F.pad returns
+    a contiguous tensor, and converting it back to channels-last would copy the activation a second time."""
+    if memory_format_of(x) == torch.contiguous_format:
+        return F.pad(x, (0, 1, 0, 1))
+    b, c, t, h, w = x.shape
+    out = torch.empty(b, c, t, h + 1, w + 1, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    out[..., h, :] = 0
+    out[..., :h, w] = 0
+    out[..., :h, :w] = x
+    return out

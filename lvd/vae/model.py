@@ -40,7 +40,7 @@ from einops import rearrange
 
 import kernels
 from lvd.vae import tiling
-from lvd.vae.layout import cat_frames, memory_format_of
+from lvd.vae.layout import cat_frames, memory_format_of, pad_right_bottom
 
 # Named sizes. ``tiny`` trains on 64×64×17 clips on a 2-core CPU; ``base`` has CogVideoX's widths and
 # depths (CogVideoX: 216 M parameters; Wan: 96·(1,2,4,4), 127 M).
@@ -101,7 +101,9 @@ class CausalConv3d(nn.Module):
     # A streaming call convolves its chunk in pieces of at most this many input bytes, taken as views of
     # the chunk where they can be: oneDNN copies its input into a blocked layout, so one call on a whole
     # 4-frame chunk with its cached frames held the chunk three times (the caller's, the concatenation and
-    # oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py).
+    # oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py). In the channels-last CPU
+    # inference layout oneDNN reads the pieces in place; they still lower the peak of the base preset's chunked
+    # encode of 17×256² (by about 10% in a probe with and without them).
     STREAM_PIECE_BYTES = 32 * 2**20
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1):
@@ -208,7 +210,7 @@ class Downsample(nn.Module):
 
     def forward(self, x, cache=None):
         if self.spatial is not None:
-            x = conv3d(self.spatial, F.pad(x, (0, 1, 0, 1)).contiguous(memory_format=memory_format_of(x)))  # (B, C, T, H/2, W/2)
+            x = conv3d(self.spatial, pad_right_bottom(x))  # (B, C, T, H/2, W/2)
         if self.temporal is not None:
             x = self.temporal(x, cache)  # (B, C, 1 + (T−1)/2, H, W)
         return x
