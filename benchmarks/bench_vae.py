@@ -13,11 +13,19 @@ Compared, all with random weights, fp32, ``--threads`` threads:
 - a small-channel model of ours, tiled + chunked decode of 17-frame clips at 256…1024 px: the peak memory
   should stay flat apart from the output tensor itself, which is listed beside it.
 
-The ceiling is the fp32 matmul rate (2048² GEMMs), measured in the same run before and after. FLOPs are
-counted by ``torch.utils.flop_counter.FlopCounterMode`` during the timed call. Each case runs in a fresh
-subprocess with glibc told to return freed blocks ≥ 128 KiB to the system at once (``MALLOC_ENV``), so that
-RSS follows live tensors; peak memory is the process's VmHWM after resetting it (``/proc/self/clear_refs``),
-reported both absolute and as the rise over the RSS just before the call. Writes ``benchmarks/results/vae.json``.
+The ceiling is the fp32 matmul rate (2048² GEMMs), measured in the same run before and after.
+
+Each case runs twice, each time in a fresh subprocess, after a warm-up on a small clip:
+- the **time** run, with glibc's default settings (what a user's process has) and nothing else active; its
+  seconds are the reported ``seconds``;
+- the **memory** run, with glibc told to return freed blocks ≥ 128 KiB to the system at once (``MALLOC_ENV``),
+  so that RSS follows live tensors. Peak memory is the process's VmHWM after resetting it
+  (``/proc/self/clear_refs``), reported absolute and as the rise over the RSS just before the call. Every
+  freed block then goes back to the kernel, and every new tensor page-faults in afresh, which slows the call
+  (ours chunked 9×128² encode: 4.7 s against 4.2 s): those seconds are kept as ``seconds_memory_run``.
+  diffusers' FLOPs are counted here by ``torch.utils.flop_counter.FlopCounterMode``; ours on a meta-device copy.
+
+Writes ``benchmarks/results/vae.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ def _rss_kib(field: str) -> int:
 
 
 def _measure(fn, count: bool):
-    """(result, seconds, flops or None, peak_rss_MiB, peak_rise_MiB) of one call."""
+    """(result, seconds, flops or None, peak_rss_MiB, peak_rise_MiB) of one call; the peaks mean live
+    memory only in the memory run (``MALLOC_ENV``)."""
     import contextlib
 
     import torch
@@ -112,7 +121,8 @@ def _build(kind: str):
 
 
 def run_case(spec: dict) -> dict:
-    """One model on one clip: encode (unless decode_only) and decode."""
+    """One model on one clip: encode (unless decode_only) and decode, measured as ``spec["measure"]`` says:
+    "time" (no FLOP counter running) or "memory" (peaks, FLOPs, and the seconds of that run)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -131,21 +141,25 @@ def run_case(spec: dict) -> dict:
     ours = spec["kind"].startswith("ours")
     if ours:
         row["layout"] = "default" if spec.get("default_layout") else "channels_last_3d (CPU inference)"
-    enc_flops, dec_flops = _meta_flops(vae, (b, 3, t, h, w)) if ours else (None, None)
+    timing = spec["measure"] == "time"
+    count = not ours and not timing
+    enc_flops, dec_flops = _meta_flops(vae, (b, 3, t, h, w)) if ours and not timing else (None, None)
 
     def part(sec, flops, peak, rise):
-        return dict(seconds=round(sec, 3), gflop=round(flops / 1e9, 1), gflops_per_s=round(flops / 1e9 / sec, 1),
-                    peak_rss_MiB=round(peak), peak_rise_MiB=round(rise))
+        if timing:
+            return dict(seconds=round(sec, 3))
+        return dict(seconds_memory_run=round(sec, 3), gflop=round(flops / 1e9, 1), peak_rss_MiB=round(peak),
+                    peak_rise_MiB=round(rise))
 
     if spec.get("decode_only"):
         lat_c = vae.config.latent_channels
         s_, r_ = vae.spatial_compression, vae.temporal_compression
         z = torch.randn(b, lat_c, 1 + (t - 1) // r_, h // s_, w // s_)
     else:
-        z, sec, flops, peak, rise = _measure(lambda: encode(x), count=not ours)
+        z, sec, flops, peak, rise = _measure(lambda: encode(x), count=count)
         row["encode"] = part(sec, enc_flops or flops, peak, rise)
     del x
-    video, sec, flops, peak, rise = _measure(lambda: decode(z), count=not ours)
+    video, sec, flops, peak, rise = _measure(lambda: decode(z), count=count)
     row["decode"] = part(sec, dec_flops or flops, peak, rise)
     row["output_MiB"] = round(video.numel() * video.element_size() / 2**20, 1)
     return row
@@ -164,17 +178,34 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
-def spawn(spec: dict, timeout: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **MALLOC_ENV}
+def _spawn_one(spec: dict, timeout: float) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **(MALLOC_ENV if spec["measure"] == "memory" else {}))
     cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"case": spec["kind"], "shape": spec["shape"], "error": f"timed out after {timeout:.0f} s"}
+        return {"case": spec["kind"], "shape": spec["shape"], "error": f"{spec['measure']} run timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"case": spec["kind"], "shape": spec["shape"], "error": proc.stderr.strip()[-800:]}
     return json.loads(lines[-1])
+
+
+def spawn(spec: dict, timeout: float) -> dict:
+    """The case's time run, then its memory run, merged into one row (see the module docstring)."""
+    timed = _spawn_one({**spec, "measure": "time"}, timeout)
+    if "error" in timed:
+        return timed
+    row = _spawn_one({**spec, "measure": "memory"}, timeout)
+    if "error" in row:
+        return row
+    for key in ("encode", "decode"):
+        if key in row:
+            sec = timed[key]["seconds"]
+            row[key] = dict(seconds=sec, gflop=row[key]["gflop"], gflops_per_s=round(row[key]["gflop"] / sec, 1),
+                            **{k: v for k, v in row[key].items() if k != "gflop"})
+    return row
 
 
 def _fmt(part: dict | None) -> str:
@@ -240,6 +271,8 @@ def main(argv=None) -> None:
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                           "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
               "matmul_gflops": {"before": round(rate_before, 1), "after": round(rate_after, 1)},
+              "method": {"seconds": "time run: fresh process, default glibc malloc, no FLOP counter",
+                         "peak_rss_MiB, peak_rise_MiB, seconds_memory_run": f"memory run: fresh process, {MALLOC_ENV}"},
               "command": "python benchmarks/bench_vae.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

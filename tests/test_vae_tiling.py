@@ -45,17 +45,33 @@ def test_chunked_decode_equals_full_decode(layout, chunk, piece_bytes, monkeypat
 
 
 @pytest.mark.parametrize("piece_bytes", [None, 1])
+@pytest.mark.parametrize("frames_per_call", [1, 3, 4, 8])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_chunked_encode_equals_full_encode(layout, piece_bytes, monkeypatch):
+def test_chunked_encode_equals_full_encode(layout, frames_per_call, piece_bytes, monkeypatch):
+    """Any number of frames per encoder call, a multiple of the temporal factor (4) or not: strided convs
+    wait in their caches for the frames that complete their windows, and calls that yield no latent frame
+    are skipped."""
     if piece_bytes:
         monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_bytes)
     vae = small_vae(layout)
     x = smooth_clip(13, 32, 32)
     with torch.no_grad():
         full = vae.encode_posterior(x).mean
-        vae.enable_tiling(spatial=False, chunk_latent_frames=1)
+        vae.enable_tiling(spatial=False, encode_chunk_frames=frames_per_call)
         chunked = vae.encode_posterior(x).mean
+    assert chunked.shape == full.shape == (1, 16, 4, 8, 8)
     assert (chunked - full).abs().max() < 1e-4
+
+
+def test_encoder_fed_one_frame_yields_a_latent_frame_only_when_one_is_complete():
+    vae = small_vae("resnet")
+    x = smooth_clip(9, 32, 32)
+    cache = {}
+    with torch.no_grad():
+        outputs = [vae.encoder(vae._inference_layout(x[:, :, t:t + 1]), cache) for t in range(9)]
+    # frame 0 alone gives latent frame 0; then frames 1–4 give latent frame 1 on frame 4, 5–8 on frame 8
+    assert [o is not None for o in outputs] == [True, False, False, False, True, False, False, False, True]
+    assert all(o.shape[2] == 1 for o in outputs if o is not None)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -135,6 +151,20 @@ def test_streaming_conv_in_pieces_equals_the_whole_clip_conv(stride, monkeypatch
             torch.testing.assert_close(torch.cat(chunks, dim=2), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_streaming_conv_fed_one_frame_at_a_time_equals_the_whole_clip_conv(stride):
+    """A stride-2 conv fed single frames outputs a frame on every second one (0 frames in between)."""
+    conv = CausalConv3d(4, 6, 3, stride=stride)
+    x = torch.randn(1, 4, 13, 5, 5)
+    with torch.no_grad():
+        full = conv(x)
+        cache = {}
+        outs = [conv(x[:, :, t:t + 1], cache) for t in range(13)]
+    assert [o.shape[2] for o in outs] == ([1] * 13 if stride == 1 else [1, 0] * 6 + [1])
+    assert all(o.shape[1] == 6 and o.shape[3:] == (5, 5) for o in outs)
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_tiling_settings_raise():
     vae = small_vae()
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -143,6 +173,8 @@ def test_bad_tiling_settings_raise():
         vae.enable_tiling(tile_size=32, overlap=24)
     with pytest.raises(ValueError, match="chunk_latent_frames"):
         vae.enable_tiling(chunk_latent_frames=0)
+    with pytest.raises(ValueError, match="encode_chunk_frames"):
+        vae.enable_tiling(encode_chunk_frames=0)
 
 
 @pytest.mark.parametrize("tiling", ["whole", "chunked", "tiled"])

@@ -95,6 +95,7 @@ class CausalConv3d(nn.Module):
     Whole clip (``cache=None``): the front is padded with ``k_t − 1`` copies of frame 0.
     Streaming (``cache`` a dict): the input frames the previous chunk left unconsumed are prepended;
     the first chunk pads like the whole clip. The leftover frames are stored under ``cache[self]``.
+    A strided conv given too few frames to complete its next window stores them and returns 0 frames.
     Space is zero-padded to keep H and W (``k//2`` on each side).
     """
 
@@ -135,8 +136,10 @@ class CausalConv3d(nn.Module):
             return cat_frames([left[:, :, a:], x[:, :, :b - n_left]], like=x)
 
         n_out = (total - kt) // st + 1
-        if n_out < 1:
-            raise ValueError(f"CausalConv3d: {total} frames with the cache, fewer than the kernel's {kt}")
+        if n_out < 1:  # a strided conv still waiting for its window's last frames: nothing to output yet
+            cache[self] = frames(0, total).clone()
+            b, _, _, h, w = x.shape
+            return x.new_empty((b, self.conv.out_channels, 0, h, w))
         keep_from = n_out * st  # frames [keep_from, total) are what the next chunk's windows still need
         kept = frames(keep_from, total).clone() if keep_from < n_left else None  # rare: reaches into `left`
         frame_bytes = x[:, :, :1].numel() * x.element_size()
@@ -266,6 +269,8 @@ class Stage(nn.Module):
 
     def forward(self, x, cache=None):
         for block in self.blocks:
+            if x.shape[2] == 0:  # streaming: a strided causal conv kept this piece's frames for its next window
+                return x
             if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
                 x = self._gradient_checkpointing_func(block, x)
             else:
@@ -325,7 +330,8 @@ class ConvEncoder(nn.Module):
         self.conv_out = SpatialConv(ch[-1], out_channels)
 
     def forward(self, x, cache=None):
-        return self.conv_out(self.body(x, cache), cache)
+        x = self.body(x, cache)
+        return None if x.shape[2] == 0 else self.conv_out(x, cache)  # None: see Encoder.forward
 
 
 class ConvDecoder(nn.Module):
@@ -370,9 +376,13 @@ class Encoder(nn.Module):
         self.conv_out = CausalConv3d(ch[-1], out_channels, 3)
 
     def forward(self, x, cache=None):
+        """Moments of x; streaming (``cache`` given), None when the chunk's frames all went into the caches of
+        strided convs, still waiting for the frames that complete their windows."""
         x = self.conv_in(x, cache)
         for stage in self.stages:
             x = stage(x, cache)
+            if x.shape[2] == 0:
+                return None
         x = self.mid(x, cache)
         return self.conv_out(self.norm_out(x), cache)
 
@@ -530,11 +540,12 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
 
     # ----- tiling switches -------------------------------------------------------------------------
     def enable_tiling(self, tile_size: int = 256, overlap: int = 64, chunk_latent_frames: int = 1,
-                      spatial: bool = True, temporal: bool = True) -> None:
+                      spatial: bool = True, temporal: bool = True, encode_chunk_frames: int = 1) -> None:
         """Process encode/decode in spatial tiles (``tile_size`` px, ``overlap`` px blended linearly)
-        and temporal chunks of ``chunk_latent_frames`` latent frames; see :class:`tiling.TilingConfig`."""
+        and temporal chunks: ``encode_chunk_frames`` video frames per encoder call, ``chunk_latent_frames``
+        latent frames per decoder call; see :class:`tiling.TilingConfig`."""
         cfg = tiling.TilingConfig(tile_size=tile_size, overlap=overlap, chunk_latent_frames=chunk_latent_frames,
-                                  spatial=spatial, temporal=temporal)
+                                  spatial=spatial, temporal=temporal, encode_chunk_frames=encode_chunk_frames)
         cfg.validate(self.spatial_compression)
         self.tiling = cfg
 

@@ -3,12 +3,15 @@
 Two independent mechanisms, switched on by ``CausalVideoVAE.enable_tiling(...)``:
 
 **Temporal chunks (exact).** The clip is fed through the encoder/decoder a few frames at a time:
-encoder chunks are frame 0, then ``r·chunk_latent_frames`` frames; decoder chunks are latent frame 0,
-then ``chunk_latent_frames`` latent frames. Every causal conv keeps the input frames its next windows
-still need in a cache dict (``CausalConv3d``, like diffusers' CogVideoX/Wan ``feat_cache``) and
-GroupNorm/attention work per frame, so the chunked result *equals the whole-clip result up to float
-rounding* (tested: max |Δ| ≤ 1e-4 in fp32 on the tiny preset). Activations for more than one chunk
-are never held.
+the encoder gets ``encode_chunk_frames`` video frames per call (default 1), the decoder latent frame 0,
+then ``chunk_latent_frames`` latent frames per call. Every causal conv keeps the input frames its next
+windows still need in a cache dict (``CausalConv3d``, like diffusers' CogVideoX/Wan ``feat_cache``); a
+strided one that has not yet received its window's last frame outputs nothing, so the encoder accepts
+any number of frames per call, and a call may yield no latent frame. GroupNorm/attention work per
+frame, so the chunked result *equals the whole-clip result up to float rounding* (tested: max |Δ| ≤
+1e-4 in fp32 on the tiny preset). Activations for more than one chunk are never held. One frame per
+encoder call keeps the encoder's full-resolution activations to one frame; on the base preset at
+9×128² that lowers the peak from 316 to 247 MiB at the same speed (``benchmarks/bench_vae.py``).
 
 **Spatial tiles (approximate).** Latents (for decode) or pixels (for encode) are cut into square tiles
 of ``tile_size`` pixels overlapping by ``overlap`` pixels; each tile is processed (chunked in time)
@@ -42,8 +45,9 @@ class TilingConfig:
     """How :func:`encode_moments` / :func:`decode_latents` cut a clip.
 
     tile_size, overlap: spatial tile side and overlap in *pixels* (multiples of the spatial factor s;
-    overlap ≤ tile_size / 2). chunk_latent_frames: latent frames per temporal chunk (≥ 1).
-    spatial / temporal: switch either mechanism off.
+    overlap ≤ tile_size / 2). chunk_latent_frames: latent frames per decoder call (≥ 1).
+    encode_chunk_frames: video frames per encoder call (≥ 1, any count: it need not be a multiple of
+    the temporal factor). spatial / temporal: switch either mechanism off.
     """
 
     tile_size: int = 256
@@ -51,6 +55,7 @@ class TilingConfig:
     chunk_latent_frames: int = 1
     spatial: bool = True
     temporal: bool = True
+    encode_chunk_frames: int = 1
 
     def validate(self, spatial_compression: int) -> None:
         s, problems = spatial_compression, []
@@ -60,6 +65,8 @@ class TilingConfig:
             problems.append(f"overlap must be a multiple of {s} in [0, tile_size/2], got {self.overlap}")
         if self.chunk_latent_frames < 1:
             problems.append(f"chunk_latent_frames must be >= 1, got {self.chunk_latent_frames}")
+        if self.encode_chunk_frames < 1:
+            problems.append(f"encode_chunk_frames must be >= 1, got {self.encode_chunk_frames}")
         if problems:
             raise ValueError("TilingConfig: " + "; ".join(problems))
 
@@ -115,8 +122,8 @@ def encode_moments(encoder: nn.Module, video: torch.Tensor, cfg: TilingConfig, s
         clip = clip.contiguous(memory_format=memory_format_of(video))  # a tile of a channels-last clip stays so
         if cfg.temporal:
             cache: dict = {}
-            parts = [encoder(clip[:, :, a:e], cache) for a, e in _frame_chunks(t, 1, r * cfg.chunk_latent_frames)]
-            moments = torch.cat(parts, dim=2)  # (B, 2C, T', th, tw)
+            parts = [encoder(clip[:, :, a:e], cache) for a, e in _frame_chunks(t, 1, cfg.encode_chunk_frames)]
+            moments = torch.cat([p for p in parts if p is not None], dim=2)  # (B, 2C, T', th, tw)
             del cache
         else:
             moments = encoder(clip)
