@@ -151,18 +151,46 @@ def test_streaming_conv_in_pieces_equals_the_whole_clip_conv(stride, monkeypatch
             torch.testing.assert_close(torch.cat(chunks, dim=2), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [5, 16])  # 5 px: windows are concatenated; 16 px: split (frames outweigh the kernel)
+@pytest.mark.parametrize("frames_per_call", [1, 2, 4])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_streaming_conv_fed_one_frame_at_a_time_equals_the_whole_clip_conv(stride):
+def test_streaming_conv_in_small_chunks_equals_the_whole_clip_conv(stride, frames_per_call, size, monkeypatch):
     """A stride-2 conv fed single frames outputs a frame on every second one (0 frames in between)."""
+    split_calls = []
+    split = vae_model.conv3d_split_window
+    monkeypatch.setattr(vae_model, "conv3d_split_window", lambda *a: split_calls.append(1) or split(*a))
     conv = CausalConv3d(4, 6, 3, stride=stride)
-    x = torch.randn(1, 4, 13, 5, 5)
+    x = torch.randn(1, 4, 13, size, size)
     with torch.no_grad():
         full = conv(x)
         cache = {}
-        outs = [conv(x[:, :, t:t + 1], cache) for t in range(13)]
-    assert [o.shape[2] for o in outs] == ([1] * 13 if stride == 1 else [1, 0] * 6 + [1])
-    assert all(o.shape[1] == 6 and o.shape[3:] == (5, 5) for o in outs)
+        outs = [conv(x[:, :, :1], cache)] + [conv(x[:, :, t:t + frames_per_call], cache)
+                                             for t in range(1, 13, frames_per_call)]
+    if frames_per_call == 1:
+        assert [o.shape[2] for o in outs] == ([1] * 13 if stride == 1 else [1, 0] * 6 + [1])
+    assert all(o.shape[1] == 6 and o.shape[3:] == (size, size) for o in outs)
     torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-5, atol=1e-5)
+    assert bool(split_calls) == (size == 16)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("n_left", [1, 2])
+def test_split_window_conv_equals_the_conv_of_the_concatenated_window(n_left, channels_last, grad):
+    """The fused oneDNN sum (no autograd) and the plain two-convolution sum (autograd) both equal one
+    convolution over the concatenated window."""
+    conv = nn.Conv3d(6, 5, (3, 3, 3), padding=(0, 1, 1))
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    left = torch.randn(1, 6, n_left, 9, 7).contiguous(memory_format=fmt)
+    x = torch.randn(1, 6, 3 - n_left, 9, 7).contiguous(memory_format=fmt).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = vae_model.conv3d_split_window(conv, left, x)
+        ref = conv(torch.cat([left, x], dim=2))
+    assert out.shape == (1, 5, 1, 9, 7)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        out.sum().backward()
+        assert x.grad is not None and conv.weight.grad is not None
 
 
 def test_bad_tiling_settings_raise():
@@ -194,11 +222,18 @@ def test_channels_last_inference_equals_the_default_layout_and_stays_channels_la
     layouts = []
     conv3d = vae_model.conv3d
 
+    split = vae_model.conv3d_split_window
+
     def recording_conv3d(conv, inp):
         layouts.append(inp.is_contiguous(memory_format=torch.channels_last_3d))
         return conv3d(conv, inp)
 
-    monkeypatch.setattr(vae_model, "conv3d", recording_conv3d)  # every conv of the network goes through it
+    def recording_split(conv, left, inp):
+        layouts.extend(t.is_contiguous(memory_format=torch.channels_last_3d) for t in (left, inp))
+        return split(conv, left, inp)
+
+    monkeypatch.setattr(vae_model, "conv3d", recording_conv3d)  # every conv of the network goes through these
+    monkeypatch.setattr(vae_model, "conv3d_split_window", recording_split)
     with torch.no_grad():
         z = vae.encode_posterior(x).mean
         video = vae.decode_raw(z)

@@ -83,10 +83,29 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     chunk) to its unblocked ``slow_conv3d``: 1.7 GFLOP/s against 12 GFLOP/s for oneDNN at
     8 channels, 6×256² (2 threads, loaded machine). Same result to float rounding; autograd works.
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    if _uses_onednn(x):
         return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
                                                  list(conv.dilation), conv.groups)
     return conv(x)
+
+
+def _uses_onednn(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def conv3d_split_window(conv: nn.Conv3d, left: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One output frame of ``conv`` (kernel ``k_t`` frames) over the window ``left`` followed by ``x``
+    (``k_t`` frames together), as two convolutions, each part with its own taps of the kernel, summed.
+    Equals ``conv(cat([left, x]))`` to float rounding without copying the window into one tensor; on CPU
+    without autograd oneDNN adds the second convolution into the first's output (a fused sum)."""
+    n, w = left.shape[2], conv.weight
+    if _uses_onednn(x) and not torch.is_grad_enabled():
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        out = torch.ops.aten.mkldnn_convolution(x, w[:, :, n:], conv.bias, *args)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(out, left, w[:, :, :n], None, *args, "add", 1.0,
+                                                                None, [], None)
+    return (F.conv3d(x, w[:, :, n:], conv.bias, conv.stride, conv.padding)
+            + F.conv3d(left, w[:, :, :n], None, conv.stride, conv.padding))
 
 
 class CausalConv3d(nn.Module):
@@ -103,8 +122,9 @@ class CausalConv3d(nn.Module):
     # the chunk where they can be: oneDNN copies its input into a blocked layout, so one call on a whole
     # 4-frame chunk with its cached frames held the chunk three times (the caller's, the concatenation and
     # oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py). In the channels-last CPU
-    # inference layout oneDNN reads the pieces in place; they still lower the peak of the base preset's chunked
-    # encode of 17×256² (by about 10% in a probe with and without them).
+    # inference layout oneDNN reads the pieces in place; they still lowered the peak of the base preset's encode
+    # of 17×256² in 4-frame chunks by about 10% (a probe with and without them). Encoder calls of one frame, the
+    # default, never need them.
     STREAM_PIECE_BYTES = 32 * 2**20
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1):
@@ -124,7 +144,8 @@ class CausalConv3d(nn.Module):
     def _stream(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         kt, st = self.kt, self.st
         left = cache.pop(self, None)  # popped, so that it is freed as soon as the pieces that read it are done
-        if left is None:  # the clip's first chunk
+        first = left is None
+        if first:  # the clip's first chunk
             left = x[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
         n_left, total = left.shape[2], left.shape[2] + x.shape[2]
 
@@ -135,29 +156,43 @@ class CausalConv3d(nn.Module):
                 return left[:, :, a:b]
             return cat_frames([left[:, :, a:], x[:, :, :b - n_left]], like=x)
 
+        def frames_copy(a: int, b: int) -> torch.Tensor:  # the same in memory of their own, for the cache
+            return frames(a, b) if a < n_left < b else frames(a, b).clone()  # a concatenation is new already
+
         n_out = (total - kt) // st + 1
         if n_out < 1:  # a strided conv still waiting for its window's last frames: nothing to output yet
-            cache[self] = frames(0, total).clone()
+            cache[self] = frames_copy(0, total)
             b, _, _, h, w = x.shape
             return x.new_empty((b, self.conv.out_channels, 0, h, w))
         keep_from = n_out * st  # frames [keep_from, total) are what the next chunk's windows still need
-        kept = frames(keep_from, total).clone() if keep_from < n_left else None  # rare: reaches into `left`
+        kept = frames_copy(keep_from, total)  # what the next chunk's windows need of this one's frames
         frame_bytes = x[:, :, :1].numel() * x.element_size()
+        # The first output frames' windows start in `left` and end in x. When a window's frames outweigh the
+        # kernel (the high-resolution layers), each of them is two convolutions summed (conv3d_split_window)
+        # instead of one over a concatenated copy of the window: on one-frame chunks that copy was 13% of an
+        # encode of 9×256² (a profile, 2 threads). Not on the first chunk, whose `left` is frame 0 repeated.
+        weight_bytes = self.conv.weight.numel() * self.conv.weight.element_size()
+        n_split = min(n_out, -(-n_left // st)) if kt * frame_bytes > weight_bytes and not first else 0
         per_piece = max(1, (self.STREAM_PIECE_BYTES // max(frame_bytes, 1) - kt) // st + 1)  # output frames
-        if per_piece >= n_out:
-            out = conv3d(self.conv, frames(0, total))
-        else:
-            out = None
-            for i in range(0, n_out, per_piece):
-                j = min(i + per_piece, n_out)
-                piece = conv3d(self.conv, frames(i * st, (j - 1) * st + kt))  # (B, C_out, j - i, H', W')
-                if out is None:
-                    out = torch.empty(piece.shape[:2] + (n_out,) + piece.shape[3:], dtype=piece.dtype,
-                                      device=piece.device, memory_format=memory_format_of(piece))
-                out[:, :, i:j] = piece
-                if j * st >= n_left:
-                    left = None  # later pieces read x only
-        cache[self] = kept if kept is not None else x[:, :, keep_from - n_left:].clone()
+        spans = [(i, i + 1) for i in range(n_split)]
+        spans += [(i, min(i + per_piece, n_out)) for i in range(n_split, n_out, per_piece)]
+        out = None
+        for i, j in spans:
+            a = i * st
+            if i < n_split:
+                piece = conv3d_split_window(self.conv, left[:, :, a:], x[:, :, :a + kt - n_left])
+            else:
+                piece = conv3d(self.conv, frames(a, (j - 1) * st + kt))  # (B, C_out, j - i, H', W')
+            if len(spans) == 1:
+                out = piece
+                break
+            if out is None:
+                out = torch.empty(piece.shape[:2] + (n_out,) + piece.shape[3:], dtype=piece.dtype,
+                                  device=piece.device, memory_format=memory_format_of(piece))
+            out[:, :, i:j] = piece
+            if j * st >= n_left:
+                left = None  # later pieces read x only
+        cache[self] = kept
         return out
 
 
