@@ -22,7 +22,7 @@ Each case runs twice, each time in a fresh subprocess, after a warm-up on a smal
   so that RSS follows live tensors. Peak memory is the process's VmHWM after resetting it
   (``/proc/self/clear_refs``), reported absolute and as the rise over the RSS just before the call. Every
   freed block then goes back to the kernel, and every new tensor page-faults in afresh, which slows the call
-  (ours chunked 9×128² encode: 4.7 s against 4.2 s): those seconds are kept as ``seconds_memory_run``.
+  (ours chunked 9×128² encode: 4.97 s against 3.49 s): those seconds are kept as ``seconds_memory_run``.
   diffusers' FLOPs are counted here by ``torch.utils.flop_counter.FlopCounterMode``; ours on a meta-device copy.
 
 Writes ``benchmarks/results/vae.json``.

@@ -590,8 +590,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     # ----- raw (training) interface ---------------------------------------------------------------
     # CPU inference runs channels-last (memory (B, T, H, W, C)): oneDNN convolves that layout without
     # reordering it into its blocked one, and a causal conv's frame window is then a contiguous view. The
-    # base preset on 17×256², 2 threads: chunked encode 29.6 s instead of 36.9 s, chunked decode 58.0 s instead of
-    # 72.8 s, at 94% / 91% of the memory (benchmarks/results/vae.json against vae_default_layout.json).
+    # base preset on 17×256², 2 threads: chunked encode 26.4 s instead of 32.8 s, chunked decode 55.0 s instead of
+    # 67.4 s, at 91% / 85% of the memory (benchmarks/results/vae.json against vae_default_layout.json).
     # Results equal the default layout's to float rounding. Training (autograd) keeps the default layout.
     cpu_channels_last = True
 

@@ -10,8 +10,9 @@ strided one that has not yet received its window's last frame outputs nothing, s
 any number of frames per call, and a call may yield no latent frame. GroupNorm/attention work per
 frame, so the chunked result *equals the whole-clip result up to float rounding* (tested: max |Δ| ≤
 1e-4 in fp32 on the tiny preset). Activations for more than one chunk are never held. One frame per
-encoder call keeps the encoder's full-resolution activations to one frame; on the base preset at
-9×128² that lowers the peak from 316 to 247 MiB at the same speed (``benchmarks/bench_vae.py``).
+encoder call keeps the encoder's full-resolution activations to one frame: the base preset's chunked
+encode of 9×128² peaks 226 MiB above its start (``benchmarks/results/vae.json``), against 315 MiB with
+the 4-frame calls of before.
 
 **Spatial tiles (approximate).** Latents (for decode) or pixels (for encode) are cut into square tiles
 of ``tile_size`` pixels overlapping by ``overlap`` pixels; each tile is processed (chunked in time)
