@@ -76,6 +76,10 @@ class DiagonalGaussian:
         return kl.flatten(1).sum(1)
 
 
+def _uses_onednn(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, but on CPU fp32 always through oneDNN.
 
@@ -89,19 +93,17 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return conv(x)
 
 
-def _uses_onednn(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
 def conv3d_split_window(conv: nn.Conv3d, left: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """One output frame of ``conv`` (kernel ``k_t`` frames) over the window ``left`` followed by ``x``
     (``k_t`` frames together), as two convolutions, each part with its own taps of the kernel, summed.
     Equals ``conv(cat([left, x]))`` to float rounding without copying the window into one tensor; on CPU
     without autograd oneDNN adds the second convolution into the first's output (a fused sum)."""
     n, w = left.shape[2], conv.weight
-    if _uses_onednn(x) and not torch.is_grad_enabled():
+    if _uses_onednn(x):  # oneDNN for the same reason as conv3d()
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         out = torch.ops.aten.mkldnn_convolution(x, w[:, :, n:], conv.bias, *args)
+        if torch.is_grad_enabled():  # the fused sum has no autograd formula
+            return out + torch.ops.aten.mkldnn_convolution(left, w[:, :, :n], None, *args)
         return torch.ops.mkldnn._convolution_pointwise_.binary(out, left, w[:, :, :n], None, *args, "add", 1.0,
                                                                 None, [], None)
     return (F.conv3d(x, w[:, :, n:], conv.bias, conv.stride, conv.padding)
@@ -606,8 +608,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         video = self._inference_layout(video)
         if self.tiling is None:
             return DiagonalGaussian(self.encoder(video).contiguous())
-        return DiagonalGaussian(tiling.encode_moments(self.encoder, video, self.tiling, self.spatial_compression,
-                                                      self.temporal_compression).contiguous())
+        return DiagonalGaussian(tiling.encode_moments(self.encoder, video, self.tiling,
+                                                      self.spatial_compression).contiguous())
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, C, T', H', W') → video (B, 3, 1 + r·(T'−1), H'·s, W'·s)."""

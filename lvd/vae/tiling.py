@@ -112,8 +112,9 @@ def _tiles(h: int, w: int, tile: int, overlap: int, spatial: bool):
             yield y0, x0, min(tile, h), min(tile, w)
 
 
-def encode_moments(encoder: nn.Module, video: torch.Tensor, cfg: TilingConfig, s: int, r: int) -> torch.Tensor:
-    """Encoder moments (B, 2C, 1 + (T−1)/r, H/s, W/s) of video (B, 3, T, H, W), tiled and chunked."""
+def encode_moments(encoder: nn.Module, video: torch.Tensor, cfg: TilingConfig, s: int) -> torch.Tensor:
+    """Encoder moments (B, 2C, 1 + (T−1)/r, H/s, W/s) of video (B, 3, T, H, W), tiled and chunked (r: the
+    encoder's temporal factor; any frame count per encoder call works, so it is not needed here)."""
     b, _, t, h, w = video.shape
     hl, wl = h // s, w // s
     tile, ov = cfg.tile_size // s, cfg.overlap // s  # latent units
