@@ -9,8 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # Two top-level packages: the library and its kernels (ours, not Hugging Face's `kernels`).
-    packages=find_packages(include=["lvd", "lvd.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["lvd", "lvd.*"]),
     package_data={"lvd": ["assets/**/*"]},
     include_package_data=True,
     install_requires=[

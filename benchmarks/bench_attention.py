@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import dispatch  # noqa: E402
+from lvd import kernels  # noqa: E402
+from lvd.kernels import dispatch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_N = (4096, 8192, 16384, 32768, 65536)
@@ -155,7 +155,7 @@ def main(argv=None):
     winner = fastest(rows)
     if winner:
         print(f"faster of triton/sdpa here (geometric mean of fwd+bwd ms): {winner}; record it in "
-              f"kernels.dispatch.ATTENTION_FASTEST[{device_name!r}]")
+              f"lvd.kernels.dispatch.ATTENTION_FASTEST[{device_name!r}]")
     result = dict(
         op="attention", fastest_of_triton_and_sdpa=winner, device=device_name, dtype=args.dtype, batch=args.batch, heads=args.heads,
         causal=args.causal, torch=torch.__version__, python=platform.python_version(),

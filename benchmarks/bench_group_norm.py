@@ -3,7 +3,7 @@
 Shapes are the video-VAE ones from the kernels issue, 32 groups, bf16: 1×128×17×256×256 and 1×512×5×128×128,
 plus 1×128×20×256×256 for the "≥ 10× eager" target; each in both statistics modes (global, per_frame).
 Backends: ``triton`` (ours), ``triton-l2`` (ours, per-frame passes over L2-sized frame slices, see
-``kernels.group_norm.L2_FRAME_SLICES``), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
+``lvd.kernels.group_norm.L2_FRAME_SLICES``), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
 by folding T into the batch) and ``compiled`` (``torch.compile`` of the same).
 
 Bandwidth is reported two ways: ``gbps`` on the bytes an ideal fused op must move (forward: read x, write y;
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
+from lvd import kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = "1x128x17x256x256,1x512x5x128x128,1x128x20x256x256"
@@ -75,7 +75,7 @@ def eager_group_norm_silu(x, w, b, per_frame):
 
 def backend_fn(name):
     if name in ("triton", "triton-l2"):
-        gn_module = importlib.import_module("kernels.group_norm")
+        gn_module = importlib.import_module("lvd.kernels.group_norm")
 
         def fn(x, w, b, pf):
             gn_module.L2_FRAME_SLICES = name == "triton-l2"  # per-frame passes over L2-sized frame slices

@@ -1,9 +1,9 @@
-"""Test-wide settings. These run before any test module imports lvd or kernels."""
+"""Test-wide settings. These run before any test module imports lvd."""
 
 import logging
 import os
 
-# Read when a @triton.jit kernel is decorated, so it must be set before kernels/ is imported.
+# Read when a @triton.jit kernel is decorated, so it must be set before lvd.kernels is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Nothing is downloaded in tests: tiny models are built and saved to temp folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

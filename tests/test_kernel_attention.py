@@ -12,10 +12,10 @@ import pytest
 import torch
 from einops import rearrange
 
-import kernels
-from kernels import attention, attention_reference, dispatch
+from lvd import kernels
+from lvd.kernels import attention, attention_reference, dispatch
 
-attn_mod = importlib.import_module("kernels.attention")  # the module (kernels.attention is the function)
+attn_mod = importlib.import_module("lvd.kernels.attention")  # the module (kernels.attention is the function)
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _right_triton_mode(request):
         if attn_mod._INTERPRETED or not torch.cuda.is_available():
             pytest.skip("needs CUDA and TRITON_INTERPRET=0 (tests/conftest.py defaults it to 1)")
     elif not attn_mod._INTERPRETED:
-        pytest.skip("needs TRITON_INTERPRET=1 before kernels is imported (tests/conftest.py sets it)")
+        pytest.skip("needs TRITON_INTERPRET=1 before lvd.kernels is imported (tests/conftest.py sets it)")
 
 
 def _qkv(b, h, nq, nk, d, dtype, device="cpu"):

@@ -1,4 +1,4 @@
-"""kernels.dispatch: which backend runs, forced backends that cannot run, LVD_KERNELS, import safety."""
+"""lvd.kernels.dispatch: which backend runs, forced backends that cannot run, LVD_KERNELS, import safety."""
 
 import importlib
 import logging
@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels
-from kernels import BackendUnavailableError, dispatch
+from lvd import kernels
+from lvd.kernels import BackendUnavailableError, dispatch
 
-attn_mod = importlib.import_module("kernels.attention")
+attn_mod = importlib.import_module("lvd.kernels.attention")
 
 
 def _q(dtype=torch.float32):
@@ -74,7 +74,7 @@ def test_env_preference_that_cannot_run_falls_back_with_one_warning(monkeypatch,
     q = _q()
     big = torch.randn(1, 1, 4, 256)  # a 256-wide head, like the VAE's single-head frame attention
     monkeypatch.setenv("LVD_KERNELS", "triton")
-    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="lvd.kernels.dispatch"):
         for _ in range(2):
             assert dispatch.attention_backend(big, big, big, None, backend="auto", interpreted=True) == "sdpa"
     assert len([r for r in caplog.records if "head dim 256" in r.getMessage()]) == 1
@@ -91,7 +91,7 @@ def test_forcing_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         dispatch.attention_backend(q, q, q, None, backend="triton", interpreted=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # set too late: the kernels were decorated without it
-    with pytest.raises(BackendUnavailableError, match="set it before importing kernels"):
+    with pytest.raises(BackendUnavailableError, match="set it before importing lvd.kernels"):
         dispatch.group_norm_backend(torch.randn(1, 4, 3, 3), backend="triton", interpreted=False)
 
 
@@ -109,7 +109,7 @@ def test_forcing_triton_with_an_unsupported_dtype_or_head_dim_raises():
 def test_auto_falls_back_on_old_gpus_and_logs_the_reason_once(monkeypatch, caplog):
     fake_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda", index=0))
     monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (7, 5))
-    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="lvd.kernels.dispatch"):
         for _ in range(3):
             assert dispatch._resolve("attention", "auto", False, None, "sdpa", fake_cuda) == "sdpa"
     records = [r for r in caplog.records if "capability 7.5" in r.getMessage()]
@@ -127,10 +127,10 @@ def test_nan_filled_outputs_only_inside_the_block():
 
 
 def test_import_touches_no_gpu_driver():
-    """A fresh interpreter without TRITON_INTERPRET imports kernels and runs the CPU paths."""
+    """A fresh interpreter without TRITON_INTERPRET imports lvd.kernels and runs the CPU paths."""
     code = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
-        "import torch, kernels\n"
+        "import torch\nfrom lvd import kernels\n"
         "q = torch.randn(1, 1, 4, 8)\n"
         "kernels.attention(q, q, q); kernels.group_norm(torch.randn(1, 4, 2, 2), 2)\n"
         "assert not torch.cuda.is_initialized()\n"
@@ -157,8 +157,8 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-A = importlib.import_module("kernels.attention")
-G = importlib.import_module("kernels.group_norm")
+A = importlib.import_module("lvd.kernels.attention")
+G = importlib.import_module("lvd.kernels.group_norm")
 FLOATS = {"qk_scale", "scale", "eps"}
 
 

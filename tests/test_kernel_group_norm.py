@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import GroupNorm, dispatch, group_norm, group_norm_reference
+from lvd.kernels import GroupNorm, dispatch, group_norm, group_norm_reference
 
-gn_mod = importlib.import_module("kernels.group_norm")  # the module (kernels.group_norm is the function)
+gn_mod = importlib.import_module("lvd.kernels.group_norm")  # the module (kernels.group_norm is the function)
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def _right_triton_mode(request):
         if gn_mod._INTERPRETED or not torch.cuda.is_available():
             pytest.skip("needs CUDA and TRITON_INTERPRET=0 (tests/conftest.py defaults it to 1)")
     elif not gn_mod._INTERPRETED:
-        pytest.skip("needs TRITON_INTERPRET=1 before kernels is imported (tests/conftest.py sets it)")
+        pytest.skip("needs TRITON_INTERPRET=1 before lvd.kernels is imported (tests/conftest.py sets it)")
 
 
 def _inputs(shape, dtype, *, channels_last=False, mean=0.5, std=1.0, affine=True, device="cpu"):

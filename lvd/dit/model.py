@@ -13,7 +13,7 @@ with PixArt-α's cross-attention to text)::
 adaLN-Zero: the modulation Linear is zero-initialised, so every gate is 0 and every block is the
 identity at initialisation; the final projection is zero too, so the untrained model outputs zeros.
 
-Attention modes (config key ``attention_mode``), both through :func:`kernels.attention`:
+Attention modes (config key ``attention_mode``), both through :func:`lvd.kernels.attention`:
 
 - ``"full"``: softmax over all ``N = T'·H'·W'`` tokens, ``O(N²)``.
 - ``"factorized"``: spatial then temporal on the same rotated q/k/v and the same weights. First each
@@ -50,7 +50,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_sin
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange, repeat
 
-import kernels
+from lvd import kernels
 from lvd.dit.rope import apply_rope, default_axes_dims, rms_norm_rope, rope_3d
 
 ATTENTION_MODES = ("full", "factorized")

@@ -30,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-import kernels
+from lvd import kernels
 
 
 @dataclass

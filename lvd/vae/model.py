@@ -7,7 +7,7 @@ the way CogVideoX (Yang et al. 2024) and Wan (2025) build theirs:
   front of the clip is padded with copies of frame 0, so the first frame is encoded on its own
   and a clip of ``1 + r·k`` frames gives ``1 + k`` latent frames (``r = temporal_compression``);
 - space is compressed ``spatial_compression``× by stride-2 convolutions;
-- GroupNorm (+SiLU) runs through ``kernels.GroupNorm(..., per_frame=True)``: statistics per frame,
+- GroupNorm (+SiLU) runs through ``lvd.kernels.GroupNorm(..., per_frame=True)``: statistics per frame,
   so a frame's activations never depend on later frames, and decoding in temporal chunks with a
   carried convolution cache (:mod:`lvd.vae.tiling`) equals decoding the whole clip to float rounding;
 - the optional mid-block attention is spatial, within each frame (keeps both properties);
@@ -38,7 +38,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-import kernels
+from lvd import kernels
 from lvd.vae import tiling
 from lvd.vae.layout import cat_frames, memory_format_of, pad_right_bottom
 

@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
+from lvd.kernels import dispatch
 
 if dispatch.HAS_TRITON:
     import triton
@@ -444,7 +444,7 @@ def _check_inputs(q, k, v, mask):
     if q.dtype != k.dtype or q.dtype != v.dtype:
         problems.append(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if problems:
-        raise ValueError("kernels.attention: " + "; ".join(problems))
+        raise ValueError("lvd.kernels.attention: " + "; ".join(problems))
 
 
 def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto"):
@@ -452,7 +452,7 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto"):
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); mask: (B, Nk) bool, True where a key is kept;
     scale defaults to 1/√D; ``causal`` aligns the diagonal bottom-right (``tril(Nk − Nq)``).
-    ``backend``: "auto" | "triton" | "sdpa" | "xformers" | "torch" (see :mod:`kernels.dispatch`).
+    ``backend``: "auto" | "triton" | "sdpa" | "xformers" | "torch" (see :mod:`lvd.kernels.dispatch`).
     Returns (B, H, Nq, D) in q's dtype.
     """
     _check_inputs(q, k, v, mask)

@@ -2,8 +2,8 @@
 
 Backends:
 
-- ``"triton"``   our fused kernels (kernels/attention.py, kernels/group_norm.py). CUDA tensors, or CPU
-  tensors when ``TRITON_INTERPRET=1`` was set before ``kernels`` was imported (how the tests run).
+- ``"triton"``   our fused kernels (lvd/kernels/attention.py, lvd/kernels/group_norm.py). CUDA tensors, or CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before ``lvd.kernels`` was imported (how the tests run).
 - ``"sdpa"``     ``torch.nn.functional.scaled_dot_product_attention`` (attention only).
 - ``"xformers"`` ``xformers.ops.memory_efficient_attention``; optional, CUDA only.
 - ``"torch"``    the plain PyTorch reference: the fallback and the test oracle.
@@ -115,7 +115,7 @@ def _log_once(op: str, message: str, level: int = logging.INFO) -> None:
         return
     if (op, message) not in _logged:
         _logged.add((op, message))
-        logger.log(level, "kernels.%s: %s", op, message)
+        logger.log(level, "lvd.kernels.%s: %s", op, message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | N
             return _interpreter_bug_reason()
         if triton_interpreter_requested():
             return ("TRITON_INTERPRET=1 was set after kernels was imported; it is read when the kernels "
-                    "are decorated, so set it before importing kernels")
+                    "are decorated, so set it before importing lvd.kernels")
         return "tensors are on the CPU (Triton runs them only with TRITON_INTERPRET=1)"
     return f"device {x.device.type!r} is not supported by Triton"
 
@@ -191,7 +191,7 @@ def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, f
         if triton_reason is None:
             return "triton"
         if forced:
-            raise BackendUnavailableError(f"kernels.{op}(backend='triton'): {triton_reason}")
+            raise BackendUnavailableError(f"lvd.kernels.{op}(backend='triton'): {triton_reason}")
         _log_once(op, f"{ENV_VAR}=triton, but using {fallback}: {triton_reason}", logging.WARNING)
         return fallback
     if requested != "auto":
@@ -211,7 +211,7 @@ def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, f
 
 
 def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
-    """Resolve ``backend`` for :func:`kernels.attention` to one of triton / sdpa / xformers / torch."""
+    """Resolve ``backend`` for :func:`lvd.kernels.attention` to one of triton / sdpa / xformers / torch."""
     requested, forced = _requested(backend)
     if requested == "xformers":
         why = None
@@ -222,7 +222,7 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         if why is None:
             return "xformers"
         if forced:
-            raise BackendUnavailableError(f"kernels.attention(backend='xformers'): {why}")
+            raise BackendUnavailableError(f"lvd.kernels.attention(backend='xformers'): {why}")
         _log_once("attention", f"{ENV_VAR}=xformers, but choosing automatically: {why}", logging.WARNING)
         requested = "auto"
     reason = triton_unavailable_reason([q, k, v] + ([mask] if mask is not None else []), op="attention",
@@ -247,7 +247,7 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
 
 
 def group_norm_backend(x, *, backend: str, interpreted: bool) -> str:
-    """Resolve ``backend`` for :func:`kernels.group_norm` to "triton" or "torch"."""
+    """Resolve ``backend`` for :func:`lvd.kernels.group_norm` to "triton" or "torch"."""
     requested, forced = _requested(backend)
     if requested in ("sdpa", "xformers"):  # no such GroupNorm: these names mean "not ours" here
         return "torch"

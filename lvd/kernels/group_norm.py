@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels import dispatch
+from lvd.kernels import dispatch
 
 if dispatch.HAS_TRITON:
     import triton
