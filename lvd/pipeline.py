@@ -45,7 +45,7 @@ from lvd.diffusion import (
     null_text_embeddings,
     num_tokens,
 )
-from lvd.text import TextEmbeddings, TextEncoder, encode_text
+from lvd.text import TextEmbeddings, TextEncoder, encode_text, load_text_model
 from lvd.vae import as_video_vae
 
 __all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "sampler_scheduler", "scheduler_objective"]
@@ -207,14 +207,17 @@ class LVDPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LVDPipeline":
         """diffusers' ``from_pretrained``; a folder with a ``text_encoder_id`` gets its text encoder and tokenizer
         from :meth:`lvd.text.TextEncoder.from_pretrained` (unless they are passed in)."""
-        index_path = Path(pretrained_model_name_or_path) / "model_index.json"
+        folder = Path(pretrained_model_name_or_path)
+        index_path = folder / "model_index.json"
+        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32
         if index_path.is_file() and not {"text_encoder", "tokenizer"} & set(kwargs):
             text_encoder_id = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_id")
             if text_encoder_id:
-                encoder = TextEncoder.from_pretrained(text_encoder_id, device="cpu",
-                                                      dtype=kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32)
+                encoder = TextEncoder.from_pretrained(text_encoder_id, device="cpu", dtype=dtype)
                 encoder.tokenizer.model_max_length = encoder.max_length  # the length training encoded with
                 kwargs.update(text_encoder=encoder.model, tokenizer=encoder.tokenizer)
+        if "text_encoder" not in kwargs and (folder / "text_encoder" / "config.json").is_file():
+            kwargs["text_encoder"] = load_text_model(str(folder / "text_encoder"), dtype=dtype)  # hub kernels off
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:

@@ -201,7 +201,9 @@ def load_text_model(model_path: str, *, dtype: torch.dtype | None = None):
     else:
         cls = transformers.AutoModel
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return cls.from_pretrained(model_path, local_files_only=True, **kwargs)
+    # use_kernels=False: transformers >= 5.25 otherwise swaps layers for Hugging Face hub kernels, fetched at run
+    # time; a frozen encoder gains little from them and lvd loads offline.
+    return cls.from_pretrained(model_path, local_files_only=True, use_kernels=False, **kwargs)
 
 
 class TextEncoder:
