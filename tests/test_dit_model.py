@@ -342,3 +342,38 @@ def test_concat_adaln_zero_identity_checkpointing_and_round_trip(tmp_path):
     torch.testing.assert_close(loaded(**inputs), model(**inputs), rtol=0, atol=0)
     with pytest.raises(ValueError, match="text_attention"):
         VideoDiT(**TINY, text_attention="joint")
+
+
+@pytest.mark.parametrize("text_attention", ["cross", "concat"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_autocast_forward_and_backward(compiled, text_attention):
+    """Under bf16 autocast q, k and v reach attention in one dtype, eager and compiled (the compiled QK-norm
+    takes the plain-ops path). aot_eager traces as Inductor does without generating code, which is slow here."""
+    model = _randomize(VideoDiT(**TINY, text_attention=text_attention))
+    x = _inputs(t=2, h=4, w=4)
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = forward(**x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    reference = model(**x)  # fp32: bf16 agrees to bf16 rounding through two blocks
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_autocast_forward_and_backward_on_cuda(compiled):
+    """The same on a GPU, where attention takes the Triton/SDPA path the dispatch table picks and compile is
+    Inductor's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _randomize(VideoDiT(**TINY)).cuda()
+    x = {k: v.cuda() for k, v in _inputs(t=2, h=4, w=4).items()}
+    forward = torch.compile(model, fullgraph=True) if compiled else model
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = forward(**x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -84,11 +84,14 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor | None = None):
-    """``rope(x / sqrt(mean(x²) + eps) · weight)`` in plain autograd ops, statistics in fp32: the oracle
-    of :func:`rms_norm_rope` and its path under torch.compile (Inductor fuses it itself)."""
-    rms = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)  # (..., N, 1)
-    y = (x * rms.to(x.dtype)) * weight
-    return y if rope is None else apply_rope(y, rope)
+    """``rope(x / sqrt(mean(x²) + eps) · weight)`` in plain autograd ops, in fp32 and cast back to ``x.dtype``
+    as :func:`rms_norm_rope` does: the oracle of that op and its path under torch.compile (Inductor fuses
+    it itself). Returning x's dtype matters under autocast, where the fp32 weight would otherwise promote
+    bf16 q and k to fp32 while v stays bf16."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, fp64 for fp64
+    rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)  # (..., N, 1)
+    y = xf * rms * weight.to(xf.dtype)
+    return (y if rope is None else apply_rope(y, rope)).to(x.dtype)
 
 
 class _RMSNormRope(torch.autograd.Function):
