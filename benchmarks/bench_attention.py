@@ -13,6 +13,14 @@ backward 2.5× that (halved when causal).
 
     python benchmarks/bench_attention.py                          # GPU: full sweep; CPU: small fp32 sweep
     python benchmarks/bench_attention.py --n 4096,16384 --d 128 --causal
+    python benchmarks/bench_attention.py --n 4096,16384 --d 64,128 --backends triton,sdpa --write-table
+    python benchmarks/bench_attention.py --masked 0.1 --backends triton,sdpa --write-table   # key-padding mask
+
+``--masked F`` drops the last fraction F of keys through a (B, N) boolean mask (SDPA then takes that mask as
+``attn_mask``). ``--write-table [PATH]`` records, per head dim, which of triton / sdpa was faster here
+(geometric mean of forward and backward times) in the attention table that ``backend="auto"`` reads:
+by default this machine's own (``lvd.kernels.dispatch.user_attention_table_path()``); the table shipped
+with lvd is ``lvd/kernels/attention_table.json``.
 
 Writes benchmarks/results/attention_<gpu name>.json (``attention_cpu.json`` on a CPU; ``--out``) and prints
 a table.
@@ -70,19 +78,28 @@ def time_ms(fn, *, gpu, repeats, grad_to_none=None):
     return statistics.median(times)
 
 
-def backend_fn(name, causal):
+def backend_fn(name, causal, mask=None):
     """(callable(q, k, v) -> out, skip reason or None)."""
     if name == "compiled":
         ref = torch.compile(kernels.attention_reference)
-        return lambda q, k, v: ref(q, k, v, causal=causal), None
+        return lambda q, k, v: ref(q, k, v, mask=mask, causal=causal), None
     if name == "xformers" and not dispatch.has_xformers():
         return None, "xformers not installed"
-    return lambda q, k, v: kernels.attention(q, k, v, causal=causal, backend=name), None
+    return lambda q, k, v: kernels.attention(q, k, v, mask=mask, causal=causal, backend=name), None
 
 
-def bench_case(name, b, h, n, d, dtype, causal, *, gpu, repeats):
+def key_mask(b, n, masked, device):
+    """(B, N) bool, the last ``masked`` fraction of keys False; None when masked == 0."""
+    if not masked:
+        return None
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    mask[:, n - int(n * masked):] = False
+    return mask
+
+
+def bench_case(name, b, h, n, d, dtype, causal, *, gpu, repeats, masked=0.0):
     rows = []
-    fn, skip = backend_fn(name, causal)
+    fn, skip = backend_fn(name, causal, key_mask(b, n, masked, "cuda" if gpu else "cpu"))
     if skip is None and name in ("compiled", "torch"):
         score_bytes = b * h * n * n * 4 * 3  # scores, probabilities and their grads, fp32
         budget = torch.cuda.get_device_properties(0).total_memory * COMPILED_SCORE_BUDGET if gpu else 4e9
@@ -111,16 +128,35 @@ def bench_case(name, b, h, n, d, dtype, causal, *, gpu, repeats):
 
 
 def fastest(rows):
-    """"triton" or "sdpa", whichever has the lower geometric-mean time over the cases both ran; or None."""
+    """("triton" or "sdpa", geometric-mean time ratio triton/sdpa) over the cases both ran; (None, None) if none."""
     times = {}
     for r in rows:
         if "ms" in r and r["backend"] in ("triton", "sdpa"):
             times.setdefault((r["n"], r["d"], r["mode"]), {})[r["backend"]] = r["ms"]
     both = [t for t in times.values() if len(t) == 2]
     if not both:
-        return None
-    log_ratio = sum(math.log(t["triton"] / t["sdpa"]) for t in both) / len(both)
-    return "triton" if log_ratio < 0 else "sdpa"
+        return None, None
+    ratio = math.exp(sum(math.log(t["triton"] / t["sdpa"]) for t in both) / len(both))
+    return ("triton" if ratio < 1 else "sdpa"), round(ratio, 3)
+
+
+def write_table(path, rows, *, device_name, dtype, masked, source):
+    """Merge this run's winners, one entry per head dim, into the table at ``path``; same-key entries are replaced."""
+    gpu_class = device_name.removeprefix("NVIDIA ").strip()
+    entries = json.loads(path.read_text())["entries"] if path.is_file() else []
+    for d in sorted({r["d"] for r in rows}):
+        winner, ratio = fastest([r for r in rows if r["d"] == d])
+        if winner is None:
+            continue
+        entry = dict(gpu=gpu_class, dtype=str(dtype).removeprefix("torch."), head_dim=d, masked=bool(masked),
+                     fastest=winner, ms_ratio_triton_over_sdpa=ratio,
+                     n=sorted({r["n"] for r in rows if r["d"] == d}), source=source)
+        key = ("gpu", "dtype", "head_dim", "masked")
+        entries = [e for e in entries if tuple(e.get(k) for k in key) != tuple(entry[k] for k in key)] + [entry]
+        print(f"table: {gpu_class} {entry['dtype']} D={d} masked={entry['masked']}: {winner} (triton/sdpa time {ratio})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(entries=entries), indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -134,8 +170,14 @@ def main(argv=None):
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backends", default="triton,sdpa,xformers,compiled" if gpu else "sdpa,torch")
     p.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (median)")
+    p.add_argument("--masked", type=float, default=0.0, metavar="F",
+                   help="key-padding mask dropping the last fraction F of keys (default: no mask)")
+    p.add_argument("--write-table", type=Path, nargs="?", const=dispatch.user_attention_table_path(), default=None,
+                   metavar="PATH", help="record the faster of triton/sdpa per head dim (default PATH: %(const)s)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if not 0 <= args.masked < 1:
+        p.error(f"--masked {args.masked}: give a fraction in [0, 1)")
 
     device_name = torch.cuda.get_device_name(0) if gpu else "cpu"
     dtype = DTYPES[args.dtype]
@@ -147,18 +189,19 @@ def main(argv=None):
         for n in map(int, args.n.split(",")):
             for name in args.backends.split(","):
                 rows += bench_case(name, args.batch, args.heads, n, d, dtype, args.causal, gpu=gpu,
-                                   repeats=args.repeats)
+                                   repeats=args.repeats, masked=args.masked)
                 last = rows[-2:]
                 print(" | ".join(f"{r['backend']:>9} N={n:>6} D={d:>3} {r['mode']}: " +
                                  (f"{r['ms']:9.3f} ms {r['tflops']:8.2f} TFLOP/s" if "ms" in r else r["skipped"])
                                  for r in last), flush=True)
-    winner = fastest(rows)
+    winner, ratio = fastest(rows)
     if winner:
-        print(f"faster of triton/sdpa here (geometric mean of fwd+bwd ms): {winner}; record it in "
-              f"lvd.kernels.dispatch.ATTENTION_FASTEST[{device_name!r}]")
+        print(f"faster of triton/sdpa here (geometric mean of fwd+bwd ms): {winner} (triton/sdpa time {ratio})")
+    triton_version = getattr(dispatch.triton, "__version__", None) if dispatch.HAS_TRITON else None
     result = dict(
-        op="attention", fastest_of_triton_and_sdpa=winner, device=device_name, dtype=args.dtype, batch=args.batch, heads=args.heads,
-        causal=args.causal, torch=torch.__version__, python=platform.python_version(),
+        op="attention", fastest_of_triton_and_sdpa=winner, ms_ratio_triton_over_sdpa=ratio, device=device_name,
+        dtype=args.dtype, batch=args.batch, heads=args.heads, causal=args.causal, masked=args.masked,
+        torch=torch.__version__, triton=triton_version, python=platform.python_version(),
         load_average=None if gpu else [round(v, 2) for v in os.getloadavg()],
         timer="triton.testing.do_bench median" if gpu else f"perf_counter median of {args.repeats}",
         flops="fwd 4·B·H·N²·D, bwd 2.5× fwd (halved when causal)",
@@ -167,10 +210,13 @@ def main(argv=None):
         rows=rows,
     )
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    out = args.out or RESULTS / f"attention_{slug}.json"
+    out = args.out or RESULTS / f"attention_{slug}{'_masked' if args.masked else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    if args.write_table:
+        write_table(args.write_table, rows, device_name=device_name, dtype=dtype, masked=args.masked,
+                    source=f"{out.name} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, triton {triton_version})")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,26 @@ def test_gpu_auto_picks_a_fast_backend():
     major, _ = torch.cuda.get_device_capability()
     assert choice in (("triton", "sdpa") if major >= 8 else ("sdpa",))
     assert kernels.attention(q, q, q).shape == q.shape
+
+
+def test_autotuning_keys_on_length_buckets_not_lengths():
+    """A new sequence length inside a tuned bucket reuses the tuned blocks (the key holds no exact length)."""
+    assert [attn_mod.length_bucket(n) for n in (1, 37, 128, 129, 4096, 4097, 20280)] == [
+        128, 128, 128, 256, 4096, 8192, 32768]
+    assert "N_Q" not in attn_mod._TUNE_KEY and "N_K" not in attn_mod._TUNE_KEY
+    assert {"N_Q_BUCKET", "N_K_BUCKET", "D"} <= set(attn_mod._TUNE_KEY)
+    for kernel in (attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dq_kernel, attn_mod._attn_bwd_dkdv_kernel):
+        assert {"N_Q_BUCKET", "N_K_BUCKET"} <= set(kernel.arg_names)
+
+
+def test_tuning_candidates_are_pruned_by_shared_memory():
+    import triton
+
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=4, num_stages=st)
+               for m, n, st in [(128, 128, 3), (128, 64, 3), (64, 32, 2)]]
+    limit = 227 * 1024  # H100/H200 opt-in shared memory per block
+    sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs]  # noqa: E731
+    assert sizes(attn_mod.fitting_configs(configs, block_d=128, element_size=2, limit=limit)) == [(128, 128), (128, 64), (64, 32)]
+    # tiles (BLOCK_M + 2·stages·BLOCK_N)·D·bytes: fp32 doubles them, and only 64×32 still fits
+    assert sizes(attn_mod.fitting_configs(configs, block_d=128, element_size=4, limit=limit)) == [(64, 32)]
+    assert sizes(attn_mod.fitting_configs(configs, block_d=64, element_size=2, limit=1024)) == [(64, 32)]  # smallest

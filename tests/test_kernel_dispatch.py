@@ -183,6 +183,8 @@ for cap in (80, 90):
                       BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)
         k = build(fn, attn_ptrs, consts, cap, 8, 2)
         assert k.metadata.shared <= 166912, (fn.__name__, k.metadata.shared)
+        # Hopper: tl.dot lowers to warpgroup MMA (wgmma); Ampere: mma.sync
+        assert ("wgmma" if cap == 90 else "mma.sync") in k.asm["ptx"], (cap, fn.__name__)
     for fn in (G._gn_stats_kernel, G._gn_fwd_kernel, G._gn_bwd_reduce_kernel, G._gn_bwd_dx_kernel):
         consts = dict(HAS_W=True, HAS_B=True, SILU=True, ACC=tl.float32, BLOCK_C=4, BLOCK_S=512, BLOCK_P=64)
         build(fn, gn_ptrs, {k: v for k, v in consts.items() if k in fn.arg_names}, cap, G._GPU_WARPS, 2)
@@ -233,3 +235,55 @@ def test_triton_36_interpreter_with_numpy_24_is_refused(monkeypatch):
             dispatch.group_norm_backend(torch.randn(1, 4, 3, 3), backend="triton", interpreted=True)
     finally:
         dispatch._interpreter_bug_reason.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention table
+
+
+def _fake_cuda(dtype=torch.bfloat16, head_dim=128):
+    """Enough of a CUDA tensor for dispatch: device, dtype, shape and strides."""
+    shape = (1, 2, 64, head_dim)
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=shape,
+                           stride=lambda: (2 * 64 * head_dim, 64 * head_dim, head_dim, 1))
+
+
+def test_shipped_table_picks_sdpa_unmasked_on_h200_and_defaults_elsewhere():
+    table = dispatch.attention_table()
+    assert dispatch.fastest_attention("NVIDIA H200", "bfloat16", 128, False, table)[0] == "sdpa"
+    assert dispatch.fastest_attention("NVIDIA H200", "bfloat16", 80, False, table)[0] == "sdpa"  # nearest: 64
+    choice, why = dispatch.fastest_attention("NVIDIA A100-SXM4-80GB", "bfloat16", 128, True, table)
+    assert choice == "triton" and "no measurement" in why
+    assert dispatch.fastest_attention("NVIDIA A100-SXM4-80GB", "float16", 64, False, table)[0] == "sdpa"
+
+
+def test_users_table_comes_first_and_a_broken_one_is_ignored(tmp_path, monkeypatch, caplog):
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"entries": [{"gpu": "H200", "dtype": "bfloat16", "head_dim": 128, "masked": false,'
+                    ' "fastest": "triton"}]}')
+    monkeypatch.setenv("LVD_ATTENTION_TABLE", str(mine))
+    assert dispatch.user_attention_table_path() == mine
+    assert dispatch.fastest_attention("NVIDIA H200", "bfloat16", 128, False, dispatch.attention_table())[0] == "triton"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"entries": [{"gpu": "H200", "fastest": "cudnn"}]}')
+    monkeypatch.setenv("LVD_ATTENTION_TABLE", str(broken))
+    with caplog.at_level(logging.WARNING, logger="lvd.kernels.dispatch"):
+        assert dispatch.fastest_attention("NVIDIA H200", "bfloat16", 128, False, dispatch.attention_table())[0] == "sdpa"
+    assert "ignoring attention table" in caplog.text and str(broken) in caplog.text
+
+
+def test_auto_on_cuda_consults_the_table(tmp_path, monkeypatch):
+    """backend='auto' with CUDA tensors where Triton could run takes the table's answer."""
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (9, 0))
+    monkeypatch.setattr(dispatch, "_cuda_name", lambda index: "NVIDIA H200")
+    monkeypatch.setenv("LVD_ATTENTION_TABLE", str(tmp_path / "none.json"))
+    q = _fake_cuda()
+    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=False) == "sdpa"
+    mask = SimpleNamespace(device=q.device, dtype=torch.bool, shape=(1, 64), stride=lambda: (64, 1))
+    assert dispatch.attention_backend(q, q, q, mask, backend="auto", interpreted=False) == "triton"
+    assert dispatch.attention_backend(q, q, q, None, backend="triton", interpreted=False) == "triton"  # forced
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"entries": [{"gpu": "H200", "dtype": "bfloat16", "head_dim": 128, "masked": true,'
+                    ' "fastest": "sdpa"}]}')
+    monkeypatch.setenv("LVD_ATTENTION_TABLE", str(mine))
+    assert dispatch.attention_backend(q, q, q, mask, backend="auto", interpreted=False) == "sdpa"

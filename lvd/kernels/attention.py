@@ -15,9 +15,9 @@ arguments, so ``rearrange(x, "b n (h d) -> b h n d")`` views need no copy). Soft
 accumulators are fp32 (fp64 for fp64 inputs, which only the interpreter runs, for gradcheck); fp16 and
 bf16 feed the tensor cores directly. A fully masked query row gives zeros and L = +inf.
 
-On a GPU the block sizes are autotuned per (N_q, N_k, D, causal, mask, dtype) from FlashAttention-2-style
-candidates; the grid is one flat axis (B·H may exceed CUDA's 65,535 limit on the other axes). Which
-candidates win, and the TFLOP/s against the issue's H100 targets, are not yet measured.
+On a GPU the block sizes are autotuned per (length bucket, D, causal, mask, dtype) from FlashAttention-2-style
+candidates (see :func:`_tune`); the grid is one flat axis (B·H may exceed CUDA's 65,535 limit on the other
+axes). Throughput against SDPA is in benchmarks/results/ and README.
 
 Autograd and torch.compile go through ``torch.library.custom_op`` (``lvd::flash_attention_fwd`` /
 ``_bwd``) with fake and autograd registrations, so compiled graphs do not break at the kernel.
@@ -36,7 +36,9 @@ if dispatch.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _jit = triton.jit
+    # Lengths are not specialised on (Triton would compile a variant per N % 16 == 0 and N == 1): one binary
+    # serves every sequence length. The buckets exist only as autotuning keys (see _tune).
+    _jit = triton.jit(do_not_specialize=["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET"])
 else:  # pragma: no cover - no Triton wheel on this platform; dispatch never picks "triton"
     triton = tl = None
 
@@ -106,7 +108,7 @@ def _attention_xformers(q, k, v, mask, scale, causal):
 def _attn_fwd_kernel(
     Q, K, V, Mask, O, LSE,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-    H, N_Q, N_K, D, qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
+    H, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, D, qk_scale,  # qk_scale = scale · log2(e): the softmax runs in base 2
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -175,7 +177,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, Mask, O, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smn,
-    H, N_Q, N_K, D, scale, qk_scale,
+    H, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, D, scale, qk_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -239,7 +241,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, Mask, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
-    H, N_Q, N_K, D, scale, qk_scale,
+    H, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, D, scale, qk_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -306,17 +308,63 @@ _INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  
 # The interpreter gets fixed 32×32 blocks: each program instance costs ~3 ms there, and 32 still exercises
 # tails and multi-block loops at the test shapes (N = 37, 129). Autotune would need a CPU timer there.
 _INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-_TUNE_KEY = ["N_Q", "N_K", "D", "CAUSAL", "HAS_MASK", "ACC", "PREC", "BLOCK_D"]
+# Tuned once per (length bucket, head dim, flags, dtype): a new sequence length in a tuned bucket costs nothing.
+_TUNE_KEY = ["N_Q_BUCKET", "N_K_BUCKET", "D", "CAUSAL", "HAS_MASK", "ACC", "PREC", "BLOCK_D"]
+# Autotuning times each candidate for 5 + 20 ms (Triton's default 25 + 100 ms made a new shape cost 20-30 s
+# on an H200 over 3 kernels × 6 candidates); results are also kept on disk, so other processes reuse them.
+_TUNE_WARMUP_MS, _TUNE_REP_MS = 5, 20
+
+
+def length_bucket(n: int) -> int:
+    """The autotuning key for a sequence length: the power of two at or above n (at least 128)."""
+    return max(128, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _shared_memory_limit() -> int:
+    """Bytes of shared memory one program may use on the current GPU (opt-in maximum)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+def fitting_configs(configs, *, block_d: int, element_size: int, limit: int):
+    """The candidates whose tiles fit in ``limit`` bytes of shared memory (or the smallest one if none does): a
+    query tile plus num_stages key and value tiles of ``block_d`` columns at ``element_size`` bytes."""
+
+    def footprint(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return (m + 2 * max(c.num_stages, 1) * n) * block_d * element_size
+
+    return [c for c in configs if footprint(c) <= limit] or [min(configs, key=footprint)]
+
+
+def _prune_by_shared_memory(configs, named_args, **kwargs):
+    """Autotuner hook: drop candidates that cannot fit for this head dim and dtype (they would fail or spill)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    return fitting_configs(configs, block_d=block_d, element_size=named_args["Q"].element_size(),
+                           limit=_shared_memory_limit())
 
 
 def _tune(kernel, shapes):
-    """On a GPU, autotune over (BLOCK_M, BLOCK_N, warps, stages); configs that overflow shared memory
-    are skipped by the autotuner. The candidates follow the FlashAttention-2 Triton tutorial; which wins
-    on an H100 is not yet measured (no GPU in the session that wrote them)."""
+    """On a GPU, autotune over (BLOCK_M, BLOCK_N, warps, stages) from FlashAttention-2-style candidates, pruned
+    by shared memory, keyed by length bucket, timed briefly and cached on disk where this Triton can."""
     if _INTERPRETED or not dispatch.HAS_TRITON:
         return kernel
+    import inspect
+
+    import triton.testing
+
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
-    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+    options = inspect.signature(triton.autotune).parameters
+    extra = {}
+    if "do_bench" in options:
+        extra["do_bench"] = lambda fn, quantiles: triton.testing.do_bench(
+            fn, warmup=_TUNE_WARMUP_MS, rep=_TUNE_REP_MS, quantiles=quantiles)
+    else:  # pragma: no cover - older Triton
+        extra.update(warmup=_TUNE_WARMUP_MS, rep=_TUNE_REP_MS)
+    if "cache_results" in options:
+        extra["cache_results"] = True
+    prune = {"early_config_prune": _prune_by_shared_memory}
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by=prune, **extra)(kernel)
 
 
 _attn_fwd = _tune(_attn_fwd_kernel, [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
@@ -358,7 +406,8 @@ def _flash_fwd_impl(q, k, v, mask, scale, causal):
     m, smb, smn = _mask_args(mask, q)
     _attn_fwd[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](
         q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
-        h, nq, nk, d, scale * 1.4426950408889634, CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q),
+        h, nq, nk, length_bucket(nq), length_bucket(nk), d, scale * 1.4426950408889634,
+        CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q),
     )
     return o, lse
 
@@ -374,11 +423,13 @@ def _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal):
     common = dict(CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q))
     _attn_bwd_dq[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](  # also writes δ, read below
         q, k, v, m, o, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        *do.stride(), *dq.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
+        *do.stride(), *dq.stride(), smb, smn, h, nq, nk, length_bucket(nq), length_bucket(nk), d, scale,
+        scale * 1.4426950408889634, **common,
     )
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]) * b * h,)](
         q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dk.stride(), *dv.stride(), smb, smn, h, nq, nk, d, scale, scale * 1.4426950408889634, **common,
+        *dk.stride(), *dv.stride(), smb, smn, h, nq, nk, length_bucket(nq), length_bucket(nk), d, scale,
+        scale * 1.4426950408889634, **common,
     )
     return dq, dk, dv
 

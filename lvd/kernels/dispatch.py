@@ -7,10 +7,12 @@ Backends:
 - ``"sdpa"``     ``torch.nn.functional.scaled_dot_product_attention`` (attention only).
 - ``"xformers"`` ``xformers.ops.memory_efficient_attention``; optional, CUDA only.
 - ``"torch"``    the plain PyTorch reference: the fallback and the test oracle.
-- ``"auto"``     the default: Triton on CUDA with compute capability ≥ 8.0 for the dtypes and shapes
-  the kernels support (attention: fp16/bf16, head dim ≤ 128; GroupNorm: fp16/bf16/fp32); otherwise
-  SDPA (attention) or the reference (GroupNorm). When a GPU class has a measured winner in
-  :data:`ATTENTION_FASTEST`, attention takes that one instead.
+- ``"auto"``     the default. GroupNorm: Triton on CUDA with compute capability ≥ 8.0, otherwise the
+  reference. Attention on such a GPU, where our kernel can run (fp16/bf16, head dim ≤ 128): the backend
+  measured faster for (GPU class, dtype, head dim, masked) in the attention table (see
+  :func:`attention_table`); with no measurement, SDPA without a mask (its flash kernels are the
+  fastest unmasked path measured so far) and Triton with one (SDPA leaves flash for a boolean mask).
+  Elsewhere SDPA.
 
 ``LVD_KERNELS=<backend>`` in the environment replaces ``"auto"`` as the default. GroupNorm has no SDPA
 or xformers version, so for GroupNorm those two names mean the PyTorch reference: one environment
@@ -30,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -40,9 +44,10 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "torch")
 ENV_VAR = "LVD_KERNELS"
 
-# Measured winner between our Triton attention and SDPA per GPU class (a substring of the device
-# name). Empty until benchmarks/bench_attention.py has run on that GPU; unlisted GPUs use Triton.
-ATTENTION_FASTEST: dict[str, str] = {}
+# Measured faster attention per (GPU class, dtype, head dim, masked), shipped with lvd; a user's own
+# measurements (bench_attention.py --write-table) go to user_attention_table_path() and take precedence.
+ATTENTION_TABLE = Path(__file__).with_name("attention_table.json")
+ATTENTION_TABLE_ENV = "LVD_ATTENTION_TABLE"
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # one (BLOCK_M, 128) fp32 accumulator per program; larger needs another tiling
@@ -239,10 +244,65 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         reason = "fp32 attention (Triton's fp32 path skips tensor cores; force backend='triton' to use it)"
     choice = _resolve("attention", requested, forced, reason, "sdpa", q)
     if requested == "auto" and choice == "triton" and q.device.type == "cuda":
-        name = _cuda_name(_device_index(q))
-        for gpu_class, winner in ATTENTION_FASTEST.items():
-            if gpu_class in name:
-                return winner
+        choice = _measured_attention_choice(_device_index(q), str(q.dtype).removeprefix("torch."), q.shape[-1],
+                                            mask is not None)
+    return choice
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention table: which of Triton / SDPA is faster, measured per GPU class
+
+
+def user_attention_table_path() -> Path:
+    """Where ``bench_attention.py --write-table`` records this machine's measurements:
+    ``$LVD_ATTENTION_TABLE``, else ``$XDG_CACHE_HOME/lvd/attention_table.json`` (``~/.cache`` by default)."""
+    if os.environ.get(ATTENTION_TABLE_ENV):
+        return Path(os.environ[ATTENTION_TABLE_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lvd" / "attention_table.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _read_table(path: str) -> tuple[dict, ...]:
+    """The entries of one table file; a missing file has none, an unreadable one is a one-line warning."""
+    file = Path(path)
+    if not file.is_file():
+        return ()
+    try:
+        entries = json.loads(file.read_text(encoding="utf-8"))["entries"]
+        keys = ("gpu", "dtype", "head_dim", "masked", "fastest")
+        bad = [e for e in entries if not all(k in e for k in keys) or e["fastest"] not in ("triton", "sdpa")]
+        if bad:
+            raise ValueError(f"entry {bad[0]} needs {keys} with fastest 'triton' or 'sdpa'")
+        return tuple(entries)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("lvd.kernels: ignoring attention table %s: %s", file, e)
+        return ()
+
+
+def attention_table() -> list[dict]:
+    """The user's measured entries first, then the ones shipped with lvd (first match wins)."""
+    return [*_read_table(str(user_attention_table_path())), *_read_table(str(ATTENTION_TABLE))]
+
+
+def fastest_attention(device_name: str, dtype: str, head_dim: int, masked: bool, table: list[dict]) -> tuple[str, str]:
+    """(``"triton"`` or ``"sdpa"``, why) for attention on ``device_name`` (e.g. "NVIDIA H200").
+
+    An entry matches when its ``gpu`` is a substring of the device name and dtype and ``masked`` agree; among
+    those the nearest head dim wins (the earlier entry on a tie, so the user's table before ours). Without a
+    match: SDPA unmasked, Triton masked (the defaults the module docstring explains)."""
+    matches = [e for e in table if e["gpu"] in device_name and e["dtype"] == dtype and bool(e["masked"]) == masked]
+    if matches:
+        best = min(matches, key=lambda e: abs(int(e["head_dim"]) - head_dim))
+        return best["fastest"], f"measured on {best['gpu']} ({best.get('source', 'no source')})"
+    default = "triton" if masked else "sdpa"
+    return default, f"no measurement for {device_name} {dtype} masked={masked}: default {default}"
+
+
+@torch.compiler.assume_constant_result  # decided once while tracing: no graph break
+def _measured_attention_choice(device_index: int, dtype: str, head_dim: int, masked: bool) -> str:
+    choice, why = fastest_attention(_cuda_name(device_index), dtype, head_dim, masked, attention_table())
+    _log_once("attention", f"auto chose {choice} for {dtype} head dim {head_dim} masked={masked}: {why}")
     return choice
 
 
