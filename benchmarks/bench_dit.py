@@ -68,8 +68,10 @@ FLOP_EXTRA = {
 }
 
 
-def build(name: str, grid: tuple[int, int, int]):
-    """(model, forward(latents (B,C,T,H,W), timestep, text (B,L,D), pooled) -> (B,C,T,H,W))."""
+def build(name: str, grid: tuple[int, int, int], *, width: int = WIDTH, depth: int = DEPTH, heads: int = HEADS):
+    """(model, forward(latents (B,C,T,H,W), timestep, text (B,L,D), pooled) -> (B,C,T,H,W)), fp32 on the CPU.
+    ``width``/``depth``/``heads`` default to this benchmark's matched size (gpu_check.py uses larger ones)."""
+    WIDTH, DEPTH, HEADS = width, depth, heads  # noqa: N806  (the names the model arguments below read)
     t, h, w = grid
     if name.startswith("ours"):
         from lvd.dit import VideoDiT
@@ -83,7 +85,7 @@ def build(name: str, grid: tuple[int, int, int]):
         mask[:, 20:] = False  # a realistic caption: 20 real tokens, the rest padding
 
         def forward(x, ts, text, pooled):
-            return model(x, ts, text, mask, pooled)
+            return model(x, ts, text, mask.to(x.device), pooled)
 
     elif name == "cogvideox":
         from diffusers import CogVideoXTransformer3DModel
