@@ -31,6 +31,8 @@ from typing import Iterator
 
 import torch
 
+from lvd.config import folder_problem, run_cli, text_encoder_problem, vae_problem
+
 __all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "cache_shard", "write_uncond", "main"]
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = name up to the first dot
@@ -143,7 +145,8 @@ def write_uncond(out: Path, text_encoder) -> Path:
     return path
 
 
-def _check_manifest(out: Path, manifest: dict) -> None:
+def _refuse_mixing(out: Path, manifest: dict) -> None:
+    """Stop (SystemExit with the reason) when ``out`` holds latents made with another VAE, text encoder or frames."""
     path = out / "cache.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -153,6 +156,10 @@ def _check_manifest(out: Path, manifest: dict) -> None:
                 f"{path}: this folder holds latents made with a different {', '.join(changed)} "
                 f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use another --out or delete it"
             )
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    path = out / "cache.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     tmp.replace(path)
@@ -173,9 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    # 1. Check inputs: every problem at once.
+def _check_args(a: argparse.Namespace) -> tuple[list[Path], list[str]]:
+    """The input shards and every problem with the command line, found before anything is loaded or written."""
     problems = []
     try:
         shards = expand_shards(a.shards)
@@ -186,17 +192,36 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.frames is not None and (a.frames < 1 or (a.frames - 1) % 4):
         problems.append(f"--frames must be 1 + 4k, got {a.frames}")
+    if a.max_length is not None and a.max_length < 1:
+        problems.append(f"--max-length must be >= 1, got {a.max_length}")
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         problems.append("--shards: two input shards share a file name; cache them into different --out folders")
+    if a.device is not None:
+        try:
+            device = torch.device(a.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--device {a.device}: no CUDA GPU is available (use --device cpu)")
+        except RuntimeError:
+            problems.append(f"--device {a.device!r} is not a device (cpu, cuda, cuda:N)")
+    problems += filter(None, [vae_problem("--vae", a.vae), text_encoder_problem("--text-encoder", a.text_encoder),
+                              folder_problem("--out", a.out)])
+    return shards, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    # 1. Check inputs: every problem at once.
+    shards, problems = _check_args(a)
+    manifest = {"vae": str(a.vae), "text_encoder": str(a.text_encoder), "frames": a.frames, "shards": a.shards}
+    _refuse_mixing(a.out, manifest)  # first: a changed VAE path may also be a missing one
     if problems:
-        print("python -m lvd.cache_latents: " + "\n  ".join(problems), file=sys.stderr)
+        print("python -m lvd.cache_latents: cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
 
     # 2. Skip finished shards (resumable).
     a.out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(a.out, {"vae": str(a.vae), "text_encoder": str(a.text_encoder), "frames": a.frames,
-                            "shards": a.shards})
+    _write_manifest(a.out, manifest)
     todo = [s for s in shards if not (a.out / s.name).is_file()]
     if len(todo) < len(shards):
         print(f"skipping {len(shards) - len(todo)} finished shard(s) already in {a.out}", file=sys.stderr)
@@ -230,4 +255,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="python -m lvd.cache_latents")

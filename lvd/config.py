@@ -11,26 +11,61 @@ names the key and the type it expects.
 
     cfg = parse_args(TrainConfig, ["--config", "run.yaml", "model.width=256"])
     save_config(cfg, run_dir / "config.yaml")
+
+Entry points report a :class:`UserError` (ConfigError is one) without a traceback: ``run_cli(main)``
+prints ``PROG: error: MESSAGE`` on stderr and exits with status 2. The ``*_problem`` helpers check the
+paths a config or command line names before anything runs, each returning one line or None.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
+import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "parse_args", "load_config", "save_config"]
+__all__ = [
+    "UserError", "ConfigError", "raise_problems", "run_cli", "from_dict", "to_dict", "parse_args", "load_config",
+    "save_config", "folder_problem", "shards_problem", "vae_problem", "text_encoder_problem",
+]
 
 
-class ConfigError(ValueError):
-    """A config that does not fit its schema; the message lists every problem."""
+class UserError(Exception):
+    """A problem with what the user asked for (an argument, a config value, a path), not a bug in lvd:
+    entry points print its message, which names the key or flag and the value, and exit with status 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config that does not fit its schema or cannot work; the message lists every problem."""
+
+
+def raise_problems(problems: list[str], header: str = "invalid config") -> None:
+    """Raise one ConfigError: ``header:`` then one indented line per problem (nothing when there are none)."""
+    if problems:
+        raise ConfigError(f"{header}:\n  " + "\n  ".join(problems))
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None, *, prog: str,
+            user_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    """``sys.exit(main(argv))``; a UserError (or one of ``user_errors``) becomes ``PROG: error: ...`` and status 2.
+
+    Only these types are caught: any other exception is a bug and keeps its traceback.
+    """
+    try:
+        code = main(argv)
+    except (UserError, *user_errors) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -133,15 +168,18 @@ def _build(schema: type[T], data: dict, prefix: str, problems: list[str]) -> T:
             problems.append(f"missing required key '{prefix}{name}'")
     if problems:
         return None  # type: ignore[return-value]
-    return schema(**kwargs)
+    try:
+        return schema(**kwargs)
+    except ValueError as err:  # a __post_init__ check of the values (e.g. batch_size >= 1)
+        problems.append(f"{prefix.rstrip('.') or schema.__name__}: {err}")
+        return None  # type: ignore[return-value]
 
 
 def from_dict(schema: type[T], data: dict | None) -> T:
     """Build ``schema`` from a nested dict; raise :class:`ConfigError` listing every problem."""
     problems: list[str] = []
     cfg = _build(schema, data or {}, "", problems)
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    raise_problems(problems)
     return cfg
 
 
@@ -173,34 +211,50 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where it is and what the parser expected."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = "; ".join(filter(None, [getattr(err, "context", None), getattr(err, "problem", None)]))
+    return where + (what or str(err).splitlines()[0])
+
+
+def _load_yaml_file(path: Path) -> dict:
+    """The top-level mapping of a YAML file; ConfigError (one line) for a missing, non-UTF-8 or malformed file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Defaults < YAML file at ``path`` < ``a.b=value`` overrides (values parsed as YAML scalars)."""
-    data: dict = {}
+    data: dict = _load_yaml_file(Path(path)) if path is not None else {}
     problems: list[str] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded or {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             problems.append(f"override '{item}' is not of the form key.sub=value")
             continue
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problems.append(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)})")
+            continue
+        _set_dotted(data, key.strip(), value)
+    raise_problems(problems)
     return from_dict(schema, data)
 
 
 def parse_args(schema: type[T], argv: list[str] | None = None) -> T:
     """Parse ``[--config FILE.yaml] [key.sub=value ...]`` into ``schema``."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     path = None
     overrides = []
@@ -230,3 +284,78 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths a config or command line names: checked before anything runs, one line per problem
+# --------------------------------------------------------------------------------------------------
+
+
+def _named(key: str, value: Any) -> str:
+    """How a problem names its input: ``--out x`` for a flag, ``run.dir='x'`` for a config key."""
+    return f"{key} {value}" if key.startswith("-") else f"{key}={str(value)!r}"
+
+
+def folder_problem(key: str, value: str | Path, folder: str | Path | None = None) -> str | None:
+    """Why ``folder`` (default ``value``; existing, or to be created with its parents) cannot take output, or None.
+
+    Creating and removing an empty probe folder in the nearest existing ancestor is the test: permission
+    bits say nothing for root, and places like /proc refuse new folders whatever the bits say.
+    """
+    folder = Path(value if folder is None else folder)
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.absolute().parent
+    if not ancestor.is_dir():
+        return f"{_named(key, value)}: cannot write into {ancestor}: it is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lvd-write-probe-", dir=ancestor))
+    except OSError as err:
+        return f"{_named(key, value)}: cannot write into {ancestor} ({err.strerror or err})"
+    return None
+
+
+def shards_problem(key: str, spec: str) -> str | None:
+    """Why the shard spec (brace patterns joined by ``::``, or a folder) names no existing shards, or None."""
+    from lvd.data.loader import expand_shards
+
+    try:
+        expand_shards(spec)
+    except ValueError as err:
+        return f"{_named(key, spec)}: {str(err).removeprefix('shards: ')}"
+    return None
+
+
+def vae_problem(key: str, value: str) -> str | None:
+    """Why ``value`` is neither a VAE preset nor a folder ``lvd.vae.load_vae`` reads, or None."""
+    from lvd.vae import VAE_PRESETS
+
+    folder = Path(value)
+    if value in VAE_PRESETS or (folder / "config.json").is_file() or (folder / "vae" / "config.json").is_file():
+        return None
+    if not folder.exists():
+        return f"{_named(key, value)}: no such folder, and not a VAE preset ({', '.join(sorted(VAE_PRESETS))})"
+    return f"{_named(key, value)}: the folder has no config.json (nor vae/config.json)"
+
+
+def text_encoder_problem(key: str, value: str) -> str | None:
+    """Why ``value`` is neither a text-encoder folder nor a model name found offline (packaged or in the
+    Hugging Face cache), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from lvd.text import resolve_text_encoder_path
+
+    try:
+        model_path = resolve_text_encoder_path(value)[0]
+    except FileNotFoundError as err:
+        return f"{_named(key, value)}: {err}"
+    if Path(model_path).is_dir():
+        return None
+    try:
+        cached = try_to_load_from_cache(model_path, "config.json")
+    except ValueError:  # not a valid hub name either
+        cached = None
+    if isinstance(cached, str):
+        return None
+    return (f"{_named(key, value)}: no such folder, and no model of that name in the local Hugging Face cache "
+            "(nothing is downloaded)")

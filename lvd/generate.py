@@ -4,7 +4,9 @@
     python -m lvd.generate --model runs/shapes/export --prompts-file prompts.txt --num-videos 2 --output out/clip.gif
     python -m lvd.generate --text "a blue square moving up" --output_path out.mp4     # the first design's names
 
-Every argument is checked before any sampling, and all problems are reported at once (exit status 2).
+Every argument is checked before any sampling, and all problems are reported at once (exit status 2): among
+them a non-finite --guidance, an output folder that cannot be created, a non-UTF-8 --prompts-file, and sizes
+whose decoded videos alone would not fit in the memory available.
 A frame count the VAE cannot produce (not 1 + 4k for a 4× temporal VAE) is an error naming the nearest
 valid counts; it is never rounded. With several videos (several prompts and/or ``--num-videos``), files are
 numbered ``<stem>_000<suffix>``, ``<stem>_001<suffix>``, … in prompt-major order. Video ``k`` is sampled from
@@ -14,6 +16,7 @@ numbered ``<stem>_000<suffix>``, ``<stem>_001<suffix>``, … in prompt-major ord
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lvd.config import UserError, folder_problem, run_cli
 from lvd.diffusion import SAMPLERS
 from lvd.pipeline import LVDPipeline
 from lvd.video_io import write_video
@@ -32,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PIPELINE_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """Bad command-line input, found before sampling."""
 
 
@@ -97,12 +101,40 @@ def _writable_problem(output: Path) -> str | None:
         return f"--output {output}: the suffix must be .mp4 or .gif, got '{output.suffix or '(none)'}'"
     if output.exists() and not os.access(output, os.W_OK):
         return f"--output {output} exists and is not writable"
-    ancestor = output.parent.resolve()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"--output {output}: cannot write into {ancestor} (permission denied or not a folder)"
-    return None
+    return folder_problem("--output", output, output.parent)
+
+
+def _available_memory() -> int | None:
+    """Bytes of RAM free for this process: MemAvailable from /proc/meminfo, else all physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _memory_problem(ns: argparse.Namespace, videos: int) -> str | None:
+    """Refuse sizes whose decoded videos alone (float32 RGB, one batch) exceed the memory available.
+
+    Only the output tensor is counted, so a size that passes may still run out of memory in the VAE;
+    one that fails could never have finished.
+    """
+    if min(ns.frames, ns.height, ns.width, ns.batch_size, videos) <= 0:
+        return None  # reported by the other checks
+    batch = min(ns.batch_size, videos)
+    need = batch * ns.frames * ns.height * ns.width * 3 * 4
+    available = _available_memory()
+    if available is None or need <= available:
+        return None
+    return (f"--frames {ns.frames} --height {ns.height} --width {ns.width}: the decoded videos need "
+            f"{need / 2**30:,.1f} GiB ({batch} per batch x frames x height x width x 3 x 4 bytes), more than the "
+            f"{available / 2**30:,.1f} GiB of memory available; lower them (or --batch-size)")
 
 
 def _model_problem(model: Path) -> str | None:
@@ -132,20 +164,22 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
                 problems.append(f"--prompts-file {ns.prompts_file} has no prompts")
         except OSError as err:
             problems.append(f"--prompts-file {ns.prompts_file}: {err.strerror or err}")
+        except UnicodeDecodeError as err:
+            problems.append(f"--prompts-file {ns.prompts_file} is not UTF-8 text (byte {err.start})")
     elif ns.prompt is not None:
         prompts = [ns.prompt]
     else:
         problems.append('give --prompt "…" (an empty "" is the unconditional video) or --prompts-file FILE')
     if ns.steps <= 0:
         problems.append(f"--steps must be a positive integer, got {ns.steps}")
-    if ns.guidance < 0:
-        problems.append(f"--guidance must be >= 0, got {ns.guidance}")
+    if not (math.isfinite(ns.guidance) and ns.guidance >= 0):
+        problems.append(f"--guidance must be a finite number >= 0, got {ns.guidance}")
     if ns.num_videos <= 0:
         problems.append(f"--num-videos must be a positive integer, got {ns.num_videos}")
     if ns.batch_size <= 0:
         problems.append(f"--batch-size must be a positive integer, got {ns.batch_size}")
-    if ns.fps <= 0:
-        problems.append(f"--fps must be > 0, got {ns.fps}")
+    if not (math.isfinite(ns.fps) and ns.fps > 0):
+        problems.append(f"--fps must be a finite number > 0, got {ns.fps}")
     if ns.threads < 0:
         problems.append(f"--threads must be >= 0, got {ns.threads}")
     if ns.seed < 0:
@@ -165,12 +199,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
     if dtype == "auto":  # fp32 on a CPU (bf16 matmul runs at ~0.3 GFLOP/s there), bf16 where the GPU has it
         dtype = "float32" if not device.startswith("cuda") else (
             "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    problem = _writable_problem(Path(ns.output))
-    if problem:
-        problems.append(problem)
-    problem = _model_problem(Path(ns.model))
-    if problem:
-        problems.append(problem)
+    problems += filter(None, [_memory_problem(ns, len(prompts) * ns.num_videos), _writable_problem(Path(ns.output)),
+                              _model_problem(Path(ns.model))])
     if problems:
         raise UsageError("\n".join(f"  - {p}" for p in problems))
     return GenerateArgs(prompts=prompts, output=Path(ns.output), model=Path(ns.model),
@@ -282,4 +312,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="python -m lvd.generate")

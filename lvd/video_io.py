@@ -75,6 +75,12 @@ def _ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def _ffmpeg_path(path: Path) -> str:
+    """``path`` as ffmpeg must be given it: ``file:`` plus the absolute path, so that a colon in a file
+    name (``take:1.mp4``) is not read as a protocol name."""
+    return "file:" + str(Path(path).absolute())
+
+
 def _last_error(stderr: bytes) -> str:
     """The most useful line of ffmpeg's error output."""
     lines = [ln.strip() for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
@@ -106,7 +112,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     if path.stat().st_size == 0:
         raise VideoReadError(f"{path}: empty file (0 bytes)")
     proc = subprocess.run(
-        [_ffmpeg_exe(), "-hide_banner", "-nostdin", *_SAFE_INPUT, "-i", str(path)],
+        [_ffmpeg_exe(), "-hide_banner", "-nostdin", *_SAFE_INPUT, "-i", _ffmpeg_path(path)],
         capture_output=True,
         timeout=_TIMEOUT_S,
     )
@@ -210,7 +216,7 @@ def read_video(
         cmd += ["-ss", f"{start:.6f}"]
     if _format is not None:
         cmd += ["-f", _format]
-    cmd += [*_SAFE_INPUT, "-i", str(path), "-map", "0:v:0", "-an"]
+    cmd += [*_SAFE_INPUT, "-i", _ffmpeg_path(path), "-map", "0:v:0", "-an"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
     if num_frames is not None:
@@ -283,7 +289,7 @@ def write_video(
     else:
         cmd += ["-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse", "-f", "gif"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd + [str(path)], input=frames.tobytes(), capture_output=True, timeout=_TIMEOUT_S)
+    proc = subprocess.run(cmd + [_ffmpeg_path(path)], input=frames.tobytes(), capture_output=True, timeout=_TIMEOUT_S)
     if proc.returncode != 0:
         raise RuntimeError(f"{path}: ffmpeg could not write the video: {_last_error(proc.stderr)}")
 

@@ -31,6 +31,7 @@ the shards (or computed with ``components.text_encoder``).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,13 +42,29 @@ import torch
 if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lvd.config import parse_args  # noqa: E402
+from lvd.config import (  # noqa: E402
+    ConfigError,
+    folder_problem,
+    parse_args,
+    raise_problems,
+    run_cli,
+    shards_problem,
+    text_encoder_problem,
+    vae_problem,
+)
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
 from lvd.diffusion import DiffusionConfig, num_tokens, scheduler_config, training_loss  # noqa: E402
-from lvd.dit import VideoDiT  # noqa: E402
+from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
 from lvd.text import TextEmbeddings  # noqa: E402
 from lvd.train.checkpoint import CheckpointConfig  # noqa: E402
-from lvd.train.distributed import DistributedConfig, init_distributed, model_state_dict, shutdown, unwrap  # noqa: E402
+from lvd.train.distributed import (  # noqa: E402
+    DistributedConfig,
+    DistributedError,
+    init_distributed,
+    model_state_dict,
+    shutdown,
+    unwrap,
+)
 from lvd.train.loop import (  # noqa: E402
     Hook,
     OptimConfig,
@@ -57,6 +74,7 @@ from lvd.train.loop import (  # noqa: E402
     Trainer,
     export_pretrained,
     prepare_model,
+    train_config_problems,
 )
 
 log = logging.getLogger("lvd.recipes.dit")
@@ -84,7 +102,7 @@ class ComponentsConfig:
 
 @dataclass
 class SamplesConfig:
-    """Sample videos of the EMA model every ``every`` steps; needs components.vae and .text_encoder."""
+    """Sample videos of the EMA model every ``every`` steps (0: off); needs components.vae and .text_encoder."""
 
     every: int = 1000
     prompts: list[str] = field(default_factory=list)
@@ -122,15 +140,62 @@ class DiTRecipeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data ↔ model checks
+# Config, data ↔ model checks
 # ---------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: DiTRecipeConfig) -> None:
+    """Raise one ConfigError listing every value that cannot work and every named path that is missing,
+    before any model is built or anything is written."""
+    problems = train_config_problems(cfg.train, cfg.checkpoint, cfg.optim)
+    s = cfg.samples
+    if s.every < 0:
+        problems.append(f"samples.every={s.every}: must be >= 0 (0: off)")
+    if s.format not in ("gif", "mp4"):
+        problems.append(f"samples.format={s.format!r}: must be 'gif' or 'mp4'")
+    if not s.fps > 0:
+        problems.append(f"samples.fps={s.fps}: must be > 0")
+    if not (math.isfinite(s.guidance_scale) and s.guidance_scale >= 0):
+        problems.append(f"samples.guidance_scale={s.guidance_scale}: must be a finite number >= 0")
+    if cfg.model.preset not in DIT_PRESETS:
+        problems.append(f"model.preset={cfg.model.preset!r}: unknown; choose one of {', '.join(sorted(DIT_PRESETS))}")
+    c = cfg.components
+    problems += filter(None, [
+        shards_problem("data.shards", cfg.data.shards),
+        vae_problem("components.vae", c.vae) if c.vae else None,
+        text_encoder_problem("components.text_encoder", c.text_encoder) if c.text_encoder else None,
+        _uncond_problem(cfg),
+        folder_problem("run.dir", cfg.run.dir),
+        folder_problem("export.dir", cfg.export.dir) if cfg.export.enabled and cfg.export.dir else None,
+    ])
+    raise_problems(problems)
+
+
+def _uncond_path(cfg: DiTRecipeConfig) -> Path:
+    """components.uncond, else uncond.safetensors beside the first latent shard."""
+    if cfg.components.uncond:
+        return Path(cfg.components.uncond)
+    return Path(expand_shards(cfg.data.shards)[0]).parent / "uncond.safetensors"
+
+
+def _uncond_problem(cfg: DiTRecipeConfig) -> str | None:
+    """CFG dropout needs the empty-prompt embedding: a file, or the text encoder to compute it."""
+    if cfg.components.uncond and not Path(cfg.components.uncond).is_file():
+        return f"components.uncond={cfg.components.uncond!r}: no such file"
+    if cfg.diffusion.cfg_dropout <= 0 or cfg.components.text_encoder or shards_problem("", cfg.data.shards):
+        return None
+    path = _uncond_path(cfg)
+    if path.is_file():
+        return None
+    return (f"diffusion.cfg_dropout={cfg.diffusion.cfg_dropout} needs the empty-prompt embedding: {path} does not "
+            "exist (lvd.cache_latents writes it) and components.text_encoder is not set; or set diffusion.cfg_dropout=0")
 
 
 def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
     """The first batch of the shards (a separate loader, so the training loader's position is untouched)."""
     for batch in make_latent_loader(replace(cfg, workers=0, shuffle=0, resampled=False), seed=seed):
         return batch
-    raise ValueError(f"data.shards '{cfg.shards}' gave no latent batch")
+    raise ConfigError(f"data.shards={cfg.shards!r} gave no latent batch (fewer samples than data.batch_size?)")
 
 
 def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
@@ -139,7 +204,7 @@ def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
                 pooled_dim=first["text_pooled"].shape[-1])
     clash = {k: (cfg.overrides[k], v) for k, v in dims.items() if k in cfg.overrides and cfg.overrides[k] != v}
     if clash:
-        raise ValueError("model.overrides disagree with the latent shards: " + ", ".join(
+        raise ConfigError("model.overrides disagree with the latent shards: " + ", ".join(
             f"{k}={a} but the shards have {b}" for k, (a, b) in clash.items()))
     model = VideoDiT.from_preset(cfg.preset, **{**cfg.overrides, **dims})
     if cfg.gradient_checkpointing:
@@ -163,14 +228,14 @@ def check_batch(model: VideoDiT, batch: dict, shards: str) -> None:
         problems.append(f"text_pooled width {pooled.shape[-1]} != model pooled_dim {c.pooled_dim}")
     if problems:
         keys = ", ".join(batch["key"][:3])
-        raise ValueError(f"latent shards '{shards}' do not fit the model (samples {keys}): " + "; ".join(problems))
+        raise ConfigError(f"latent shards '{shards}' do not fit the model (samples {keys}): " + "; ".join(problems))
 
 
 def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
     """The empty-prompt embedding CFG dropout substitutes (None when cfg_dropout is 0)."""
     if cfg.diffusion.cfg_dropout <= 0:
         return None
-    path = Path(cfg.components.uncond) if cfg.components.uncond else Path(expand_shards(cfg.data.shards)[0]).parent / "uncond.safetensors"
+    path = _uncond_path(cfg)
     if path.is_file():
         from safetensors.torch import load_file
 
@@ -181,7 +246,7 @@ def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
 
         return TextEncoder.from_pretrained(cfg.components.text_encoder, max_length=cfg.components.text_max_length or None,
                                            device="cpu").empty()
-    raise ValueError(
+    raise ConfigError(
         f"diffusion.cfg_dropout={cfg.diffusion.cfg_dropout} needs the empty-prompt embedding: {path} does not exist "
         "(lvd.cache_latents writes it) and components.text_encoder is not set; or set diffusion.cfg_dropout=0"
     )
@@ -268,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # 1. Config, processes, seed
     cfg = parse_args(DiTRecipeConfig, argv)
+    check_config(cfg)
     env = init_distributed(cfg.distributed)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.run.dir)
@@ -299,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Hooks: sample videos with the EMA weights
     hooks = []
     # (rank 0 only, so not under FSDP2, where the EMA weights are sharded over every rank)
-    if cfg.samples.prompts and cfg.components.vae and cfg.components.text_encoder and env.is_main and env.strategy != "fsdp":
+    sampling = cfg.samples.every > 0 and cfg.samples.prompts
+    if sampling and cfg.components.vae and cfg.components.text_encoder and env.is_main and env.strategy != "fsdp":
         ema_or_model = ema.model if ema is not None else model
         hooks.append(Hook(cfg.samples.every, lambda tr, step: write_samples(cfg, run_dir, step, ema_or_model, seq_len)))
-    if cfg.samples.shapes_eval > 0 and not hooks and env.is_main:
+    if cfg.samples.shapes_eval > 0 and cfg.samples.every > 0 and not hooks and env.is_main:
         log.warning("samples.shapes_eval needs samples.prompts, components.vae and components.text_encoder (and no FSDP)")
 
     # 5. Train (or resume)
@@ -321,4 +388,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="train_latent_diffusion.py", user_errors=(DistributedError,))

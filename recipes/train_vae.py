@@ -34,10 +34,10 @@ import torch
 if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lvd.config import parse_args  # noqa: E402
+from lvd.config import ConfigError, folder_problem, parse_args, raise_problems, run_cli, shards_problem  # noqa: E402
 from lvd.data.loader import ClipDataConfig, make_clip_loader
 from lvd.train.checkpoint import CheckpointConfig
-from lvd.train.distributed import DistributedConfig, init_distributed, shutdown, unwrap, wrap_model
+from lvd.train.distributed import DistributedConfig, DistributedError, init_distributed, shutdown, unwrap, wrap_model
 from lvd.train.loop import (
     Aux,
     Hook,
@@ -48,8 +48,9 @@ from lvd.train.loop import (
     Trainer,
     export_pretrained,
     prepare_model,
+    train_config_problems,
 )
-from lvd.vae import CausalVideoVAE, calibrate_latent_stats
+from lvd.vae import VAE_PRESETS, CausalVideoVAE, calibrate_latent_stats
 from lvd.vae.losses import (
     PatchDiscriminator3D,
     VAELossConfig,
@@ -85,7 +86,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class EvalConfig:
-    """PSNR/SSIM of the EMA model on held-out clip shards every ``every`` steps (empty shards: off)."""
+    """PSNR/SSIM of the EMA model on held-out clip shards every ``every`` steps (empty shards or every=0: off)."""
 
     shards: str = ""
     every: int = 500
@@ -96,7 +97,8 @@ class EvalConfig:
 
 @dataclass
 class SamplesConfig:
-    """Reconstruction videos (original | reconstruction) into RUN/samples every ``every`` steps."""
+    """Reconstruction videos (original | reconstruction) into RUN/samples every ``every`` steps (0: off);
+    they need eval.shards."""
 
     every: int = 500
     num: int = 2
@@ -129,6 +131,44 @@ class VAERecipeConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+def check_config(cfg: VAERecipeConfig) -> None:
+    """Raise one ConfigError listing every value that cannot work and every named path that is missing,
+    before any model is built or anything is written."""
+    problems = train_config_problems(cfg.train, cfg.checkpoint, cfg.optim)
+    for key, value in (("eval.every", cfg.eval.every), ("samples.every", cfg.samples.every),
+                       ("samples.num", cfg.samples.num)):
+        if value < 0:
+            problems.append(f"{key}={value}: must be >= 0 (0: off)")
+    if cfg.eval.shards:
+        for key, value in (("eval.num_clips", cfg.eval.num_clips), ("eval.batch_size", cfg.eval.batch_size)):
+            if value < 1:
+                problems.append(f"{key}={value}: must be >= 1")
+    if cfg.samples.format not in ("gif", "mp4"):
+        problems.append(f"samples.format={cfg.samples.format!r}: must be 'gif' or 'mp4'")
+    if not cfg.samples.fps > 0:
+        problems.append(f"samples.fps={cfg.samples.fps}: must be > 0")
+    if not cfg.model.init_from and cfg.model.preset not in VAE_PRESETS:
+        problems.append(f"model.preset={cfg.model.preset!r}: unknown; choose one of {', '.join(sorted(VAE_PRESETS))}")
+    if cfg.export.enabled and cfg.export.calibration_batches < 1:
+        problems.append(f"export.calibration_batches={cfg.export.calibration_batches}: must be >= 1")
+    problems += filter(None, [
+        shards_problem("data.shards", cfg.data.shards),
+        shards_problem("eval.shards", cfg.eval.shards) if cfg.eval.shards else None,
+        _init_from_problem(cfg.model.init_from),
+        folder_problem("run.dir", cfg.run.dir),
+        folder_problem("export.dir", cfg.export.dir) if cfg.export.enabled and cfg.export.dir else None,
+    ])
+    raise_problems(problems)
+
+
+def _init_from_problem(init_from: str) -> str | None:
+    if not init_from or (Path(init_from) / "config.json").is_file():
+        return None
+    if not Path(init_from).exists():
+        return f"model.init_from={init_from!r}: no such folder"
+    return f"model.init_from={init_from!r}: the folder has no config.json (a CausalVideoVAE save_pretrained folder)"
+
+
 def build_vae(cfg: VAEModelConfig) -> CausalVideoVAE:
     """The plain model (no device, no wrapping): a preset with overrides, or a saved folder."""
     if cfg.init_from:
@@ -150,8 +190,7 @@ def check_data_fits(cfg: VAERecipeConfig, vae: CausalVideoVAE) -> None:
             vae.check_input(cfg.eval.frames, b.height, b.width)
         except ValueError as e:
             problems.append(f"eval.frames={cfg.eval.frames}: {e}")
-    if problems:
-        raise ValueError("data does not fit the VAE:\n  " + "\n  ".join(problems))
+    raise_problems(problems, "data does not fit the VAE")
 
 
 class HeldOut:
@@ -176,7 +215,7 @@ class HeldOut:
                 if n >= e.num_clips:
                     break
             if not videos:
-                raise ValueError(f"eval.shards '{e.shards}' gave no clips")
+                raise ConfigError(f"eval.shards={e.shards!r} gave no clips")
             self._clips = torch.cat(videos)[: e.num_clips]
         return self._clips
 
@@ -209,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # 1. Config, processes, seed
     cfg = parse_args(VAERecipeConfig, argv)
+    check_config(cfg)
     env = init_distributed(cfg.distributed)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     run_dir = Path(cfg.run.dir)
@@ -253,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_model = ema.model if ema is not None else model
     hooks = []
     if held is not None:
-        hooks.append(Hook(cfg.eval.every, lambda tr, step: held.evaluate(eval_model)))
-        if env.is_main and cfg.samples.num > 0:
+        if cfg.eval.every > 0:
+            hooks.append(Hook(cfg.eval.every, lambda tr, step: held.evaluate(eval_model)))
+        if env.is_main and cfg.samples.num > 0 and cfg.samples.every > 0:
             def sample_hook(tr, step):
                 videos = held.clips()[: cfg.samples.num]
                 write_samples(run_dir, step, videos, held.reconstruct(eval_model, videos), cfg.samples)
@@ -285,4 +326,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="train_vae.py", user_errors=(DistributedError,))

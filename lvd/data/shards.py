@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lvd.config import folder_problem, run_cli
 from lvd.data.synthetic import ShapesConfig, make_clip
 from lvd.video_io import VIDEO_EXTENSIONS, VideoReadError, encode_video_bytes, probe_video, read_video
 
@@ -548,6 +549,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         problems.append(f"--out '{a.out}' exists and is not a folder")
     elif a.out.is_dir() and any(a.out.glob("shard-*.tar")) and not a.overwrite:
         problems.append(f"--out '{a.out}' already holds shards; pass --overwrite to replace them")
+    elif (problem := folder_problem("--out", a.out)) is not None:  # e.g. under /proc, or on a read-only disk
+        problems.append(problem)
     if problems:
         p.error("\n  ".join(problems))
 
@@ -621,4 +624,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="python -m lvd.data.shards")

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from lvd.config import ConfigError, raise_problems
 from lvd.train.checkpoint import (
     CheckpointConfig,
     latest_checkpoint,
@@ -78,6 +79,7 @@ __all__ = [
     "Trainer",
     "EMA",
     "lr_at",
+    "train_config_problems",
     "prepare_model",
     "export_pretrained",
     "step_generator",
@@ -127,6 +129,30 @@ class TrainConfig:
     # CPU threads per process (0: torch's default). On an oversubscribed CPU, 1 is several times faster:
     # the tiny VAE at 2x17x64x64 took 5.7 s/step with 1 thread and 25 s with 2 (load average 9 on 2 cores).
     cpu_threads: int = 0
+
+
+def train_config_problems(train: TrainConfig, checkpoint: CheckpointConfig, optim: OptimConfig | None = None) -> list[str]:
+    """Values the trainer cannot run with, one line each naming the key and the value.
+
+    A recipe checks these before it builds a model; :class:`Trainer` checks them again for direct callers.
+    """
+    problems = []
+    for key, value in (("train.max_steps", train.max_steps), ("train.grad_accum", train.grad_accum),
+                       ("train.log_every", train.log_every), ("train.max_nan_steps", train.max_nan_steps),
+                       ("checkpoint.every", checkpoint.every)):
+        if value < 1:
+            problems.append(f"{key}={value}: must be >= 1")
+    if train.cpu_threads < 0:
+        problems.append(f"train.cpu_threads={train.cpu_threads}: must be >= 0 (0: torch's default)")
+    if checkpoint.keep_last < 0:
+        problems.append(f"checkpoint.keep_last={checkpoint.keep_last}: must be >= 0 (0: keep every checkpoint)")
+    if not 0 <= train.ema_decay < 1:  # also catches nan
+        problems.append(f"train.ema_decay={train.ema_decay}: must be in [0, 1) (0: no EMA)")
+    if not train.grad_clip >= 0:
+        problems.append(f"train.grad_clip={train.grad_clip}: must be >= 0 (0: no clipping)")
+    if optim is not None and not (math.isfinite(optim.lr) and optim.lr >= 0):
+        problems.append(f"optim.lr={optim.lr}: must be a finite number >= 0")
+    return problems
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -184,7 +210,8 @@ class Aux:
 
 @dataclass
 class Hook:
-    """``fn(trainer, step) -> dict | None`` every ``every`` steps (and at the last step), on every rank."""
+    """``fn(trainer, step) -> dict | None`` every ``every`` steps (and at the last step), on every rank;
+    ``every <= 0`` turns the hook off."""
 
     every: int
     fn: Callable[["Trainer", int], dict | None]
@@ -286,12 +313,13 @@ class Trainer:
         count_fn: Callable[[Any], tuple[int, int]] | None = None,
         hooks: Iterable[Hook] = (),
     ):
+        raise_problems(train_config_problems(train, checkpoint, optim))
         self.run_dir = Path(run_dir)
         self.model, self.loss_fn, self.ema, self.aux = model, loss_fn, ema, aux
         self.optim_cfg, self.train_cfg, self.ckpt_cfg, self.env = optim, train, checkpoint, env
         self.config = config
         self.count_fn = count_fn or (lambda batch: (0, 0))
-        self.hooks = list(hooks)
+        self.hooks = [h for h in hooks if h.every > 0]
         self.optimizer = make_optimizer(model, optim)
         self.aux_optimizer = make_optimizer(aux.model, aux.optim) if aux is not None else None
         self.step = 0  # optimizer steps done (skipped ones included)
@@ -510,7 +538,7 @@ class Trainer:
                     it = iter(loader)
                     batch = next(it, None)
                     if batch is None:
-                        raise ValueError("the data loader yielded no batch: check data.shards and the batch size") from None
+                        raise ConfigError("the data loader yielded no batch: check data.shards and the batch size") from None
                 yield batch
 
         window: list[dict] = []
