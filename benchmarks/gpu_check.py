@@ -1,5 +1,6 @@
 """One-shot GPU check: kernel correctness, tuning cost, kernel tables, DiT and VAE against diffusers, and the
-stage-2 recipe with bf16 + compile + resume. About 8 minutes on one H100/H200 from a machine whose Python has
+stage-2 recipe with bf16 + compile + resume. About 8-9 minutes on one H200 (the two Inductor compiles of the
+recipe take half of it) from a machine whose Python has
 torch and triton (diffusers, webdataset and braceexpand may come as wheels on PYTHONPATH; the DiT/VAE
 comparisons skip diffusers' models where it is missing).
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 # In the order they run: what the GPU issue's "done when" needs first. Limits are each part's most seconds.
 PARTS = ("env", "dit", "recipe", "tuning", "attention", "kernels", "vae", "group_norm")
-LIMITS_S = dict(env=30, dit=100, recipe=200, tuning=80, attention=120, kernels=90, vae=50, group_norm=50)
+LIMITS_S = dict(env=30, dit=100, recipe=200, tuning=80, attention=120, kernels=120, vae=50, group_norm=50)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,9 +146,9 @@ def part_kernels(args) -> dict:
         errors = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
         rows.append(dict(op="attention", dtype=str(dtype), shape=[b, h, nq, nk, d], causal=causal, masked=masked,
                          max_rel_err=max(errors), ok=max(errors) <= tol[dtype]))
-    for dtype in dtypes:
-        for case in range(2 if args.dry_run else 3):
-            groups = [2, 8, 32][case % 3] if not args.dry_run else 2
+    for dtype in dtypes[:2]:  # bf16 and fp16 on a GPU (each GroupNorm variant compiles on first use)
+        for case in range(2):
+            groups = [8, 32][case] if not args.dry_run else 2
             c = groups * randint(1, 4)
             t = randint(1, 5)
             hw = randint(3, 9) if args.dry_run else randint(17, 90)
@@ -382,8 +383,10 @@ def part_recipe(args) -> dict:
         start = time.perf_counter()
         out = subprocess.run(base + [f"train.max_steps={max_steps}"], cwd=REPO, capture_output=True, text=True,
                              timeout=LIMITS_S["recipe"] - 20)
+        log = out.stdout + out.stderr
+        resumed = re.search(r"resumed from \S+ \(step (\d+)\)", log)
         runs.append(dict(max_steps=max_steps, rc=out.returncode, seconds=round(time.perf_counter() - start, 1),
-                         log_tail=(out.stdout + out.stderr)[-1500:]))
+                         resumed_at=int(resumed.group(1)) if resumed else None, log_tail=log[-1500:]))
         if out.returncode != 0:
             break
     metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] \
@@ -391,7 +394,7 @@ def part_recipe(args) -> dict:
     losses = [(m.get("step"), m.get("loss")) for m in metrics if "loss" in m]
     return dict(preset=preset, compile=compile_ == "true", latent=list(latent), runs=runs, losses=losses,
                 ok=all(r["rc"] == 0 for r in runs) and len(runs) == 2,
-                resumed=any("resum" in r["log_tail"].lower() for r in runs[1:]))
+                resumed=len(runs) == 2 and runs[1]["resumed_at"] == steps[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +436,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list from {PARTS}")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on a CPU: every part's code path")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/gpu_<gpu>_<date>)")
-    parser.add_argument("--budget-s", type=float, default=480,
+    parser.add_argument("--budget-s", type=float, default=540,
                         help="stop starting parts when less than a part's limit is left (default %(default)s s)")
     parser.add_argument("--part-only", default=None, help=argparse.SUPPRESS)  # one part, in this process
     args = parser.parse_args(argv)
