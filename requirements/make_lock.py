@@ -58,16 +58,27 @@ def main(argv: list[str] | None = None) -> int:
         run([python, "-m", "pip", "install", "-q", "-e", f"{REPO}[test]", *constraints])
         packages = freeze(python)
         print("\n".join(packages))
-        run([python, "-m", "pytest", "-p", "no:cacheprovider", *args.pytest_args.split()], cwd=REPO)
         if args.lowest:
+            run([python, "-m", "pytest", "-p", "no:cacheprovider", *args.pytest_args.split()], cwd=REPO)
             print(f"lower bounds pass ({time.time() - start:.0f} s)")
             return 0
+        # The candidate is in place while the suite runs (the README tests read it); it stays only if they pass.
+        previous = LOCK.read_text(encoding="utf-8") if LOCK.is_file() else None
         header = [
             "# The exact set the test suite passed with. Made by `python requirements/make_lock.py`; do not edit.",
             f"# {datetime.date.today().isoformat()}, Python {platform.python_version()}, {platform.machine()}, "
             f"pytest {args.pytest_args}",
         ]
         LOCK.write_text("\n".join(header + packages) + "\n", encoding="utf-8")
+        try:
+            run([python, "-m", "pytest", "-p", "no:cacheprovider", *args.pytest_args.split()], cwd=REPO)
+        except subprocess.CalledProcessError:
+            if previous is None:
+                LOCK.unlink()
+            else:
+                LOCK.write_text(previous, encoding="utf-8")
+            print(f"tests failed: {LOCK} left as it was", file=sys.stderr)
+            return 1
         print(f"wrote {LOCK} ({len(packages)} packages, {time.time() - start:.0f} s)")
     return 0
 

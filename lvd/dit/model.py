@@ -386,7 +386,7 @@ def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, device=None) -> to
     """Fixed sin-cos embedding of each token's absolute (t, h, w) place, (N, dim) in the ``(t h w)`` token order:
     diffusers' ``get_3d_sincos_pos_embed`` (CogVideoX-2b, Latte), dim/4 for time and 3·dim/8 for each of h and w."""
     t, h, w = grid
-    return get_3d_sincos_pos_embed(dim, (w, h), t, device=device).reshape(t * h * w, dim)
+    return get_3d_sincos_pos_embed(dim, (w, h), t, device=device, output_type="pt").reshape(t * h * w, dim)
 
 
 def _cross_attention_mask(text_mask: torch.Tensor | None):
