@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import sys
 import tempfile
@@ -289,6 +290,17 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Paths a config or command line names: checked before anything runs, one line per problem
 # --------------------------------------------------------------------------------------------------
+
+
+def arguments_problems(key: str, arguments: dict, fn: Callable) -> list[str]:
+    """One line per name in ``arguments`` that ``fn`` does not take (e.g. ``model.overrides`` for a model class),
+    with the closest argument it does take."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    valid = [name for name in params if name != "self"]
+    return [f"{key}.{name}: not an argument of {fn.__qualname__.split('.')[0]}{_closest(name, valid)}"
+            for name in arguments if name not in valid]
 
 
 def _named(key: str, value: Any) -> str:

@@ -44,6 +44,7 @@ if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from
 
 from lvd.config import (  # noqa: E402
     ConfigError,
+    arguments_problems,
     folder_problem,
     parse_args,
     raise_problems,
@@ -159,6 +160,7 @@ def check_config(cfg: DiTRecipeConfig) -> None:
         problems.append(f"samples.guidance_scale={s.guidance_scale}: must be a finite number >= 0")
     if cfg.model.preset not in DIT_PRESETS:
         problems.append(f"model.preset={cfg.model.preset!r}: unknown; choose one of {', '.join(sorted(DIT_PRESETS))}")
+    problems += arguments_problems("model.overrides", cfg.model.overrides, VideoDiT.__init__)
     c = cfg.components
     problems += filter(None, [
         shards_problem("data.shards", cfg.data.shards),

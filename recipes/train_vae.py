@@ -34,7 +34,15 @@ import torch
 if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lvd.config import ConfigError, folder_problem, parse_args, raise_problems, run_cli, shards_problem  # noqa: E402
+from lvd.config import (  # noqa: E402
+    ConfigError,
+    arguments_problems,
+    folder_problem,
+    parse_args,
+    raise_problems,
+    run_cli,
+    shards_problem,
+)
 from lvd.data.loader import ClipDataConfig, make_clip_loader
 from lvd.train.checkpoint import CheckpointConfig
 from lvd.train.distributed import DistributedConfig, DistributedError, init_distributed, shutdown, unwrap, wrap_model
@@ -149,6 +157,7 @@ def check_config(cfg: VAERecipeConfig) -> None:
         problems.append(f"samples.fps={cfg.samples.fps}: must be > 0")
     if not cfg.model.init_from and cfg.model.preset not in VAE_PRESETS:
         problems.append(f"model.preset={cfg.model.preset!r}: unknown; choose one of {', '.join(sorted(VAE_PRESETS))}")
+    problems += arguments_problems("model.overrides", cfg.model.overrides, CausalVideoVAE.__init__)
     if cfg.export.enabled and cfg.export.calibration_batches < 1:
         problems.append(f"export.calibration_batches={cfg.export.calibration_batches}: must be >= 1")
     problems += filter(None, [

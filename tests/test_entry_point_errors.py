@@ -109,9 +109,11 @@ def exit_code_and_err(main, argv, capsys):
 
 
 @pytest.mark.parametrize("recipe", ["vae", "dit"])
-@pytest.mark.parametrize("case", ["unknown key", "wrong type", "bad yaml", "missing file", "bad override yaml"])
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "bad yaml", "missing file", "bad override yaml",
+                                  "unknown model argument"])
 def test_bad_config_exits_2_listing_the_problems(recipe, case, dummy_shards, tmp_path, capsys, no_work):
     argv = (vae_argv if recipe == "vae" else dit_argv)(dummy_shards, tmp_path / "run")
+    typo, meant = ("latent_chanels", "latent_channels") if recipe == "vae" else ("hiden_size", "hidden_size")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train:\n  max_steps: [3\n")
     argv, expected = {
@@ -120,6 +122,8 @@ def test_bad_config_exits_2_listing_the_problems(recipe, case, dummy_shards, tmp
         "bad yaml": (["--config", str(bad_yaml)], [f"config file {bad_yaml} is not valid YAML: line 3"]),
         "missing file": (["--config", str(tmp_path / "nope.yaml")], ["config file not found"]),
         "bad override yaml": (argv + ["model.overrides={a: [1"], ["override 'model.overrides={a: [1'"]),
+        "unknown model argument": (argv + [f"model.overrides.{typo}=64"],
+                                   [f"model.overrides.{typo}: not an argument of", f"'{meant}'"]),
     }[case]
     code, err = exit_code_and_err(recipe_main(recipe), argv, capsys)
     assert code == 2
