@@ -8,6 +8,7 @@ the same `site-packages/kernels/` folder when installed. These tests fail if tha
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -96,7 +97,7 @@ def test_wheel_holds_only_the_lvd_package(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
          str(REPO)],
         capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "No module named" in result.stderr:
+    if result.returncode != 0 and re.search(r"No module named '(setuptools|wheel)'", result.stderr):
         pytest.skip(f"cannot build a wheel here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("lvd-*.whl")
