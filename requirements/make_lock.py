@@ -5,8 +5,8 @@
 
 The lock is what `.ci/run` and README's commands install with `-c requirements/lock.txt`. It is written only
 when the tests pass, so it is always a set that passed. torch is installed first at TORCH (on this project's
-CPU machines pip finds a CPU build on local disk; on PyPI the same pin is the CUDA build) and is recorded
-without its local build tag (`+cpu`), so the lock serves both builds.
+CPU machines pip finds a CPU build on local disk; on PyPI the same pin is the CUDA build), with the triton
+that the CUDA build pins, and is recorded without its local build tag (`+cpu`), so the lock serves both builds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "lock.txt"
 LOWEST = REPO / "requirements" / "lowest.txt"
-TORCH = "torch==2.13.0"
+# The CUDA build of torch 2.13.0 pins triton 3.7.1; the CPU build pins none, so the lock takes that one too and
+# stays installable beside either build.
+TORCH = ["torch==2.13.0", "triton==3.7.1"]
 
 
 def run(cmd: list[str], **kwargs) -> None:
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, "-m", "venv", "--clear", str(venv)])
         python = str(venv / "bin" / "python")
         run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"])
-        run([python, "-m", "pip", "install", "-q", TORCH])
+        run([python, "-m", "pip", "install", "-q", *TORCH])
         constraints = ["-c", str(LOWEST)] if args.lowest else []
         run([python, "-m", "pip", "install", "-q", "-e", f"{REPO}[test]", *constraints])
         packages = freeze(python)
