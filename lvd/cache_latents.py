@@ -4,14 +4,14 @@
         --out data/shapes/latents --vae runs/shapes_vae/export --text-encoder PATH_OR_NAME
 
 Each input shard ``shard-000003.tar`` (samples ``{__key__, mp4, txt, json}``) becomes
-``OUT/shard-000003.tar`` with samples ``{__key__, latents.safetensors, txt, json}``; the safetensors
-bytes (:func:`lvd.data.loader.encode_latent_sample`, no pickle) hold ``latents`` (C, T', H', W')
-float32 — normalised by the VAE itself — plus the caption's ``text_states`` (L, D), ``text_mask`` (L,)
-and ``text_pooled`` (Dp,).
+``OUT/shard-000003.tar`` of latent samples in the format :mod:`lvd.data.latents` owns: the clip's
+latents (normalised by the VAE itself) and its caption's text embedding, plus the json with
+``latent_shape``.
 
 Resumable: a finished shard is written to ``*.tar.tmp`` and renamed, so it is either complete or
-absent; starting the same command again skips every shard already in ``OUT``. ``OUT/uncond.safetensors``
-holds the empty prompt's embedding that classifier-free-guidance dropout trains with. ``OUT/cache.json``
+absent; starting the same command again skips every shard already in ``OUT``. The empty prompt's
+embedding, which classifier-free-guidance dropout trains with, is written beside the shards
+(:func:`lvd.data.latents.write_uncond`). ``OUT/cache.json``
 records what made the latents (VAE, text encoder, latent shape) and a second run with a different
 VAE or text encoder refuses to mix them into the same folder.
 """
@@ -85,7 +85,7 @@ def write_tar_samples(path: Path, samples: list[dict]) -> None:
 def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, device: torch.device,
                 dtype: torch.dtype, frames: int | None = None) -> int:
     """Encode one clip shard into one latent shard; returns the number of samples written."""
-    from lvd.data.loader import encode_latent_sample
+    from lvd.data import latents as latent_format
     from lvd.video_io import decode_video_bytes
 
     samples = list(read_tar_samples(src))
@@ -118,31 +118,19 @@ def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, dev
         captions = [s["txt"].decode("utf-8") for s in chunk]
         text = text_encoder(captions)
         for i, s in enumerate(chunk):
-            tensors = {
-                "latents": latents[i].contiguous(),
-                "text_states": text.states[i].float().cpu().contiguous(),
-                "text_mask": text.mask[i].cpu().to(torch.uint8).contiguous(),
-                "text_pooled": text.pooled[i].float().cpu().contiguous(),
-            }
             meta = json.loads(s["json"]) if "json" in s else {}
             meta["latent_shape"] = list(latents[i].shape)
-            out.append({"__key__": s["__key__"], "latents.safetensors": encode_latent_sample(tensors),
+            out.append({"__key__": s["__key__"], latent_format.MEMBER: latent_format.encode_sample(latents[i], text.row(i)),
                         "txt": s["txt"], "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
     write_tar_samples(dst, out)
     return len(out)
 
 
 def write_uncond(out: Path, text_encoder) -> Path:
-    """``OUT/uncond.safetensors``: the empty prompt's embedding (batch 1), what CFG dropout substitutes."""
-    from safetensors.torch import save_file
+    """The empty prompt's embedding (batch 1) beside the shards in ``out``: what CFG dropout substitutes."""
+    from lvd.data.latents import write_uncond as write
 
-    e = text_encoder.empty()
-    path = out / "uncond.safetensors"
-    tmp = out / "uncond.safetensors.tmp"
-    save_file({"text_states": e.states.float().cpu().contiguous(), "text_mask": e.mask.to(torch.uint8).cpu().contiguous(),
-               "text_pooled": e.pooled.float().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return write(out, text_encoder.empty())
 
 
 def _refuse_mixing(out: Path, manifest: dict) -> None:
@@ -225,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = [s for s in shards if not (a.out / s.name).is_file()]
     if len(todo) < len(shards):
         print(f"skipping {len(shards) - len(todo)} finished shard(s) already in {a.out}", file=sys.stderr)
-    if not todo and (a.out / "uncond.safetensors").is_file():
+    from lvd.data.latents import uncond_path
+
+    if not todo and uncond_path(a.out).is_file():
         return 0
 
     # 3. Load the frozen models.

@@ -16,7 +16,7 @@ The network predicts one tensor the size of the latents; this file says what tha
 
 Classifier-free guidance (Ho & Salimans 2022): with probability ``cfg_dropout`` a sample's whole text
 conditioning (states, mask and pooled vector) is replaced by the **empty-prompt embedding**
-``encode_text(model, tokenizer, [""])`` (= ``TextEncoder.empty()``), passed to :func:`training_loss` as
+``encode_text(model, tokenizer, [""])`` (= ``TextEncoder.empty()``), passed to the objective as
 ``uncond``. At sampling the unconditional branch must use the same thing:
 :func:`null_text_embeddings` (what ``LVDPipeline`` does when there is no negative prompt).
 
@@ -40,7 +40,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from lvd.text import TextEmbeddings, encode_text
+from lvd.conditioning import TextEmbeddings
+from lvd.text import encode_text
 
 OBJECTIVES = ("flow", "eps", "v")
 SAMPLERS = ("euler", "ddim", "dpm++", "unipc")
@@ -178,69 +179,82 @@ def drop_text(text: TextEmbeddings, uncond: TextEmbeddings, drop: torch.Tensor) 
     )
 
 
-def _unwrap(model):
-    """The module that carries ``config`` under DDP (``.module``) or torch.compile (``._orig_mod``)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
+class DiffusionObjective:
+    """The training objective of one run, built once: noise the latents, predict, MSE against the target.
 
-
-def training_loss(model, latents: torch.Tensor, text, cfg: DiffusionConfig, *, uncond=None, generator=None):
-    """One diffusion training loss: noise the latents, predict, MSE against the objective's target.
-
-    Args:
-        model: called as ``model(x_t, timestep, text_states=…, text_mask=…, text_pooled=…)``.
-        latents: clean latents x₀ (B, C, T, H, W), normalised by the VAE.
-        text: :class:`TextEmbeddings` or a latent batch dict with text_states / text_mask / text_pooled.
-        uncond: the empty-prompt embedding (1 or B rows) that CFG dropout substitutes; required when
-            ``cfg.cfg_dropout > 0``.
-        generator: a torch.Generator for dropout, timesteps and noise (reproducible resume).
-
-    Returns ``(loss, metrics)``: a scalar loss and detached scalars ``{"loss", "sigma" or "timestep",
-    "cfg_dropped"}`` (averages over the batch).
+    ``patch_size`` (the denoiser's (pt, ph, pw)) gives the token count that ``dynamic_shift`` needs;
+    each batch's own latent shape is used, so mixed-resolution buckets each get their shift. The
+    DDPM schedule of eps / v is built here, once, not on every step.
     """
-    # 1. Text, with CFG dropout
-    text = TextEmbeddings.from_dict(text)
-    b, device = latents.shape[0], latents.device
-    rand_device = generator.device if generator is not None else device
 
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator, device=rand_device).to(device)
+    def __init__(self, cfg: DiffusionConfig, *, patch_size: tuple[int, int, int] | None = None):
+        if cfg.objective == "flow" and cfg.dynamic_shift and patch_size is None:
+            raise ValueError("diffusion.dynamic_shift needs the denoiser's patch_size (the token count sets the shift)")
+        self.cfg = cfg
+        self.patch_size = tuple(patch_size) if patch_size is not None else None
+        self.scheduler = ddpm_scheduler(cfg) if cfg.objective != "flow" else None
 
-    drop = torch.zeros(b, dtype=torch.bool, device=device)
-    if cfg.cfg_dropout > 0:
-        if uncond is None:
-            raise ValueError(
-                "training_loss: cfg_dropout > 0 needs uncond=, the empty-prompt embedding (TextEncoder.empty(), "
-                "or encode_text(model, tokenizer, ['']) with the encoder and max_length the latents were cached with)"
-            )
-        drop = rand(b) < cfg.cfg_dropout
-        text = drop_text(text, TextEmbeddings.from_dict(uncond), drop)
+    def __call__(self, model, latents: torch.Tensor, text: TextEmbeddings, *, uncond: TextEmbeddings | None = None,
+                 generator: torch.Generator | None = None):
+        """One loss.
 
-    # 2. Timesteps and noise
-    noise = torch.randn(latents.shape, generator=generator, device=rand_device, dtype=latents.dtype).to(device)
-    if cfg.objective == "flow":
-        patch = getattr(getattr(_unwrap(model), "config", None), "patch_size", (1, 1, 1))
-        sigmas = sample_flow_sigmas(cfg, b, seq_len=num_tokens(latents.shape, patch), generator=generator).to(device)
-        s = sigmas.view(b, 1, 1, 1, 1).to(latents.dtype)
-        noisy = (1 - s) * latents + s * noise  # FlowMatchEulerDiscreteScheduler.scale_noise
-        target = noise - latents
-        timesteps = sigmas * cfg.num_train_timesteps
-        metrics = {"sigma": sigmas.mean()}
-    else:
-        scheduler = ddpm_scheduler(cfg)
-        timesteps = (rand(b) * cfg.num_train_timesteps).long().clamp(max=cfg.num_train_timesteps - 1)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if cfg.objective == "eps" else scheduler.get_velocity(latents, noise, timesteps)
-        metrics = {"timestep": timesteps.float().mean()}
+        Args:
+            model: called as ``model(x_t, timestep, **text.as_dict())``.
+            latents: clean latents x₀ (B, C, T, H, W), normalised by the VAE.
+            text: the captions' :class:`TextEmbeddings` (B rows).
+            uncond: the empty-prompt embedding (1 or B rows) that CFG dropout substitutes; required when
+                ``cfg.cfg_dropout > 0``.
+            generator: a torch.Generator for dropout, timesteps and noise (reproducible resume).
 
-    # 3. Predict and compare
-    pred = model(
-        noisy, timesteps.to(latents.dtype), text_states=text.states, text_mask=text.mask, text_pooled=text.pooled
-    )
-    loss = F.mse_loss(pred.float(), target.float())
-    metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}, "cfg_dropped": drop.float().mean()}
-    return loss, metrics
+        Returns ``(loss, metrics)``: a scalar loss and detached scalars ``{"loss", "sigma" or "timestep",
+        "cfg_dropped"}`` (averages over the batch).
+        """
+        cfg = self.cfg
+        b, device = latents.shape[0], latents.device
+        rand_device = generator.device if generator is not None else device
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator, device=rand_device).to(device)
+
+        # 1. Text, with CFG dropout
+        drop = torch.zeros(b, dtype=torch.bool, device=device)
+        if cfg.cfg_dropout > 0:
+            if uncond is None:
+                raise ValueError(
+                    "training objective: cfg_dropout > 0 needs uncond=, the empty-prompt embedding (TextEncoder.empty(), "
+                    "or encode_text(model, tokenizer, ['']) with the encoder and max_length the latents were cached with)"
+                )
+            drop = rand(b) < cfg.cfg_dropout
+            text = drop_text(text, uncond, drop)
+
+        # 2. Timesteps and noise
+        noise = torch.randn(latents.shape, generator=generator, device=rand_device, dtype=latents.dtype).to(device)
+        if cfg.objective == "flow":
+            seq_len = num_tokens(latents.shape, self.patch_size) if self.patch_size is not None else None
+            sigmas = sample_flow_sigmas(cfg, b, seq_len=seq_len, generator=generator).to(device)
+            s = sigmas.view(b, 1, 1, 1, 1).to(latents.dtype)
+            noisy = (1 - s) * latents + s * noise  # FlowMatchEulerDiscreteScheduler.scale_noise
+            target = noise - latents
+            timesteps = sigmas * cfg.num_train_timesteps
+            metrics = {"sigma": sigmas.mean()}
+        else:
+            timesteps = (rand(b) * cfg.num_train_timesteps).long().clamp(max=cfg.num_train_timesteps - 1)
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            target = noise if cfg.objective == "eps" else self.scheduler.get_velocity(latents, noise, timesteps)
+            metrics = {"timestep": timesteps.float().mean()}
+
+        # 3. Predict and compare
+        pred = model(noisy, timesteps.to(latents.dtype), **text.as_dict())
+        loss = F.mse_loss(pred.float(), target.float())
+        metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}, "cfg_dropped": drop.float().mean()}
+        return loss, metrics
+
+
+def training_loss(model, latents: torch.Tensor, text: TextEmbeddings, cfg: DiffusionConfig, *,
+                  patch_size: tuple[int, int, int] | None = None, uncond: TextEmbeddings | None = None,
+                  generator: torch.Generator | None = None):
+    """One loss of :class:`DiffusionObjective` for a one-off call; a training loop builds the objective once."""
+    return DiffusionObjective(cfg, patch_size=patch_size)(model, latents, text, uncond=uncond, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lvd.conditioning import TextEmbeddings  # re-exported: lvd.text.TextEmbeddings stays importable
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"
 # Names that resolve to the weights shipped by a pip package (offline, no HF cache needed).
@@ -41,49 +42,6 @@ _MEAN_POOLED = ("t5", "umt5", "mt5")  # plus every non-CLIP model
 
 class TextTruncationWarning(UserWarning):
     """A caption had more tokens than the text encoder's limit and was cut."""
-
-
-@dataclass
-class TextEmbeddings:
-    """Text conditioning for a batch: states (B, L, D), mask (B, L) bool (True = real token), pooled (B, Dp)."""
-
-    states: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.states.shape[0]
-
-    def to(self, device=None, dtype=None) -> "TextEmbeddings":
-        """Move to ``device``; ``dtype`` applies to states and pooled (the mask stays bool)."""
-        return TextEmbeddings(
-            self.states.to(device=device, dtype=dtype),
-            self.mask.to(device=device),
-            self.pooled.to(device=device, dtype=dtype),
-        )
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """The keys the latent loader yields and :class:`lvd.dit.VideoDiT` takes as keyword arguments."""
-        return {"text_states": self.states, "text_mask": self.mask, "text_pooled": self.pooled}
-
-    @classmethod
-    def from_dict(cls, d) -> "TextEmbeddings":
-        """From ``{"text_states", "text_mask", "text_pooled"}`` (a latent batch), or return a TextEmbeddings as is."""
-        if isinstance(d, cls):
-            return d
-        missing = [k for k in ("text_states", "text_mask", "text_pooled") if k not in d]
-        if missing:
-            raise KeyError(f"text embeddings dict lacks {missing}; has {sorted(d)}")
-        return cls(d["text_states"], d["text_mask"].bool(), d["text_pooled"])
-
-    @classmethod
-    def cat(cls, items: list["TextEmbeddings"]) -> "TextEmbeddings":
-        """Concatenate along the batch axis."""
-        return cls(*(torch.cat([getattr(e, f) for e in items]) for f in ("states", "mask", "pooled")))
-
-    def repeat(self, n: int) -> "TextEmbeddings":
-        """Each row repeated ``n`` times (e.g. the (1, L, D) empty prompt → a batch of n)."""
-        return TextEmbeddings(*(x.repeat_interleave(n, dim=0) for x in (self.states, self.mask, self.pooled)))
 
 
 def default_max_length(text_model, tokenizer) -> int:

@@ -53,8 +53,9 @@ from lvd.config import (  # noqa: E402
     text_encoder_problem,
     vae_problem,
 )
+from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
-from lvd.diffusion import DiffusionConfig, num_tokens, scheduler_config, training_loss  # noqa: E402
+from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens, scheduler_config  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
 from lvd.text import TextEmbeddings  # noqa: E402
 from lvd.train.checkpoint import CheckpointConfig  # noqa: E402
@@ -174,10 +175,10 @@ def check_config(cfg: DiTRecipeConfig) -> None:
 
 
 def _uncond_path(cfg: DiTRecipeConfig) -> Path:
-    """components.uncond, else uncond.safetensors beside the first latent shard."""
+    """components.uncond, else the empty-prompt file lvd.cache_latents writes beside the first latent shard."""
     if cfg.components.uncond:
         return Path(cfg.components.uncond)
-    return Path(expand_shards(cfg.data.shards)[0]).parent / "uncond.safetensors"
+    return latent_format.uncond_path(Path(expand_shards(cfg.data.shards)[0]).parent)
 
 
 def _uncond_problem(cfg: DiTRecipeConfig) -> str | None:
@@ -202,8 +203,8 @@ def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
 
 def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
     """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch)."""
-    dims = dict(in_channels=first["latents"].shape[1], text_dim=first["text_states"].shape[-1],
-                pooled_dim=first["text_pooled"].shape[-1])
+    dims = dict(in_channels=first["latents"].shape[1], text_dim=first["text"].states.shape[-1],
+                pooled_dim=first["text"].pooled.shape[-1])
     clash = {k: (cfg.overrides[k], v) for k, v in dims.items() if k in cfg.overrides and cfg.overrides[k] != v}
     if clash:
         raise ConfigError("model.overrides disagree with the latent shards: " + ", ".join(
@@ -217,7 +218,7 @@ def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
 def check_batch(model: VideoDiT, batch: dict, shards: str) -> None:
     """Raise a ValueError naming the samples when latents or text do not fit the model."""
     c = model.config
-    lat, states, pooled = batch["latents"], batch["text_states"], batch["text_pooled"]
+    lat, states, pooled = batch["latents"], batch["text"].states, batch["text"].pooled
     pt, ph, pw = c.patch_size
     problems = []
     if lat.ndim != 5 or lat.shape[1] != c.in_channels:
@@ -239,10 +240,7 @@ def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
         return None
     path = _uncond_path(cfg)
     if path.is_file():
-        from safetensors.torch import load_file
-
-        t = load_file(str(path))
-        return TextEmbeddings(t["text_states"], t["text_mask"].bool(), t["text_pooled"])
+        return latent_format.read_uncond(path)
     if cfg.components.text_encoder:
         from lvd.text import TextEncoder
 
@@ -351,11 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         uncond = uncond.to(env.device)
 
     # 3. The loss of one micro-batch
+    objective = DiffusionObjective(cfg.diffusion, patch_size=dit.config.patch_size)
+
     def loss_fn(model, batch, step, gen):
         check_batch(unwrap(model), batch, cfg.data.shards)
         latents = batch["latents"].to(env.device, non_blocking=True)  # (B, C, T', H', W')
-        text = {k: batch[k].to(env.device, non_blocking=True) for k in ("text_states", "text_mask", "text_pooled")}
-        loss, metrics = training_loss(model, latents, text, cfg.diffusion, uncond=uncond, generator=gen)
+        text = batch["text"].to(env.device, non_blocking=True)  # TextEmbeddings: (B, L, D), (B, L), (B, Dp)
+        loss, metrics = objective(model, latents, text, uncond=uncond, generator=gen)
         metrics.pop("loss", None)
         return StepOutput(loss, metrics)
 

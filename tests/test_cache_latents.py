@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from lvd.cache_latents import main, read_tar_samples
-from lvd.data.loader import LatentDataConfig, decode_latent_sample, make_latent_loader
+from lvd.data import latents as latent_format
+from lvd.data.loader import LatentDataConfig, make_latent_loader
 from lvd.text import TextEncoder
 from lvd.vae import CausalVideoVAE
 from lvd.video_io import decode_video_bytes
@@ -60,7 +61,7 @@ def test_round_trip_matches_direct_encoding(setup):
     root, vae_dir, text_dir, clips = setup
     out = root / "latents"
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
-    assert not list(out.glob("*.tmp")) and (out / "uncond.safetensors").is_file()
+    assert not list(out.glob("*.tmp")) and latent_format.uncond_path(out).is_file()
 
     vae = CausalVideoVAE.from_pretrained(vae_dir).eval()
     text = TextEncoder.from_pretrained(text_dir, device="cpu")
@@ -68,20 +69,23 @@ def test_round_trip_matches_direct_encoding(setup):
     got = {s["__key__"]: s for p in sorted(out.glob("*.tar")) for s in read_tar_samples(p)}
     assert got.keys() == src.keys()
     for key, s in got.items():
-        t = decode_latent_sample(s["latents.safetensors"])
+        latents, row = latent_format.decode_sample(s[latent_format.MEMBER])
         video = decode_video_bytes(src[key]["mp4"]).float()[None] / 127.5 - 1
         with torch.no_grad():
             expected = vae.encode(video)[0]
-        assert t["latents"].shape == (4, 2, 8, 8) and t["latents"].dtype == torch.float32
-        torch.testing.assert_close(t["latents"], expected, atol=1e-5, rtol=1e-5)
+        assert latents.shape == (4, 2, 8, 8) and latents.dtype == torch.float32
+        torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
         emb = text([s["txt"].decode()])
-        torch.testing.assert_close(t["text_states"], emb.states[0])
-        assert torch.equal(t["text_mask"].bool(), emb.mask[0]) and t["text_pooled"].shape == (16,)
+        torch.testing.assert_close(row.states, emb.states[0])
+        assert torch.equal(row.mask, emb.mask[0]) and row.pooled.shape == (16,)
         assert json.loads(s["json"])["latent_shape"] == [4, 2, 8, 8]
 
     # The training loader reads them back.
     batch = next(iter(make_latent_loader(LatentDataConfig(shards=str(out), batch_size=3, workers=0, shuffle=0), seed=0)))
-    assert batch["latents"].shape == (3, 4, 2, 8, 8) and batch["text_states"].shape == (3, 8, 16)
+    assert batch["latents"].shape == (3, 4, 2, 8, 8) and batch["text"].states.shape == (3, 8, 16)
+    empty = latent_format.read_uncond(latent_format.uncond_path(out))
+    torch.testing.assert_close(empty.states, text.empty().states)
+    assert torch.equal(empty.mask, text.empty().mask)
 
 
 def test_resume_skips_finished_shards(setup, tmp_path):

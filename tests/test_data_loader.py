@@ -14,11 +14,11 @@ from lvd.data.loader import (
     ClipDataConfig,
     LatentDataConfig,
     choose_bucket,
-    decode_latent_sample,
-    encode_latent_sample,
     make_clip_loader,
     make_latent_loader,
 )
+from lvd.conditioning import TextEmbeddings
+from lvd.data import latents as latent_format
 from lvd.data.shards import main as write_shards_cli
 
 N_CLIPS = 24
@@ -167,24 +167,20 @@ def test_pickle_member_duplicate_key_and_bad_caption_are_skipped_and_counted(sha
     assert not marker.exists()
 
 
-def latent_sample(shape, text_len, seed):
+def latent_sample(shape, text_len, seed) -> bytes:
+    """One sample's latents.safetensors bytes: random latents of ``shape`` and a ``text_len``-token caption."""
     g = torch.Generator().manual_seed(seed)
-    return {
-        "latents": torch.randn(*shape, generator=g),
-        "text_states": torch.randn(text_len, 6, generator=g),
-        "text_mask": torch.ones(text_len, dtype=torch.uint8),
-        "text_pooled": torch.randn(5, generator=g),
-    }
+    latents = torch.randn(*shape, generator=g)
+    text = TextEmbeddings(torch.randn(text_len, 6, generator=g), torch.ones(text_len, dtype=torch.bool),
+                          torch.randn(5, generator=g))
+    return latent_format.encode_sample(latents, text)
 
 
-def test_latent_sample_round_trip_and_latent_loader(tmp_path):
-    t = latent_sample((4, 3, 4, 4), 7, 0)
-    back = decode_latent_sample(encode_latent_sample(t))
-    assert set(back) == set(t) and all(torch.equal(back[k], t[k]) for k in t)
+def test_latent_loader_batches_one_shape_each_and_resumes(tmp_path):
     members = []
     for i in range(10):
         shape = (4, 3, 4, 4) if i % 2 else (4, 2, 6, 6)
-        members += [(f"s{i:03d}.latents.safetensors", encode_latent_sample(latent_sample(shape, 5 + i % 3, i))),
+        members += [(f"s{i:03d}.{latent_format.MEMBER}", latent_sample(shape, 5 + i % 3, i)),
                     (f"s{i:03d}.txt", f"caption {i}".encode()), (f"s{i:03d}.json", json_bytes({"i": i}))]  # fmt: skip
     write_tar(tmp_path / "lat-000000.tar", members)
     cfg = LatentDataConfig(shards=str(tmp_path / "lat-{000000..000000}.tar"), batch_size=2, shuffle=4, workers=0, epochs=1,
@@ -194,9 +190,10 @@ def test_latent_sample_round_trip_and_latent_loader(tmp_path):
     assert shapes == [(2, 4, 3, 4, 4), (2, 4, 3, 4, 4), (5, 4, 2, 6, 6)]  # odd bucket: 1 of 5 dropped (drop_last)
     for b in batches:
         n = b["latents"].shape[0]
-        assert b["text_states"].shape[:1] == (n,) and b["text_mask"].dtype == torch.bool
-        assert b["text_mask"].sum(1).tolist() == [5 + int(k[1:]) % 3 for k in b["key"]]  # padding is masked
-        assert b["text_pooled"].shape == (n, 5) and b["caption"] == [f"caption {int(k[1:])}" for k in b["key"]]
+        text = b["text"]
+        assert isinstance(text, TextEmbeddings) and len(text) == n and text.mask.dtype == torch.bool
+        assert text.mask.sum(1).tolist() == [5 + int(k[1:]) % 3 for k in b["key"]]  # padding is masked
+        assert text.pooled.shape == (n, 5) and b["caption"] == [f"caption {int(k[1:])}" for k in b["key"]]
     first = make_latent_loader(cfg, seed=0)
     head = [b["key"] for b in itertools.islice(first, 1)]
     second = make_latent_loader(cfg, seed=0)

@@ -15,6 +15,7 @@ from diffusers import (
 from lvd.diffusion import (
     SAMPLERS,
     DiffusionConfig,
+    DiffusionObjective,
     ddpm_scheduler,
     diffusion_config_from_scheduler,
     flow_scheduler,
@@ -24,7 +25,7 @@ from lvd.diffusion import (
     scheduler_config,
     training_loss,
 )
-from lvd.text import TextEmbeddings
+from lvd.conditioning import TextEmbeddings
 
 
 class Recorder(torch.nn.Module):
@@ -140,13 +141,13 @@ def test_cfg_dropout_substitutes_the_empty_prompt_embedding():
     torch.testing.assert_close(call["states"][~dropped], text.states[~dropped])
     torch.testing.assert_close(call["mask"][~dropped], text.mask[~dropped])
     with pytest.raises(ValueError, match="uncond="):
-        training_loss(model, torch.randn(2, 4, 1, 2, 2), text.as_dict() | {}, cfg)
+        training_loss(model, torch.randn(2, 4, 1, 2, 2), text, cfg)
 
 
 def test_training_loss_is_reproducible_and_differentiable():
     cfg = DiffusionConfig(cfg_dropout=0.2)
     model = Recorder()
-    x0, text = torch.randn(2, 4, 1, 2, 2), _text(2).as_dict()
+    x0, text = torch.randn(2, 4, 1, 2, 2), _text(2)
     a, _ = training_loss(model, x0, text, cfg, uncond=_uncond(), generator=torch.Generator().manual_seed(5))
     b, _ = training_loss(model, x0, text, cfg, uncond=_uncond(), generator=torch.Generator().manual_seed(5))
     assert a == b
@@ -208,3 +209,31 @@ def test_dynamic_shift_resolved_at_the_training_token_count():
     cfg = DiffusionConfig(dynamic_shift=True)
     config = scheduler_config(cfg, seq_len=4096)
     assert not config["use_dynamic_shifting"] and config["shift"] == pytest.approx(math.exp(1.15))
+
+
+@pytest.mark.parametrize("objective", ["flow", "eps", "v"])
+def test_objective_built_once_gives_the_losses_of_one_off_calls(objective):
+    cfg = DiffusionConfig(objective=objective, cfg_dropout=0.3)
+    loss_of = DiffusionObjective(cfg)
+    model, x0, text = Recorder(), torch.randn(3, 4, 2, 4, 4), _text(3)
+    for seed in range(3):  # the same object serves every step
+        a, ma = loss_of(model, x0, text, uncond=_uncond(), generator=torch.Generator().manual_seed(seed))
+        b, mb = training_loss(model, x0, text, cfg, uncond=_uncond(), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b) and ma.keys() == mb.keys()
+
+
+def test_dynamic_shift_uses_each_batch_token_count():
+    cfg = DiffusionConfig(dynamic_shift=True, cfg_dropout=0.0)
+    with pytest.raises(ValueError, match="patch_size"):
+        DiffusionObjective(cfg)
+    loss_of = DiffusionObjective(cfg, patch_size=(1, 2, 2))
+    sigmas = {}
+    for shape in ((2, 4, 1, 4, 4), (2, 4, 5, 32, 32)):  # 4 and 1,280 tokens: two buckets of one run
+        model = Recorder()
+        loss_of(model, torch.zeros(shape), _text(2), generator=torch.Generator().manual_seed(0))
+        sigmas[shape] = model.calls[0]["timestep"] / 1000
+        g = torch.Generator().manual_seed(0)
+        torch.randn(shape, generator=g)  # the noise is drawn first
+        expected = sample_flow_sigmas(cfg, 2, seq_len=shape[2] * shape[3] * shape[4] // 4, generator=g)
+        torch.testing.assert_close(sigmas[shape], expected)
+    assert (sigmas[(2, 4, 5, 32, 32)] > sigmas[(2, 4, 1, 4, 4)]).all()

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -49,6 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lvd.conditioning import TextEmbeddings
+from lvd.data import latents as latent_format
+from lvd.data.latents import decode_tensors as decode_latent_sample  # noqa: F401 (older name, re-exported)
+from lvd.data.latents import encode_tensors as encode_latent_sample  # noqa: F401 (older name, re-exported)
 from lvd.video_io import VideoReadError, decode_video_bytes
 
 __all__ = [
@@ -67,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger("lvd.data")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
-LATENT_KEYS = ("latents", "text_states", "text_mask", "text_pooled")
 _STATE_VERSION = 1
 
 
@@ -170,7 +172,7 @@ def _common_problems(cfg) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Shard lists and latent sample bytes
+# Shard lists
 # ----------------------------------------------------------------------------------------------
 
 
@@ -191,27 +193,6 @@ def expand_shards(spec: str) -> list[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"shards: '{missing[0]}' does not exist{more} (pattern '{spec}')")
     return urls
-
-
-def encode_latent_sample(tensors: dict[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of a latent sample (``latents``, ``text_states``, ``text_mask``, ``text_pooled``)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-
-
-def decode_latent_sample(data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_latent_sample` (safetensors: no code runs while loading)."""
-    from safetensors.torch import load
-
-    return load(bytes(data))
-
-
-def _safetensors_shapes(data: bytes) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (8-byte little-endian length + JSON), no tensor read."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(bytes(data[8 : 8 + n]))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,26 +297,24 @@ class _ClipCodec:
 
 
 class _LatentCodec:
-    """``{latents.safetensors, txt, json}`` samples -> latent batches, bucketed by exact shape."""
+    """Latent samples (:mod:`lvd.data.latents`) -> latent batches, bucketed by exact latent shape.
+
+    Clips cached into several buckets (``lvd.cache_latents --buckets``) give latents of several
+    shapes, mixed in one shard; each batch holds one shape.
+    """
 
     def __init__(self, cfg: LatentDataConfig):
         self.batch_size = cfg.batch_size
         self.sizes = {(b.frames, b.height, b.width): b.batch_size for b in cfg.buckets}
 
     def bucket(self, sample: dict) -> tuple:
-        data = sample.get("latents.safetensors")
+        data = sample.get(latent_format.MEMBER)
         if data is None:
-            raise _SkipSample("missing latents.safetensors")
+            raise _SkipSample(f"missing {latent_format.MEMBER}")
         try:
-            shapes = _safetensors_shapes(data)
-        except (struct.error, ValueError, KeyError, TypeError):
-            raise _SkipSample("unreadable safetensors header") from None
-        missing = [k for k in LATENT_KEYS if k not in shapes]
-        if missing:
-            raise _SkipSample(f"latents.safetensors lacks {missing}")
-        if len(shapes["latents"]) != 4:
-            raise _SkipSample(f"latents must be (C, T, H, W), got shape {shapes['latents']}")
-        return tuple(shapes["latents"])
+            return latent_format.latent_shape(data)  # (C, T', H', W')
+        except ValueError as e:
+            raise _SkipSample(str(e)) from None
 
     def batch_size_of(self, shape: tuple) -> int:
         return self.sizes.get(tuple(shape[1:]), self.batch_size)
@@ -343,26 +322,23 @@ class _LatentCodec:
     def decode(self, sample: dict, bucket, rng) -> dict:
         caption = _caption(sample)
         try:
-            tensors = decode_latent_sample(sample["latents.safetensors"])
+            latents, text = latent_format.decode_sample(sample[latent_format.MEMBER])
         except Exception as e:  # safetensors raises its own error types for corrupt bytes
             raise _SkipSample(f"undecodable safetensors ({type(e).__name__})") from None
-        tensors["text_mask"] = tensors["text_mask"].bool()
-        return {**{k: tensors[k] for k in LATENT_KEYS}, "caption": caption, "key": sample["__key__"]}
+        return {"latents": latents, "text": text, "caption": caption, "key": sample["__key__"]}
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
-        n = max(it["text_states"].shape[0] for it in items)
-        states = torch.zeros(len(items), n, items[0]["text_states"].shape[1], dtype=items[0]["text_states"].dtype)
-        mask = torch.zeros(len(items), n, dtype=torch.bool)
-        for i, it in enumerate(items):  # pad text to the longest in the batch; padding is masked out
-            L = it["text_states"].shape[0]
-            states[i, :L] = it["text_states"]
-            mask[i, :L] = it["text_mask"]
+        rows = [it["text"] for it in items]
+        n = max(r.states.shape[0] for r in rows)
+        states = torch.zeros(len(rows), n, rows[0].states.shape[1], dtype=rows[0].states.dtype)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for i, r in enumerate(rows):  # pad text to the longest in the batch; padding is masked out
+            states[i, : r.states.shape[0]] = r.states
+            mask[i, : r.mask.shape[0]] = r.mask
         return {
             "latents": torch.stack([it["latents"].float() for it in items]),  # (B, C, T', H', W')
-            "text_states": states,  # (B, L, D)
-            "text_mask": mask,  # (B, L)
-            "text_pooled": torch.stack([it["text_pooled"] for it in items]),  # (B, Dp)
+            "text": TextEmbeddings(states, mask, torch.stack([r.pooled for r in rows])),  # (B, L, D), (B, L), (B, Dp)
             "caption": [it["caption"] for it in items],
             "key": [it["key"] for it in items],
         }
@@ -627,5 +603,6 @@ def make_clip_loader(cfg: ClipDataConfig, *, seed: int, rank: int = 0, world_siz
 
 
 def make_latent_loader(cfg: LatentDataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
-    """Batches ``{"latents", "text_states", "text_mask", "text_pooled", "caption", "key"}``."""
+    """Batches ``{"latents": (B, C, T', H', W'), "text": TextEmbeddings, "caption": [str], "key": [str]}``;
+    every batch holds latents of one shape (one bucket)."""
     return ShardLoader(_LatentCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
