@@ -1,21 +1,26 @@
-"""LVDPipeline: prompt → video, as a diffusers ``DiffusionPipeline``.
+"""LVDPipeline: prompt → video, as a diffusers ``DiffusionPipeline``; and its assembly and export.
 
 Components (the folder layout ``save_pretrained`` writes and ``from_pretrained`` reads):
 ``transformer`` (:class:`lvd.dit.VideoDiT`), ``vae`` (our :class:`lvd.vae.CausalVideoVAE` or a diffusers
 ``AutoencoderKL*`` video VAE), ``text_encoder`` + ``tokenizer`` (any Hugging Face text model), ``scheduler``
-(a diffusers scheduler whose saved config records the training objective).
+(a diffusers scheduler whose saved config records the training objective). Each may be None: a pipeline
+with only the text encoder encodes prompts; one without it generates from given ``prompt_embeds``; one
+without a VAE returns latents.
 
-Sampling is classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) on the model output:
-``pred = pred_uncond + w · (pred_cond − pred_uncond)``, both halves in one batch. The unconditional
-text is exactly what CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`).
+The denoising loop is :func:`lvd.sampling.sample` (classifier-free guidance, Ho & Salimans 2022,
+arXiv:2207.12598, ``pred = pred_uncond + w · (pred_cond − pred_uncond)`` with both halves in one batch). The
+unconditional text is exactly what CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`).
 
-The VAE is wrapped by :func:`lvd.vae.as_video_vae` at use time, so latent normalisation stays inside
-the VAE and this file never touches a scale or shift.
+:meth:`LVDPipeline.from_components` builds a pipeline from models or their folders and a scheduler or the
+training objective; :func:`export_pipeline` writes one as a folder (both from :mod:`lvd.assembly`). The
+training recipes use both.
+
+The VAE is wrapped once by :func:`lvd.vae.as_video_vae`, so latent normalisation stays inside the VAE and this
+file never touches a scale or shift.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -37,37 +42,22 @@ from diffusers.video_processor import VideoProcessor
 # names only from modules already imported (it never imports what a folder names), which these imports do.
 import lvd.dit  # noqa: F401
 import lvd.vae  # noqa: F401
-from lvd.diffusion import (
-    SAMPLERS,
-    diffusion_config_from_scheduler,
-    flow_shift_mu,
-    make_sampling_scheduler,
-    null_text_embeddings,
-    num_tokens,
-)
-from lvd.text import TextEmbeddings, TextEncoder, encode_text, load_text_model
+from lvd.assembly import export_pipeline, load_components, load_text_encoder
+from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
+from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
+from lvd.text import TextEmbeddings, encode_text, load_text_model
 from lvd.vae import as_video_vae
 
-__all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "sampler_scheduler", "scheduler_objective"]
+__all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "export_pipeline", "sampler_scheduler",
+           "scheduler_objective"]
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
-
-
-# --------------------------------------------------------------------------------------------------
-# Samplers: the objective is read from the saved scheduler config (lvd.diffusion owns the table)
-# --------------------------------------------------------------------------------------------------
-
-
-def scheduler_objective(scheduler: SchedulerMixin) -> str:
-    """The objective ("flow", "eps" or "v") a scheduler's config records, e.g. ``scheduler/scheduler_config.json``."""
-    return diffusion_config_from_scheduler(scheduler.config).objective
-
-
-def sampler_scheduler(scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
-    """A new scheduler for ``sampler`` ("euler", "ddim", "dpm++", "unipc") that fits the objective and noise
-    schedule recorded in ``scheduler``'s config (see :func:`lvd.diffusion.make_sampling_scheduler` for the
-    table). ValueError when the sampler is unknown or does not fit (ddim on a flow model)."""
-    return make_sampling_scheduler(sampler, diffusion_config_from_scheduler(scheduler.config))
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+#: diffusers' names of the embeddings ``__call__`` takes instead of each text: (states, mask, pooled)
+EMBEDDING_ARGS = {
+    "prompt": ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"),
+    "negative_prompt": ("negative_prompt_embeds", "negative_prompt_attention_mask", "negative_pooled_prompt_embeds"),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +113,11 @@ class LVDPipeline(DiffusionPipeline):
                       num_inference_steps=25, guidance_scale=5.0, generator=g).frames   # (1, 17, 64, 64, 3)
         pipe.set_sampler("dpm++")   # swap the sampler; refused if it does not fit the model's objective
 
+        cond, uncond = pipe.encode_prompt("a red circle moving right")   # TextEmbeddings, one row each
+        frames = pipe(prompt_embeds=cond.states, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled,
+                      negative_prompt_embeds=uncond.states, negative_prompt_attention_mask=uncond.mask,
+                      negative_pooled_prompt_embeds=uncond.pooled, generator=g).frames
+
     Args:
         transformer: the denoiser, ``forward(latents, timestep, text_states, text_mask, text_pooled)``.
         vae: our ``CausalVideoVAE`` or a diffusers ``AutoencoderKL*`` video VAE (wrapped by ``as_video_vae``).
@@ -133,10 +128,11 @@ class LVDPipeline(DiffusionPipeline):
             folder refers to the encoder instead of holding it: ``save_pretrained`` writes no ``text_encoder/`` and
             ``tokenizer/`` (model_index.json has them as ``[null, null]`` and ``"text_encoder_id"``), and
             ``from_pretrained`` loads them by that name. This keeps the bundled demo small.
+    Every component may be None; ``__call__`` and ``encode_prompt`` say which ones they need.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = ["text_encoder", "tokenizer"]  # absent from a folder that names a text_encoder_id
+    _optional_components = list(COMPONENTS)
     _callback_tensor_inputs = ["latents", "noise_pred"]
     #: Decode with the VAE's tiling (and one video at a time) when a video has more output voxels
     #: (frames × height × width) than this. 17 × 256 × 256 keeps a decode under ~2 GB for a 4×8 VAE.
@@ -144,11 +140,11 @@ class LVDPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: ModelMixin,
-        vae: ModelMixin,
-        text_encoder: torch.nn.Module,
-        tokenizer: Any,
-        scheduler: SchedulerMixin,
+        transformer: ModelMixin | None = None,
+        vae: ModelMixin | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        scheduler: SchedulerMixin | None = None,
         text_encoder_id: str | None = None,
     ):
         super().__init__()
@@ -156,14 +152,37 @@ class LVDPipeline(DiffusionPipeline):
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
         self.register_to_config(text_encoder_id=text_encoder_id)
-        self.video_processor = VideoProcessor(vae_scale_factor=self.video_vae.spatial_compression)
+        # the scale factor matters only to VideoProcessor.preprocess (never called here); 8 is its default
+        scale = self.video_vae.spatial_compression if self.video_vae is not None else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=scale)
+
+    @classmethod
+    def from_components(cls, *, transformer, vae=None, scheduler=None, diffusion: DiffusionConfig | None = None,
+                        seq_len: int | None = None, text_encoder=None, tokenizer=None,
+                        text_encoder_id: str | None = None, text_max_length: int | None = None) -> "LVDPipeline":
+        """A pipeline from models, or from the folders and names they were saved under: ``transformer`` (a VideoDiT
+        or its folder), ``vae`` (a module, preset or folder), ``scheduler`` (or its folder) or ``diffusion`` (the
+        training objective, with ``seq_len`` training tokens), and ``text_encoder`` + ``tokenizer`` (or
+        ``text_encoder`` as a name, at ``text_max_length`` tokens) or ``text_encoder_id``. See
+        :func:`lvd.assembly.load_components` for each argument."""
+        return cls(**load_components(
+            transformer=transformer, vae=vae, scheduler=scheduler, diffusion=diffusion, seq_len=seq_len,
+            text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_id=text_encoder_id,
+            text_max_length=text_max_length,
+        ))
 
     # -- component views -------------------------------------------------------------------------
 
     @property
     def video_vae(self):
-        """The VAE behind the lvd video-VAE interface (normalised latents, ``decode`` → [-1, 1])."""
-        return as_video_vae(self.vae)
+        """The VAE behind the lvd video-VAE interface (normalised latents, ``decode`` → [-1, 1]); None without a
+        VAE. Built once per VAE module: registering another ``vae`` builds a new one."""
+        vae = getattr(self, "vae", None)
+        cached = self.__dict__.get("_video_vae")
+        if cached is None or cached[0] is not vae:
+            cached = (vae, None if vae is None else as_video_vae(vae))
+            self.__dict__["_video_vae"] = cached
+        return cached[1]
 
     @property
     def objective(self) -> str:
@@ -201,6 +220,23 @@ class LVDPipeline(DiffusionPipeline):
         model's objective; ValueError if it does not fit."""
         self.scheduler = sampler_scheduler(self.scheduler, sampler)
 
+    # -- options diffusers pipelines offer that mean nothing here ----------------------------------
+
+    def set_attention_slice(self, slice_size: str | int | None) -> None:
+        """Refused (``enable_attention_slicing``): lvd.kernels.attention's fused backends (flash / SDPA / xformers)
+        never hold the whole score matrix, so there is nothing to slice. None (``disable_…``) does nothing."""
+        if slice_size is not None:
+            raise NotImplementedError("LVDPipeline has no attention slicing (its attention kernels do not hold the "
+                                      "score matrix); to use less memory: vae_tiling=True, enable_model_cpu_offload(), "
+                                      "or fewer videos per call")
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        """Refused (``enable_xformers_memory_efficient_attention``): lvd.kernels.dispatch picks the attention
+        backend by device and measured speed, xformers included. False (``disable_…``) does nothing."""
+        if valid:
+            raise NotImplementedError("LVDPipeline picks its attention backend in lvd.kernels.dispatch (Triton / SDPA "
+                                      "/ xformers by device and measured speed); LVD_KERNELS=xformers forces xformers")
+
     # -- loading and saving ----------------------------------------------------------------------
 
     @classmethod
@@ -213,9 +249,8 @@ class LVDPipeline(DiffusionPipeline):
         if index_path.is_file() and not {"text_encoder", "tokenizer"} & set(kwargs):
             text_encoder_id = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_id")
             if text_encoder_id:
-                encoder = TextEncoder.from_pretrained(text_encoder_id, device="cpu", dtype=dtype)
-                encoder.tokenizer.model_max_length = encoder.max_length  # the length training encoded with
-                kwargs.update(text_encoder=encoder.model, tokenizer=encoder.tokenizer)
+                text_model, tokenizer = load_text_encoder(text_encoder_id, dtype=dtype)
+                kwargs.update(text_encoder=text_model, tokenizer=tokenizer)
         if "text_encoder" not in kwargs and (folder / "text_encoder" / "config.json").is_file():
             kwargs["text_encoder"] = load_text_model(str(folder / "text_encoder"), dtype=dtype)  # hub kernels off
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -240,8 +275,7 @@ class LVDPipeline(DiffusionPipeline):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-        if name in components and "_internal_dict" in self.__dict__:
+        if name in COMPONENTS and "_internal_dict" in self.__dict__:
             self._record_library(name, value)
 
     def _record_library(self, name: str, module: Any) -> None:
@@ -258,23 +292,11 @@ class LVDPipeline(DiffusionPipeline):
     # -- 1. inputs -------------------------------------------------------------------------------
 
     def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                     num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs) -> None:
-        """Validate every argument and raise one ValueError listing all problems."""
-        problems = []
-        if self.text_encoder is None or self.tokenizer is None:
-            problems.append("the pipeline has no text_encoder/tokenizer: pass them to from_pretrained, or save the "
-                            "folder with text_encoder_id naming one")
-        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt) or (
-            isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)
-        ):
-            problems.append(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        if negative_prompt is not None:
-            n_prompts = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else 0
-            if isinstance(negative_prompt, list):
-                if len(negative_prompt) != n_prompts:
-                    problems.append(f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}")
-            elif not isinstance(negative_prompt, str):
-                problems.append(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+                     num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, guidance_scale=1.0,
+                     latents=None, embeds: dict | None = None) -> None:
+        """Validate every argument and raise one ValueError listing all problems. ``embeds`` holds the given
+        ``prompt_embeds``-style arguments by their diffusers names (:data:`EMBEDDING_ARGS`)."""
+        problems = self.prompt_problems(prompt, negative_prompt, guidance_scale, embeds or {})
         if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
             problems.append(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt <= 0:
@@ -284,9 +306,59 @@ class LVDPipeline(DiffusionPipeline):
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
             problems.append(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
-        problems += self.size_problems(num_frames, height, width)
+        for name in ("transformer", "scheduler"):
+            if getattr(self, name, None) is None:
+                problems.append(f"the pipeline has no {name}: it can encode prompts but not generate")
+        if self.vae is None:
+            if output_type != "latent":
+                problems.append(f"the pipeline has no vae to decode with: use output_type='latent', not {output_type!r}")
+            if latents is None:
+                problems.append("the pipeline has no vae to size the latents: pass latents= (B, C', T', H', W')")
+        elif self.transformer is not None:
+            problems += self.size_problems(num_frames, height, width)
         if problems:
             raise ValueError("LVDPipeline: " + "; ".join(problems))
+
+    def prompt_problems(self, prompt, negative_prompt, guidance_scale, embeds: dict) -> list[str]:
+        """Why the text arguments cannot be used, as messages: a prompt or ``prompt_embeds`` (not both), each
+        embedding with its mask and pooled vector, and a text encoder wherever text must be encoded."""
+        problems, given = [], {k for k, v in embeds.items() if v is not None}
+        for text_name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            states, mask, pooled = EMBEDDING_ARGS[text_name]
+            if text is not None and states in given:
+                problems.append(f"give {text_name} or {states}, not both")
+            if states not in given:
+                if {mask, pooled} & given:
+                    problems.append(f"{' and '.join(k for k in (mask, pooled) if k in given)} given without {states}")
+                continue
+            missing = [k for k in (mask, pooled) if k not in given]
+            if missing:
+                problems.append(f"{states} needs {' and '.join(missing)} too")
+                continue
+            s, m, p = embeds[states], embeds[mask], embeds[pooled]
+            if s.ndim != 3 or tuple(m.shape) != tuple(s.shape[:2]) or p.ndim != 2 or p.shape[0] != s.shape[0]:
+                problems.append(f"{states} {tuple(s.shape)}, {mask} {tuple(m.shape)}, {pooled} {tuple(p.shape)}: "
+                                "expected (B, L, D), (B, L), (B, D_pooled)")
+        if prompt is None and "prompt_embeds" not in given:
+            problems.append('give prompt ("" is the unconditional video) or prompt_embeds')
+        elif prompt is not None and not (isinstance(prompt, str) or (
+                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+            problems.append(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is not None:
+            rows = embeds["prompt_embeds"].shape[0] if "prompt_embeds" in given else None
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else rows
+            if isinstance(negative_prompt, list):
+                if len(negative_prompt) != n_prompts:
+                    problems.append(f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}")
+            elif not isinstance(negative_prompt, str):
+                problems.append(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+        needs_text_model = prompt is not None or negative_prompt is not None or (
+            guidance_scale > 1 and "negative_prompt_embeds" not in given)
+        if needs_text_model and (self.text_encoder is None or self.tokenizer is None):
+            problems.append("the pipeline has no text_encoder/tokenizer: pass prompt_embeds (and, with guidance_scale "
+                            "> 1, negative_prompt_embeds), or load them (from_pretrained, a folder with "
+                            "text_encoder_id, or from_components)")
+        return problems
 
     def size_problems(self, num_frames: int, height: int, width: int) -> list[str]:
         """Why (num_frames, height, width) cannot be generated, as messages; [] when it can.
@@ -325,40 +397,35 @@ class LVDPipeline(DiffusionPipeline):
 
     def encode_prompt(
         self,
-        prompt: list[str],
-        negative_prompt: list[str] | None,
-        do_classifier_free_guidance: bool,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
         num_videos_per_prompt: int = 1,
         max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
-    ) -> TextEmbeddings:
-        """Text embeddings for the whole denoiser batch, (B, …) or (2B, …) with CFG: [uncond; cond].
+    ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """``(cond, uncond)`` text embeddings, B = len(prompt) · num_videos_per_prompt rows each (prompt-major);
+        ``uncond`` is None without classifier-free guidance. Needs only the text encoder and tokenizer.
 
-        The unconditional half is, for each prompt, the encoded ``negative_prompt`` if given, otherwise the
-        empty-prompt embedding CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`). So an empty
-        prompt "" with no negative prompt gives identical halves: the model's unconditional video.
+        The unconditional rows are, for each prompt, the encoded ``negative_prompt`` if given (one string for
+        all, or one per prompt), otherwise the empty-prompt embedding CFG dropout trained with
+        (:func:`lvd.diffusion.null_text_embeddings`). So "" with no negative prompt gives cond == uncond.
         """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         device = device or self._execution_device
-        dtype = dtype or self.transformer.dtype
-        texts = [p for p in prompt for _ in range(num_videos_per_prompt)]  # B = len(prompt) · n
+        dtype = dtype or (self.transformer.dtype if self.transformer is not None else self.text_encoder.dtype)
+        texts = [p for p in prompts for _ in range(num_videos_per_prompt)]  # B = len(prompts) · n
         cond = encode_text(self.text_encoder, self.tokenizer, texts, max_length=max_sequence_length)
+        uncond = None
         if do_classifier_free_guidance:
-            if negative_prompt is not None:
-                negatives = [p for p in negative_prompt for _ in range(num_videos_per_prompt)]
+            if negatives is not None:
+                negatives = [p for p in negatives for _ in range(num_videos_per_prompt)]
                 uncond = encode_text(self.text_encoder, self.tokenizer, negatives, max_length=max_sequence_length)
             else:
                 uncond = self._null_text(max_sequence_length).repeat(len(texts))
-            cond = TextEmbeddings(
-                states=torch.cat([uncond.states, cond.states]),  # (2B, L, D)
-                mask=torch.cat([uncond.mask, cond.mask]),  # (2B, L)
-                pooled=torch.cat([uncond.pooled, cond.pooled]),  # (2B, Dp)
-            )
-        return TextEmbeddings(
-            states=cond.states.to(device=device, dtype=dtype),
-            mask=cond.mask.to(device=device, dtype=torch.bool),
-            pooled=cond.pooled.to(device=device, dtype=dtype),
-        )
+        return cond.to(device, dtype), None if uncond is None else uncond.to(device, dtype)
 
     def _null_text(self, max_length: int | None) -> TextEmbeddings:
         """The empty-prompt embedding (1 row), computed once per text encoder, tokenizer, length, device and dtype:
@@ -371,10 +438,50 @@ class LVDPipeline(DiffusionPipeline):
             cache[key] = null_text_embeddings(self.text_encoder, self.tokenizer, 1, max_length=max_length)
         return cache[key]
 
-    # -- 4. latents ------------------------------------------------------------------------------
+    def _call_text(self, prompt, negative_prompt, embeds: dict, guidance: bool, num_videos_per_prompt: int,
+                   max_sequence_length: int | None, device) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """``(cond, uncond)`` for ``__call__`` from prompts and/or given embeddings (checked by ``check_inputs``)."""
+        dtype = self.transformer.dtype
+
+        def given(text_name: str) -> TextEmbeddings | None:
+            states, mask, pooled = (embeds.get(k) for k in EMBEDDING_ARGS[text_name])
+            if states is None:
+                return None
+            return TextEmbeddings(states, mask.bool(), pooled).repeat(num_videos_per_prompt).to(device, dtype)
+
+        cond, uncond = given("prompt"), given("negative_prompt") if guidance else None
+        if cond is None:  # prompt text, and the negative text or the empty prompt where no embedding stands in
+            cond, encoded = self.encode_prompt(prompt, negative_prompt, guidance and uncond is None,
+                                               num_videos_per_prompt, max_sequence_length, device, dtype)
+            uncond = encoded if uncond is None else uncond
+        elif guidance and uncond is None and negative_prompt is not None:
+            rows = len(cond) // num_videos_per_prompt
+            negatives = [negative_prompt] * rows if isinstance(negative_prompt, str) else negative_prompt
+            uncond = self.encode_prompt(negatives, None, False, num_videos_per_prompt, max_sequence_length, device,
+                                        dtype)[0]
+        elif guidance and uncond is None:  # the empty prompt CFG dropout trained with
+            uncond = self._null_text(max_sequence_length).repeat(len(cond)).to(device, dtype)
+        if uncond is not None and (uncond.states.shape != cond.states.shape or uncond.pooled.shape != cond.pooled.shape):
+            raise ValueError(
+                f"LVDPipeline: the unconditional text {tuple(uncond.states.shape)} / pooled {tuple(uncond.pooled.shape)} "
+                f"does not match the prompt's {tuple(cond.states.shape)} / {tuple(cond.pooled.shape)}: give "
+                "negative_prompt_embeds of the same shape, or max_sequence_length to match"
+            )
+        return cond, uncond
+
+    # -- 3. latents ------------------------------------------------------------------------------
 
     def prepare_latents(self, batch_size, num_frames, height, width, device, generator, latents=None):
-        """Initial noise (B, C', T', H', W') in float32, scaled by the scheduler's ``init_noise_sigma``."""
+        """Initial noise (B, C', T', H', W') in float32, scaled by the scheduler's ``init_noise_sigma``; given
+        ``latents`` are used as they are (without a VAE, only their batch, channels and patch fit are checked)."""
+        if self.video_vae is None:
+            c, (pt, ph, pw) = self.transformer.config.get("in_channels"), self.patch_size
+            shape = tuple(latents.shape)
+            if len(shape) != 5 or shape[0] != batch_size or (c and shape[1] != c) or shape[2] % pt or shape[3] % ph \
+                    or shape[4] % pw:
+                raise ValueError(f"latents have shape {shape}, expected ({batch_size}, {c}, T', H', W') with T', H', "
+                                 f"W' multiples of the transformer patch {(pt, ph, pw)}")
+            return latents.to(device=device, dtype=torch.float32)
         shape = (batch_size, *self.video_vae.latent_shape(num_frames, height, width))
         if latents is not None:
             if tuple(latents.shape) != shape:
@@ -385,7 +492,7 @@ class LVDPipeline(DiffusionPipeline):
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-    # -- 6. decode -------------------------------------------------------------------------------
+    # -- 5. decode -------------------------------------------------------------------------------
 
     def decode_latents(self, latents: torch.Tensor, vae_tiling: bool | None = None) -> torch.Tensor:
         """Latents (B, C', T', H', W') → video (B, 3, T, H, W) in [-1, 1].
@@ -418,7 +525,7 @@ class LVDPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = "",
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int = 17,
         height: int = 64,
@@ -428,6 +535,12 @@ class LVDPipeline(DiffusionPipeline):
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         max_sequence_length: int | None = None,
@@ -438,7 +551,7 @@ class LVDPipeline(DiffusionPipeline):
         r"""Generate videos.
 
         Args:
-            prompt: one prompt or a list; "" is allowed (the unconditional video).
+            prompt: one prompt or a list; "" is allowed (the unconditional video). Or give ``prompt_embeds``.
             negative_prompt: text to steer away from (replaces the unconditional half of CFG); one or one per prompt.
             num_frames: 1 + k·(VAE temporal factor), e.g. 17. Other counts are refused, never rounded.
             height, width: multiples of (VAE spatial factor × transformer patch size).
@@ -446,81 +559,68 @@ class LVDPipeline(DiffusionPipeline):
             guidance_scale: CFG weight w; w ≤ 1 runs the conditional branch only (w = 1 is exactly that).
             num_videos_per_prompt: videos per prompt; the batch is prompt-major.
             generator: a torch.Generator (or one per video) for the initial noise.
-            latents: initial noise of shape (B, C', T', H', W') instead of sampling it.
-            output_type: "np", "pt", "pil" or "latent" (see :class:`LVDPipelineOutput`).
+            latents: initial noise of shape (B, C', T', H', W') instead of sampling it (required without a VAE).
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds: the text as :meth:`encode_prompt` gives it
+                (states (P, L, D), mask (P, L) True = real token, pooled (P, D_pooled)), instead of ``prompt``.
+            negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds: the same for the
+                unconditional half, instead of ``negative_prompt`` or the empty prompt.
+            output_type: "np", "pt", "pil" or "latent" (see :class:`LVDPipelineOutput`); "latent" without a VAE.
             max_sequence_length: tokenizer length; default the text encoder's.
             vae_tiling: force tiled VAE decode on/off; None switches it on above ``vae_tiling_threshold``.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step; may
-                return a replacement "latents". Set ``pipe._interrupt = True`` inside it to stop early.
+                return a replacement "latents" and a "guidance_scale" for the following steps (or set
+                ``pipe._guidance_scale``; raising it above 1 needs CFG from the start). Set
+                ``pipe._interrupt = True`` inside it to stop early.
             callback_on_step_end_tensor_inputs: tensors passed in callback_kwargs ("latents", "noise_pred").
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        embeds = dict(prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask,
+                      pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                      negative_prompt_attention_mask=negative_prompt_attention_mask,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
 
         # 1. Check inputs
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                          num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
-        do_cfg = self.do_classifier_free_guidance
+                          num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
+                          latents, embeds)
+        self._guidance_scale, self._interrupt = guidance_scale, False
         device = self._execution_device
-        batch_size = len(prompts) * num_videos_per_prompt
         timings: dict[str, float] = {}
 
-        # 2. Encode prompt(s): (B, …), or (2B, …) = [uncond; cond] with CFG
+        # 2. Encode prompt(s): cond and (with CFG) uncond, B rows each
         start = _sync(device)
-        text = self.encode_prompt(prompts, negatives, do_cfg, num_videos_per_prompt, max_sequence_length, device)
+        cond, uncond = self._call_text(prompt, negative_prompt, embeds, self.do_classifier_free_guidance,
+                                       num_videos_per_prompt, max_sequence_length, device)
         timings["text_encoding"] = _sync(device) - start
 
-        # 3. Prepare timesteps (a dynamically shifted flow schedule needs μ for this video's token count)
-        timestep_kwargs = {}
-        if self.scheduler.config.get("use_dynamic_shifting", False):
-            latent_shape = self.video_vae.latent_shape(num_frames, height, width)
-            cfg = diffusion_config_from_scheduler(self.scheduler.config)
-            timestep_kwargs["mu"] = flow_shift_mu(cfg, num_tokens(latent_shape, self.patch_size))
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **timestep_kwargs)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
+        # 3. Prepare latents: (B, C', T', H', W') float32
+        latents = self.prepare_latents(len(cond), num_frames, height, width, device, generator, latents)
 
-        # 4. Prepare latents: (B, C', T', H', W') float32
-        latents = self.prepare_latents(batch_size, num_frames, height, width, device, generator, latents)
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator if not isinstance(generator, list) else None
+        # 4. Denoise (lvd.sampling.sample), reporting each step to the callback and the progress bar
+        start, steps_done = _sync(device), 0
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
 
-        # 5. Denoising loop with classifier-free guidance
-        start = _sync(device)
-        model_dtype = self.transformer.dtype
-        steps_done = 0
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    break
-                model_input = torch.cat([latents, latents]) if do_cfg else latents  # (2B or B, C', T', H', W')
-                if hasattr(self.scheduler, "scale_model_input"):
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                timestep = t.to(device=device, dtype=torch.float32).expand(model_input.shape[0])  # (2B or B,)
-                noise_pred = self.transformer(
-                    model_input.to(model_dtype), timestep, text.states, text.mask, text.pooled
-                ).float()
-                if do_cfg:
-                    pred_uncond, pred_cond = noise_pred.chunk(2)
-                    noise_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-
+            def on_step(i: int, t: torch.Tensor, state: dict) -> dict:
+                nonlocal steps_done
+                self._num_timesteps, update = state["num_timesteps"], {}
                 if callback_on_step_end is not None:
-                    scope = {"latents": latents, "noise_pred": noise_pred}
-                    callback_kwargs = {k: scope[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
+                    outputs = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
+                    outputs = outputs or {}
+                    update = {"latents": outputs["latents"]} if "latents" in outputs else {}
+                    self._guidance_scale = outputs.get("guidance_scale", self._guidance_scale)
                 steps_done += 1
                 progress_bar.update()
+                return {**update, "guidance_scale": self._guidance_scale, "interrupt": self._interrupt}
+
+            latents = sample(transformer_denoiser(self.transformer), latents, self.scheduler, cond=cond, uncond=uncond,
+                             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                             generator=generator, mu=dynamic_shift_mu(self.scheduler, latents.shape, self.patch_size),
+                             callback=on_step)
         timings["denoising"] = _sync(device) - start
         timings["denoising_per_step"] = timings["denoising"] / max(steps_done, 1)
 
-        # 6. Decode
+        # 5. Decode
         start = _sync(device)
         if output_type == "latent":
             video = latents
@@ -529,9 +629,8 @@ class LVDPipeline(DiffusionPipeline):
             video = self.video_processor.postprocess_video(video.float(), output_type=output_type)
         timings["decoding"] = _sync(device) - start
 
-        # 7. Output
+        # 6. Output
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
         return LVDPipelineOutput(frames=video, timings=timings)
-
