@@ -8,6 +8,13 @@ Each input shard ``shard-000003.tar`` (samples ``{__key__, mp4, txt, json}``) be
 latents (normalised by the VAE itself) and its caption's text embedding, plus the json with
 ``latent_shape``.
 
+Multi-resolution: with ``--buckets 64x64,64x112,112x64 --frames 17`` (pixel HEIGHTxWIDTH, frames
+1 + 4k) or ``--buckets-from recipes/configs/X_dit.yaml`` (the DiT config's latent buckets, turned into
+pixels with the VAE's compression), each clip is resized and centre-cropped into the bucket nearest
+its aspect ratio (:func:`lvd.data.loader.choose_bucket`) and trimmed to the bucket's first frames;
+its json records ``bucket`` ({frames, height, width}). The latent loader batches each latent shape
+apart, so one shard may hold every bucket.
+
 Resumable: a finished shard is written to ``*.tar.tmp`` and renamed, so it is either complete or
 absent; starting the same command again skips every shard already in ``OUT``. The empty prompt's
 embedding, which classifier-free-guidance dropout trains with, is written beside the shards
@@ -27,13 +34,17 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from lvd.config import folder_problem, run_cli, text_encoder_problem, vae_problem
 
-__all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "cache_shard", "write_uncond", "main"]
+if TYPE_CHECKING:
+    from lvd.data.loader import Bucket
+
+__all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "parse_buckets", "buckets_from_config",
+           "fit_clip", "cache_shard", "write_uncond", "main"]
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = name up to the first dot
 
@@ -81,27 +92,90 @@ def write_tar_samples(path: Path, samples: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def parse_buckets(spec: str, frames: int | None) -> list[Bucket]:
+    """``"64x64,64x112,112x64"`` (pixel HEIGHTxWIDTH) → buckets of ``frames`` frames (None: each clip's own
+    length, so only the picture is fitted). Raises ValueError naming every bad entry."""
+    from lvd.data.loader import Bucket
+
+    buckets, bad = [], []
+    for entry in (e.strip() for e in spec.split(",")):
+        m = re.fullmatch(r"(\d+)x(\d+)", entry)
+        if m is None or min(int(m[1]), int(m[2])) < 1:
+            bad.append(entry)
+        else:
+            buckets.append(Bucket(frames or 0, int(m[1]), int(m[2]), 1))  # frames 0: the clip's own
+    if bad or not buckets:
+        raise ValueError(f"entries must be HEIGHTxWIDTH in pixels, e.g. 64x64,64x112,112x64; bad: {bad or [spec]}")
+    return buckets
+
+
+def buckets_from_config(path: str | os.PathLike, *, temporal_compression: int, spatial_compression: int) -> list[Bucket]:
+    """The pixel buckets whose latents fill a DiT config's ``data.buckets`` (latent T'xH'xW'):
+    frames = 1 + r·(T' − 1), height = s·H', width = s·W' for a VAE compressing r× in time and s× in space."""
+    import yaml
+
+    from lvd.data.loader import Bucket
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    latent = (data.get("data") or {}).get("buckets") or []
+    if not latent:
+        raise ValueError(f"{path}: no data.buckets to cache for")
+    r, s = temporal_compression, spatial_compression
+    return [Bucket(1 + r * (int(b["frames"]) - 1), s * int(b["height"]), s * int(b["width"]), 1) for b in latent]
+
+
+def fit_clip(video: torch.Tensor, buckets: list[Bucket]) -> tuple[torch.Tensor, Bucket]:
+    """(C, T, H, W) uint8 → (C, T_b, H_b, W_b) float in [-1, 1] and its bucket: the bucket nearest the clip's
+    aspect ratio among those it has frames for, resized to cover and centre-cropped, first frames kept.
+    Raises ValueError when the clip is shorter than every bucket."""
+    from lvd.data.loader import Bucket, choose_bucket, crop_clip
+
+    c, t, h, w = video.shape
+    sized = [Bucket(b.frames or t, b.height, b.width, b.batch_size) for b in buckets]
+    i = choose_bucket(sized, t, h, w)
+    if i is None:
+        raise ValueError(f"{t} frames is fewer than every bucket needs ({sorted({b.frames for b in sized})})")
+    x = video.float() / 127.5 - 1.0  # (C, T, H, W) in [-1, 1]
+    return crop_clip(x, sized[i], None), sized[i]  # (C, T_b, H_b, W_b)
+
+
+def _load_clip(src: Path, s: dict, frames: int | None, buckets: list[Bucket] | None) -> tuple[torch.Tensor, dict]:
+    """One sample's clip as (C, T, H, W) float in [-1, 1] (fitted to a bucket when ``buckets``) and its json."""
+    from lvd.video_io import decode_video_bytes
+
+    if "mp4" not in s or "txt" not in s:
+        raise ValueError(f"{src}: sample '{s['__key__']}' lacks mp4 or txt (has {sorted(k for k in s if k != '__key__')})")
+    meta = json.loads(s["json"]) if "json" in s else {}
+    v = decode_video_bytes(s["mp4"])  # (C, T, H, W) uint8
+    if buckets:
+        try:
+            x, b = fit_clip(v, buckets)
+        except ValueError as e:
+            raise ValueError(f"{src}: sample '{s['__key__']}': {e}") from e
+        meta["bucket"] = {"frames": b.frames, "height": b.height, "width": b.width}
+        return x, meta
+    if frames is not None:
+        if v.shape[1] < frames:
+            raise ValueError(f"{src}: sample '{s['__key__']}' has {v.shape[1]} frames, --frames asks for {frames}")
+        v = v[:, :frames]
+    return v.float() / 127.5 - 1.0, meta
+
+
 @torch.no_grad()
 def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, device: torch.device,
-                dtype: torch.dtype, frames: int | None = None) -> int:
-    """Encode one clip shard into one latent shard; returns the number of samples written."""
+                dtype: torch.dtype, frames: int | None = None, buckets: list[Bucket] | None = None) -> int:
+    """Encode one clip shard into one latent shard; returns the number of samples written.
+
+    ``buckets`` (pixel sizes): fit each clip into one (:func:`fit_clip`); else ``frames`` trims clips to their
+    first frames and their size is kept.
+    """
     from lvd.data import latents as latent_format
-    from lvd.video_io import decode_video_bytes
 
     samples = list(read_tar_samples(src))
     out: list[dict] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        videos = []
-        for s in chunk:
-            if "mp4" not in s or "txt" not in s:
-                raise ValueError(f"{src}: sample '{s['__key__']}' lacks mp4 or txt (has {sorted(k for k in s if k != '__key__')})")
-            v = decode_video_bytes(s["mp4"])  # (C, T, H, W) uint8
-            if frames is not None:
-                if v.shape[1] < frames:
-                    raise ValueError(f"{src}: sample '{s['__key__']}' has {v.shape[1]} frames, --frames asks for {frames}")
-                v = v[:, :frames]
-            videos.append(v)
+        videos, metas = zip(*(_load_clip(src, s, frames, buckets) for s in chunk))
         shapes = {tuple(v.shape) for v in videos}
         groups = [[i for i, v in enumerate(videos) if tuple(v.shape) == shp] for shp in shapes]  # same-shape batches
         latents: list[torch.Tensor | None] = [None] * len(chunk)
@@ -111,14 +185,14 @@ def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, dev
                 vae.check_input(t, h, w)
             except ValueError as e:
                 raise ValueError(f"{src}: sample '{chunk[idx[0]]['__key__']}' ({t} frames, {h}x{w}) does not fit the VAE: {e}") from e
-            x = torch.stack([videos[i] for i in idx]).to(device=device, dtype=torch.float32) / 127.5 - 1.0  # (B, C, T, H, W)
+            x = torch.stack([videos[i] for i in idx]).to(device=device)  # (B, C, T, H, W) in [-1, 1]
             z = vae.encode(x.to(dtype)).float().cpu()  # (B, C', T', H', W'), normalised by the VAE
             for j, i in enumerate(idx):
                 latents[i] = z[j]
         captions = [s["txt"].decode("utf-8") for s in chunk]
         text = text_encoder(captions)
         for i, s in enumerate(chunk):
-            meta = json.loads(s["json"]) if "json" in s else {}
+            meta = metas[i]
             meta["latent_shape"] = list(latents[i].shape)
             out.append({"__key__": s["__key__"], latent_format.MEMBER: latent_format.encode_sample(latents[i], text.row(i)),
                         "txt": s["txt"], "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
@@ -138,7 +212,7 @@ def _refuse_mixing(out: Path, manifest: dict) -> None:
     path = out / "cache.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = [k for k in ("vae", "text_encoder", "frames") if old.get(k) != manifest.get(k)]
+        changed = [k for k in ("vae", "text_encoder", "frames", "buckets") if old.get(k) != manifest.get(k)]
         if changed and any(out.glob("*.tar")):
             raise SystemExit(
                 f"{path}: this folder holds latents made with a different {', '.join(changed)} "
@@ -153,6 +227,26 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     tmp.replace(path)
 
 
+def _resolve_buckets(a: argparse.Namespace, vae) -> list[Bucket] | None:
+    """The pixel buckets of --buckets / --buckets-from, each checked against the VAE (SystemExit listing misfits)."""
+    if a.buckets is not None:
+        buckets = parse_buckets(a.buckets, a.frames)
+    elif a.buckets_from is not None:
+        buckets = buckets_from_config(a.buckets_from, temporal_compression=vae.temporal_compression,
+                                      spatial_compression=vae.spatial_compression)
+    else:
+        return None
+    problems = []
+    for b in buckets:
+        try:
+            vae.check_input(b.frames or 1, b.height, b.width)
+        except ValueError as e:
+            problems.append(f"bucket {b.frames or 'T'}x{b.height}x{b.width}: {e}")
+    if problems:
+        raise SystemExit("python -m lvd.cache_latents: buckets the VAE cannot take:\n  - " + "\n  - ".join(problems))
+    return buckets
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lvd.cache_latents", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="clip shards: brace patterns joined by '::', or a folder of *.tar")
@@ -160,7 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="VAE preset name, a folder we saved, or a diffusers VAE folder")
     p.add_argument("--text-encoder", required=True, help="text encoder folder or HF name (offline)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--frames", type=int, default=None, help="use the first N frames of each clip (1 + 4k)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="use the first N frames of each clip (1 + 4k); with --buckets, every bucket's frame count")
+    p.add_argument("--buckets", default=None,
+                   help="pixel buckets HEIGHTxWIDTH,...: each clip is resized and centre-cropped into the one nearest "
+                        "its aspect ratio (e.g. 64x64,64x112,112x64)")
+    p.add_argument("--buckets-from", type=Path, default=None,
+                   help="a DiT config (recipes/configs/*dit*.yaml): cache for its data.buckets (latent sizes)")
     p.add_argument("--max-length", type=int, default=None, help="text tokens (default: the encoder's limit)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tiling", action="store_true", help="tiled/chunked VAE encode (for 512-1024 px clips)")
@@ -180,6 +280,18 @@ def _check_args(a: argparse.Namespace) -> tuple[list[Path], list[str]]:
         problems.append(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.frames is not None and (a.frames < 1 or (a.frames - 1) % 4):
         problems.append(f"--frames must be 1 + 4k, got {a.frames}")
+    if a.buckets is not None and a.buckets_from is not None:
+        problems.append("--buckets and --buckets-from: give one")
+    if a.buckets is not None:
+        try:
+            parse_buckets(a.buckets, a.frames)
+        except ValueError as e:
+            problems.append(f"--buckets: {e}")
+    if a.buckets_from is not None:
+        if not a.buckets_from.is_file():
+            problems.append(f"--buckets-from {a.buckets_from}: no such file")
+        elif a.frames is not None:
+            problems.append("--frames with --buckets-from: the config's buckets set the frame counts")
     if a.max_length is not None and a.max_length < 1:
         problems.append(f"--max-length must be >= 1, got {a.max_length}")
     names = [s.name for s in shards]
@@ -201,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     # 1. Check inputs: every problem at once.
     shards, problems = _check_args(a)
-    manifest = {"vae": str(a.vae), "text_encoder": str(a.text_encoder), "frames": a.frames, "shards": a.shards}
+    manifest = {"vae": str(a.vae), "text_encoder": str(a.text_encoder), "frames": a.frames, "shards": a.shards,
+                "buckets": a.buckets or (str(a.buckets_from) if a.buckets_from else None)}
     _refuse_mixing(a.out, manifest)  # first: a changed VAE path may also be a missing one
     if problems:
         print("python -m lvd.cache_latents: cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
@@ -230,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     vae.eval().requires_grad_(False) if hasattr(vae, "eval") else None
     if a.tiling:
         vae.enable_tiling()
+    buckets = _resolve_buckets(a, vae)
     text_encoder = TextEncoder.from_pretrained(a.text_encoder, max_length=a.max_length, device=device)
     write_uncond(a.out, text_encoder)
 
@@ -238,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(todo, unit="shard", desc="caching latents", disable=a.quiet, dynamic_ncols=True)
     for src in bar:
         n += cache_shard(src, a.out / src.name, vae, text_encoder, batch_size=a.batch_size, device=device,
-                         dtype=dtype, frames=a.frames)
+                         dtype=dtype, frames=a.frames, buckets=buckets)
         bar.set_postfix(clips=n, clips_s=f"{n / (time.perf_counter() - t0):.2f}")
     print(f"wrote {n} latent samples in {len(todo)} shard(s) to {a.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0

@@ -50,7 +50,7 @@ class TextEmbeddings:
         """Inverse of :meth:`as_dict` (the denoiser's keyword names), or return a TextEmbeddings as is."""
         if isinstance(d, cls):
             return d
-        names = ("text_states", "text_mask", "text_pooled")  # VideoDiT.forward's argument names
+        names = list(cls(None, None, None).as_dict())  # the keyword names, written once in as_dict
         missing = [k for k in names if k not in d]
         if missing:
             raise KeyError(f"text embeddings dict lacks {missing}; has {sorted(d)}")

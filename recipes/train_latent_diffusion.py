@@ -24,8 +24,8 @@ weights, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
 
 The model's ``in_channels``, ``text_dim`` and ``pooled_dim`` are read from the latent shards, so a
 preset fits any VAE and text encoder. Classifier-free guidance dropout replaces a caption by the
-empty-prompt embedding, read from ``uncond.safetensors`` that ``lvd.cache_latents`` writes beside
-the shards (or computed with ``components.text_encoder``).
+empty-prompt embedding, read from the file ``lvd.cache_latents`` writes beside the shards
+(:mod:`lvd.data.latents`), or computed with ``components.text_encoder``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class ComponentsConfig:
 
     vae: str = ""  # preset name or folder (e.g. runs/shapes_vae/export)
     text_encoder: str = ""  # folder or name TextEncoder.from_pretrained accepts
-    uncond: str = ""  # empty-prompt embedding; default: uncond.safetensors beside the first latent shard
+    uncond: str = ""  # empty-prompt embedding file; default: the one lvd.cache_latents wrote beside the shards
     text_max_length: int = 0  # the --max-length the latents were cached with (0: the encoder's own limit)
 
 

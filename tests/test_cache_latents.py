@@ -116,6 +116,11 @@ def test_bad_input_is_reported(setup, tmp_path, capsys):
     assert "--shards" in capsys.readouterr().err
     assert _run(clips, tmp_path / "o", vae_dir, text_dir, "--frames", "3") == 2
     assert "--frames must be 1 + 4k" in capsys.readouterr().err
+    assert _run(clips, tmp_path / "o", vae_dir, text_dir, "--buckets", "16x16,square", "--buckets-from", "nope.yaml") == 2
+    err = capsys.readouterr().err
+    assert "--buckets: entries must be HEIGHTxWIDTH" in err and "give one" in err and "nope.yaml: no such file" in err
+    with pytest.raises(SystemExit, match="bucket 5x15x16: .*multiples of 2"):
+        _run(clips, tmp_path / "o", vae_dir, text_dir, "--buckets", "15x16", "--frames", "5")
     # A clip the VAE cannot take (3 frames is not 1 + 4k) is named with its shard and key.
     from lvd.cache_latents import cache_shard
 
