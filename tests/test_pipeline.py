@@ -371,3 +371,156 @@ def test_all_problems_are_reported_at_once(pipe):
     with pytest.raises(ValueError) as err:
         run(pipe, num_frames=4, height=10, num_inference_steps=-1)
     assert "num_frames" in str(err.value) and "height" in str(err.value) and "num_inference_steps" in str(err.value)
+
+
+# -- the contract diffusers users expect --------------------------------------------------------------
+
+
+def embedding_kwargs(cond, uncond=None) -> dict:
+    """encode_prompt's (cond, uncond) as __call__'s diffusers-named arguments."""
+    kwargs = dict(prompt_embeds=cond.states, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled)
+    if uncond is not None:
+        kwargs.update(negative_prompt_embeds=uncond.states, negative_prompt_attention_mask=uncond.mask,
+                      negative_pooled_prompt_embeds=uncond.pooled)
+    return kwargs
+
+
+def test_encode_prompt_takes_a_plain_string_as_one_row(pipe):
+    cond, uncond = pipe.encode_prompt("a red circle")
+    assert cond.states.shape[0] == cond.mask.shape[0] == cond.pooled.shape[0] == 1
+    listed, _ = pipe.encode_prompt(["a red circle"])
+    assert torch.equal(cond.states, listed.states) and uncond.states.shape == cond.states.shape
+    assert pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)[1] is None
+
+
+def test_prompt_embeds_give_the_same_video_as_the_prompt(pipe):
+    for negative in (None, "a blue square"):
+        expected = run(pipe, negative_prompt=negative, num_videos_per_prompt=2, output_type="latent").frames
+        cond, uncond = pipe.encode_prompt("a red circle moving right", negative)
+        got = run(pipe, None, num_videos_per_prompt=2, output_type="latent", **embedding_kwargs(cond, uncond)).frames
+        assert torch.equal(got, expected)
+        # prompt embeddings with the negative (or empty) prompt encoded by the pipeline
+        got = run(pipe, None, negative_prompt=negative, num_videos_per_prompt=2, output_type="latent",
+                  **embedding_kwargs(cond)).frames
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt="a red circle"), "give prompt or prompt_embeds, not both"),
+    (dict(prompt_attention_mask=None), "prompt_embeds needs prompt_attention_mask"),
+    (dict(pooled_prompt_embeds=None), "prompt_embeds needs pooled_prompt_embeds"),
+    (dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 32, 32),
+          negative_prompt_attention_mask=torch.ones(1, 32, dtype=torch.bool),
+          negative_pooled_prompt_embeds=torch.zeros(1, 32)), "give negative_prompt or negative_prompt_embeds"),
+    (dict(negative_prompt_attention_mask=torch.ones(1, 32)), "negative_prompt_attention_mask given without"),
+    (dict(prompt_attention_mask=torch.ones(1, 5)), r"expected \(B, L, D\), \(B, L\)"),
+])
+def test_bad_prompt_embeddings_are_refused_before_sampling(pipe, kwargs, message):
+    cond, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
+    arguments = {"prompt": None, **embedding_kwargs(cond), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        run(pipe, **arguments)
+    with pytest.raises(ValueError, match="give prompt"):
+        run(pipe, None)
+
+
+def test_components_can_be_none(pipe):
+    """LVDPipeline(vae=None, ...) builds; text encoder + tokenizer alone encode prompts; transformer + scheduler
+    alone generate latents from given embeddings and noise, the same as the whole pipeline."""
+    parts = {name: getattr(pipe, name) for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+    assert LVDPipeline(**{**parts, "vae": None}).video_vae is None
+    text_only = LVDPipeline(text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"])
+    cond, uncond = text_only.encode_prompt("a red circle moving right")
+    with pytest.raises(ValueError, match="no transformer"):
+        text_only("a red circle moving right")
+
+    denoiser_only = LVDPipeline(transformer=parts["transformer"], scheduler=parts["scheduler"])
+    denoiser_only.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = denoiser_only(latents=noise, num_inference_steps=3, output_type="latent",
+                        **embedding_kwargs(cond, uncond)).frames
+    assert torch.equal(got, run(pipe, output_type="latent").frames)
+    with pytest.raises(ValueError) as err:
+        denoiser_only(num_inference_steps=3, **embedding_kwargs(cond))  # no VAE, no text encoder for the uncond
+    for message in ("output_type='latent'", "pass latents=", "negative_prompt_embeds"):
+        assert message in str(err.value)
+
+
+def test_a_callback_that_changes_the_guidance_scale_changes_the_following_steps(pipe):
+    """As in diffusers' CFG-cutoff callbacks: from step 1 on, w = 1 (one conditional batch per step)."""
+    batches = []
+    hook = pipe.transformer.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+
+    def by_return(pipeline, i, t, kwargs):
+        return {"guidance_scale": 1.0} if i == 0 else {}
+
+    def by_attribute(pipeline, i, t, kwargs):
+        if i == 0:
+            pipeline._guidance_scale = 1.0
+        return {}
+
+    try:
+        constant = run(pipe, guidance_scale=4.0, output_type="latent").frames
+        batches.clear()
+        returned = run(pipe, guidance_scale=4.0, output_type="latent", callback_on_step_end=by_return).frames
+        assert batches == [2, 1, 1] and pipe.guidance_scale == 1.0
+        attribute = run(pipe, guidance_scale=4.0, output_type="latent", callback_on_step_end=by_attribute).frames
+    finally:
+        hook.remove()
+    assert torch.equal(returned, attribute) and not torch.allclose(returned, constant)
+
+
+def test_options_that_would_do_nothing_are_refused(pipe):
+    with pytest.raises(NotImplementedError, match="attention slicing"):
+        pipe.enable_attention_slicing()
+    with pytest.raises(NotImplementedError, match="lvd.kernels.dispatch"):
+        pipe.enable_xformers_memory_efficient_attention()
+    pipe.disable_attention_slicing()  # never on: nothing to do
+    pipe.disable_xformers_memory_efficient_attention()
+
+
+def test_video_vae_is_built_once_per_vae():
+    def wan():
+        return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True], attn_scales=[]).eval()
+
+    pipeline = LVDPipeline(**{**tiny_components(), "vae": wan()})
+    first = pipeline.video_vae
+    assert pipeline.video_vae is first and first.model is pipeline.vae
+    pipeline.vae = wan()
+    assert pipeline.video_vae is not first and pipeline.video_vae.model is pipeline.vae
+    pipeline.register_modules(vae=None)
+    assert pipeline.video_vae is None
+
+
+def test_from_components_and_export_pipeline_round_trip(tmp_path):
+    """Folders, names and the training objective in; export_pipeline's folder loads and gives the same video."""
+    from lvd.diffusion import DiffusionConfig
+    from lvd.pipeline import export_pipeline
+
+    components = tiny_components()
+    components["transformer"].save_pretrained(tmp_path / "transformer")
+    components["vae"].save_pretrained(tmp_path / "vae")
+    components["text_encoder"].save_pretrained(tmp_path / "encoder")
+    components["tokenizer"].save_pretrained(tmp_path / "encoder")
+    built = LVDPipeline.from_components(transformer=tmp_path / "transformer", vae=str(tmp_path / "vae"),
+                                        text_encoder=str(tmp_path / "encoder"), text_max_length=28,
+                                        diffusion=DiffusionConfig(objective="flow"))
+    built.set_progress_bar_config(disable=True)
+    assert built.tokenizer.model_max_length == 28 and type(built.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    expected = run(built, output_type="pt").frames
+    (tmp_path / "notes.txt").write_text("trained for 5 steps")
+    out = export_pipeline(built, tmp_path / "export", extra_files={"metrics/notes.txt": tmp_path / "notes.txt"})
+    assert (out / "metrics" / "notes.txt").read_text() == "trained for 5 steps" and not (tmp_path / "export.tmp").exists()
+    again = LVDPipeline.from_pretrained(out)
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(run(again, output_type="pt").frames, expected)
+
+    # a scheduler folder and a text encoder referred to by name: the folder holds no text weights
+    by_name = LVDPipeline.from_components(transformer=components["transformer"], vae=components["vae"],
+                                          scheduler=out / "scheduler", text_encoder_id=str(tmp_path / "encoder"))
+    export_pipeline(by_name, tmp_path / "by_name")
+    assert not (tmp_path / "by_name" / "text_encoder").exists()
+    with pytest.raises(ValueError, match="scheduler= or diffusion=.*tokenizer= too"):
+        LVDPipeline.from_components(transformer=components["transformer"], scheduler=components["scheduler"],
+                                    diffusion=DiffusionConfig(), text_encoder=components["text_encoder"])
