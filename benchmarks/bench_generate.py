@@ -61,19 +61,16 @@ def build_tiny(folder: Path) -> str:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lvd.diffusion import DiffusionConfig, scheduler_config
+    from lvd.assembly import load_text_encoder
+    from lvd.diffusion import DiffusionConfig
     from lvd.dit import VideoDiT
     from lvd.pipeline import LVDPipeline
-    from lvd.text import TextEncoder
     from lvd.vae import CausalVideoVAE
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
     try:
-        encoder = TextEncoder.from_pretrained("all-minilm-l6-v2", device="cpu")
-        text_model, tokenizer = encoder.model, encoder.tokenizer
-        tokenizer.model_max_length = encoder.max_length  # the length training cached with
-        described = f"all-MiniLM-L6-v2 (max_length {encoder.max_length})"
+        text_model, tokenizer = load_text_encoder("all-minilm-l6-v2")  # at its own length, as the demo generates
+        described = f"all-MiniLM-L6-v2 (max_length {tokenizer.model_max_length})"
     except (FileNotFoundError, OSError, ImportError):
         chars = "abcdefghijklmnopqrstuvwxyz"
         vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(chars)},
@@ -85,9 +82,8 @@ def build_tiny(folder: Path) -> str:
     width = text_model.config.hidden_size
     vae = CausalVideoVAE.from_preset("tiny")
     transformer = VideoDiT.from_preset("tiny", in_channels=vae.latent_channels, text_dim=width, pooled_dim=width)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(DiffusionConfig(objective="flow")))
-    LVDPipeline(transformer=transformer, vae=vae, text_encoder=text_model, tokenizer=tokenizer,
-                scheduler=scheduler).save_pretrained(folder)
+    LVDPipeline.from_components(transformer=transformer, vae=vae, text_encoder=text_model, tokenizer=tokenizer,
+                                diffusion=DiffusionConfig(objective="flow")).save_pretrained(folder)
     return described
 
 

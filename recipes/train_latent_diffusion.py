@@ -55,7 +55,7 @@ from lvd.config import (  # noqa: E402
 )
 from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
-from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens, scheduler_config  # noqa: E402
+from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
 from lvd.text import TextEmbeddings  # noqa: E402
 from lvd.train.checkpoint import CheckpointConfig  # noqa: E402
@@ -258,22 +258,14 @@ def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
 
 
 def make_pipeline(cfg: DiTRecipeConfig, transformer: VideoDiT, seq_len: int):
-    """LVDPipeline(transformer, vae, text encoder, tokenizer, scheduler) from the configured components."""
-    import diffusers
-
+    """The LVDPipeline around ``transformer``: the configured VAE and text encoder (at the length the latents were
+    cached with) and the scheduler of the training objective (a dynamic shift resolved at ``seq_len`` tokens)."""
     from lvd.pipeline import LVDPipeline
-    from lvd.text import TextEncoder
-    from lvd.vae import load_vae
 
-    sched = scheduler_config(cfg.diffusion, seq_len=seq_len)
-    scheduler = getattr(diffusers, sched["_class_name"]).from_config(sched)
-    vae = load_vae(cfg.components.vae, device="cpu")
-    vae = getattr(vae, "model", vae)  # the diffusers module behind a pretrained wrapper
-    text = TextEncoder.from_pretrained(cfg.components.text_encoder, max_length=cfg.components.text_max_length or None,
-                                       device="cpu")
-    text.tokenizer.model_max_length = text.max_length  # the length the latents were cached with
-    return LVDPipeline(transformer=transformer, vae=vae, text_encoder=text.model, tokenizer=text.tokenizer,
-                       scheduler=scheduler)
+    c = cfg.components
+    return LVDPipeline.from_components(transformer=transformer, vae=c.vae, text_encoder=c.text_encoder,
+                                       text_max_length=c.text_max_length or None, diffusion=cfg.diffusion,
+                                       seq_len=seq_len)
 
 
 def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: VideoDiT, seq_len: int) -> dict:
@@ -311,16 +303,12 @@ def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env,
         return export_pretrained(ema_model, out / "transformer", env)
     state = model_state_dict(ema_model)  # gathered under FSDP2; every rank takes part
     if env.is_main:
-        import shutil
+        from lvd.pipeline import export_pipeline
 
         plain = unwrap(ema_model)
         fresh = type(plain).from_config(plain.config)
         fresh.load_state_dict(state)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_pipeline(cfg, fresh, seq_len).save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        export_pipeline(make_pipeline(cfg, fresh, seq_len), out)
     return out if env.is_main else None
 
 

@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -142,32 +141,14 @@ def heldout_psnr(vae_dir: Path, shards: Path, threads: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def export_pipeline(dit_export: Path, out: Path, metrics: dict[str, Path]) -> None:
-    """``vae/``, ``transformer/``, ``scheduler/`` from the DiT recipe's export, plus ``text_encoder_id``."""
-    import diffusers
+def export_demo(dit_export: Path, out: Path, metrics: dict[str, Path]) -> None:
+    """``vae/``, ``transformer/``, ``scheduler/`` from the DiT recipe's export, ``text_encoder_id`` naming the
+    packaged MiniLM instead of its weights, and the runs' metrics under ``metrics/``."""
+    from lvd.pipeline import LVDPipeline, export_pipeline
 
-    from lvd.dit import VideoDiT
-    from lvd.pipeline import LVDPipeline
-    from lvd.vae import CausalVideoVAE
-
-    index = json.loads((dit_export / "model_index.json").read_text(encoding="utf-8"))
-    scheduler_cls = getattr(diffusers, index["scheduler"][1])
-    pipe = LVDPipeline(
-        transformer=VideoDiT.from_pretrained(dit_export / "transformer"),
-        vae=CausalVideoVAE.from_pretrained(dit_export / "vae"),
-        text_encoder=None,
-        tokenizer=None,
-        scheduler=scheduler_cls.from_pretrained(dit_export / "scheduler"),
-        text_encoder_id=TEXT_ENCODER,
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "metrics").mkdir()
-    for name, path in metrics.items():
-        shutil.copyfile(path, tmp / "metrics" / f"{name}.metrics.jsonl")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    pipe = LVDPipeline.from_components(transformer=dit_export / "transformer", vae=dit_export / "vae",
+                                       scheduler=dit_export / "scheduler", text_encoder_id=TEXT_ENCODER)
+    export_pipeline(pipe, out, extra_files={f"metrics/{name}.metrics.jsonl": path for name, path in metrics.items()})
 
 
 def train_seconds(metrics: Path) -> float:
@@ -355,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. Export the pipeline folder (no text-encoder weights) with the training logs
     metrics = {"vae": vae_run / "metrics.jsonl", "dit": dit_run / "metrics.jsonl"}
-    stage("export", False, lambda: export_pipeline(dit_run / "export", a.out, metrics))
+    stage("export", False, lambda: export_demo(dit_run / "export", a.out, metrics))
     size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file())
     print(f"[export] {a.out}: {size / 1e6:.1f} MB")
     timings["export_mb"] = round(size / 1e6, 2)
