@@ -279,7 +279,7 @@ def test_a_folder_can_refer_to_its_text_encoder_by_name(tmp_path):
     assert torch.equal(run(again, output_type="pt").frames, expected)
     assert getattr(again.text_encoder, "use_kernels", False) is False
 
-    # An export can be written without ever loading the encoder (what the shapes-demo recipe does).
+    # An export can be written without ever loading the encoder.
     bare = {**components, "text_encoder": None, "tokenizer": None}
     LVDPipeline(**bare, text_encoder_id=str(tmp_path / "encoder")).save_pretrained(tmp_path / "bare")
     loaded = LVDPipeline.from_pretrained(tmp_path / "bare")
@@ -424,12 +424,14 @@ def test_bad_prompt_embeddings_are_refused_before_sampling(pipe, kwargs, message
         run(pipe, None)
 
 
-def test_components_can_be_none(pipe):
-    """LVDPipeline(vae=None, ...) builds; text encoder + tokenizer alone encode prompts; transformer + scheduler
-    alone generate latents from given embeddings and noise, the same as the whole pipeline."""
+def test_components_can_be_none(pipe, tmp_path):
+    """LVDPipeline(vae=None, ...) builds; text encoder + tokenizer alone encode prompts (also saved and reloaded);
+    transformer + scheduler alone generate latents from given embeddings and noise, as the whole pipeline does."""
     parts = {name: getattr(pipe, name) for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     assert LVDPipeline(**{**parts, "vae": None}).video_vae is None
-    text_only = LVDPipeline(text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"])
+    LVDPipeline(text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"]).save_pretrained(tmp_path)
+    text_only = LVDPipeline.from_pretrained(tmp_path)
+    assert text_only.transformer is None and text_only.vae is None and text_only.scheduler is None
     cond, uncond = text_only.encode_prompt("a red circle moving right")
     with pytest.raises(ValueError, match="no transformer"):
         text_only("a red circle moving right")
