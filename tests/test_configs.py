@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lvd.conditioning import TextEmbeddings
 from lvd.config import ConfigError, load_config
 from recipes.train_latent_diffusion import DiTRecipeConfig, build_dit
 from recipes.train_vae import VAERecipeConfig, build_vae
@@ -37,8 +38,9 @@ def test_config_parses_and_model_builds_on_meta(path):
                 model.check_input(b.frames, b.height, b.width)
         else:
             o = cfg.model.overrides
-            first = {"latents": torch.empty(1, o["in_channels"], 1, 1, 1), "text_states": torch.empty(1, 1, o["text_dim"]),
-                     "text_pooled": torch.empty(1, o["pooled_dim"])}
+            text = TextEmbeddings(torch.empty(1, 1, o["text_dim"]), torch.ones(1, 1, dtype=torch.bool),
+                                  torch.empty(1, o["pooled_dim"]))
+            first = {"latents": torch.empty(1, o["in_channels"], 1, 1, 1), "text": text}
             model = build_dit(cfg.model, first)
             pt, ph, pw = model.config.patch_size
             for b in cfg.data.buckets:  # every latent bucket patchifies
