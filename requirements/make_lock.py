@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, "-m", "venv", "--clear", str(venv)])
         python = str(venv / "bin" / "python")
         run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"])
-        run([python, "-m", "pip", "install", "-q", *TORCH])
+        run([python, "-m", "pip", "install", "-q", *(TORCH[:1] if args.lowest else TORCH)])  # lowest.txt pins triton
         constraints = ["-c", str(LOWEST)] if args.lowest else []
         run([python, "-m", "pip", "install", "-q", "-e", f"{REPO}[test]", *constraints])
         packages = freeze(python)
