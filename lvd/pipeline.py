@@ -1,4 +1,4 @@
-"""LVDPipeline: prompt → video, as a diffusers ``DiffusionPipeline``; and its assembly and export.
+"""LVDPipeline: prompt → video, as a diffusers ``DiffusionPipeline``.
 
 Components (the folder layout ``save_pretrained`` writes and ``from_pretrained`` reads):
 ``transformer`` (:class:`lvd.dit.VideoDiT`), ``vae`` (our :class:`lvd.vae.CausalVideoVAE` or a diffusers
