@@ -342,28 +342,25 @@ def part_vae(args) -> dict:
 def write_latent_shards(folder: Path, *, count: int, latent: tuple[int, ...], text_len: int, text_dim: int) -> None:
     """Random latent shards in the format lvd.cache_latents writes (no VAE or text encoder needed)."""
     import torch
-    from safetensors.torch import save_file
 
     from lvd.cache_latents import write_tar_samples
-    from lvd.data.loader import encode_latent_sample
+    from lvd.conditioning import TextEmbeddings
+    from lvd.data import latents as latent_format
 
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
 
-    def text():
-        mask = torch.zeros(text_len, dtype=torch.uint8)
-        mask[:8] = 1
-        return dict(text_states=torch.randn(text_len, text_dim, generator=gen), text_mask=mask,
-                    text_pooled=torch.randn(text_dim, generator=gen))
+    def text(batch: tuple[int, ...] = ()) -> TextEmbeddings:
+        mask = torch.zeros(*batch, text_len, dtype=torch.bool)
+        mask[..., :8] = True
+        return TextEmbeddings(torch.randn(*batch, text_len, text_dim, generator=gen), mask,
+                              torch.randn(*batch, text_dim, generator=gen))
 
-    samples = []
-    for i in range(count):
-        tensors = dict(latents=torch.randn(*latent, generator=gen), **text())
-        samples.append({"__key__": f"{i:06d}", "latents.safetensors": encode_latent_sample(tensors),
-                        "txt": b"a random clip", "json": json.dumps({"latent_shape": list(latent)}).encode()})
+    samples = [{"__key__": f"{i:06d}", "txt": b"a random clip",
+                latent_format.MEMBER: latent_format.encode_sample(torch.randn(*latent, generator=gen), text()),
+                "json": json.dumps({"latent_shape": list(latent)}).encode()} for i in range(count)]
     write_tar_samples(folder / "shard-000000.tar", samples)
-    empty = {k: v.unsqueeze(0) for k, v in text().items()}
-    save_file({k: v.contiguous() for k, v in empty.items()}, str(folder / "uncond.safetensors"))
+    latent_format.write_uncond(folder, text((1,)))
 
 
 def part_recipe(args) -> dict:
