@@ -29,7 +29,7 @@ setup(
         "einops>=0.8,<0.9",
         "webdataset>=0.2.111,<2",
         "imageio-ffmpeg>=0.5,<0.9",
-        "safetensors>=0.4.3,<0.9",
+        "safetensors>=0.8,<0.9",
         "pillow>=10.1,<14",
         "pyyaml>=6.0.1,<7",
         "tqdm>=4.66,<5",
