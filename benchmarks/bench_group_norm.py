@@ -3,7 +3,7 @@
 Shapes are the video-VAE ones from the kernels issue, 32 groups, bf16: 1×128×17×256×256 and 1×512×5×128×128,
 plus 1×128×20×256×256 for the "≥ 10× eager" target; each in both statistics modes (global, per_frame).
 Backends: ``triton`` (ours), ``triton-l2`` (ours, per-frame passes over L2-sized frame slices, see
-``lvd.kernels.group_norm.L2_FRAME_SLICES``), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
+``group_norm(..., frame_slices=True)``), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
 by folding T into the batch) and ``compiled`` (``torch.compile`` of the same).
 
 Bandwidth is reported two ways: ``gbps`` on the bytes an ideal fused op must move (forward: read x, write y;
@@ -25,7 +25,6 @@ Writes benchmarks/results/group_norm_<gpu name>.json (``group_norm_cpu.json`` on
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -75,11 +74,9 @@ def eager_group_norm_silu(x, w, b, per_frame):
 
 def backend_fn(name):
     if name in ("triton", "triton-l2"):
-        gn_module = importlib.import_module("lvd.kernels.group_norm")
-
-        def fn(x, w, b, pf):
-            gn_module.L2_FRAME_SLICES = name == "triton-l2"  # per-frame passes over L2-sized frame slices
-            return kernels.group_norm(x, GROUPS, w, b, silu=True, per_frame=pf, backend="triton")
+        def fn(x, w, b, pf):  # triton-l2: per-frame passes over L2-sized frame slices
+            return kernels.group_norm(x, GROUPS, w, b, silu=True, per_frame=pf, backend="triton",
+                                      frame_slices=name == "triton-l2")
         return fn
     if name == "compiled":
         return torch.compile(eager_group_norm_silu)

@@ -47,10 +47,10 @@ def _run(fn, x, w, b, dy):
     return [y] + list(torch.autograd.grad(y, leaves, dy))
 
 
-def _triton(groups, silu, per_frame):
+def _triton(groups, silu, per_frame, **options):
     def fn(x, w, b):
         with dispatch.nan_filled_outputs():
-            return group_norm(x, groups, w, b, silu=silu, per_frame=per_frame, backend="triton")
+            return group_norm(x, groups, w, b, silu=silu, per_frame=per_frame, backend="triton", **options)
     return fn
 
 
@@ -114,21 +114,21 @@ def test_torch_path_per_frame_without_grad_matches_reference(shape, groups, silu
 
 @pytest.mark.parametrize("block_bytes", [1 << 20, 64], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
-def test_torch_path_per_frame_channels_last_matches_reference_and_stays_channels_last(silu, block_bytes, monkeypatch):
+def test_torch_path_per_frame_channels_last_matches_reference_and_stays_channels_last(silu, block_bytes):
     """The channels-last no-grad path (block-wise sums over H·W) against the reference; the output keeps the
     channels-last layout the next oneDNN convolution reads without a reorder."""
-    monkeypatch.setattr(gn_mod, "_CL_BLOCK_BYTES", block_bytes)  # 64 B: 2 rows of 8 channels per block
     x, w, b = _inputs((2, 8, 3, 5, 7), torch.float32)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        assert gn_mod._per_frame_no_grad_channels_last(x, 4, w, b, 1e-6, silu) is not None
+        blocks = gn_mod._per_frame_no_grad_channels_last(x, 4, w, b, 1e-6, silu, block_bytes)  # 64 B: 2 rows a block
         got = group_norm(x, 4, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
         far = (x * 1e-3 + 1000.0).contiguous(memory_format=torch.channels_last_3d)  # |mean| ≫ std: the reference
-        assert gn_mod._per_frame_no_grad_channels_last(far, 4, w, b, 1e-6, silu) is None
+        assert gn_mod._per_frame_no_grad_channels_last(far, 4, w, b, 1e-6, silu, block_bytes) is None
         far_got = group_norm(far, 4, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
-    assert got.is_contiguous(memory_format=torch.channels_last_3d) and not got.is_contiguous()
-    torch.testing.assert_close(got, group_norm_reference(x, 4, w, b, 1e-6, silu=silu, per_frame=True),
-                               rtol=1e-5, atol=1e-5)
+    ref = group_norm_reference(x, 4, w, b, 1e-6, silu=silu, per_frame=True)
+    for y in (blocks, got):
+        assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(far_got, group_norm_reference(far, 4, w, b, 1e-6, silu=silu, per_frame=True),
                                rtol=1e-5, atol=1e-5)
 
@@ -141,25 +141,24 @@ def test_torch_path_per_frame_without_grad_refuses_when_mean_dwarfs_std():
     torch.testing.assert_close(got, group_norm_reference(x, 2, w, b, 1e-6, silu=True, per_frame=True), rtol=0, atol=0)
 
 
-def test_many_partials_merge(monkeypatch):
+def test_many_partials_merge():
     """Tiny tiles cut each unit into many chunks: exercises the cross-program Chan merge."""
-    monkeypatch.setattr(gn_mod, "_INTERPRETER_TILE", (16, 1))
     x, w, b = _inputs((1, 4, 3, 9, 9), torch.float32, mean=-3.0, std=2.0)
-    units, *_, ns = gn_mod._geometry(x, 2, False)
+    units, *_, ns = gn_mod._geometry(x, 2, False, tile=16)
     assert ns >= 8
     dy = torch.randn(x.shape)
-    _check_fp32(_run(_triton(2, True, False), x, w, b, dy), _fp64_ref(x, w, b, dy, 2, True, False))
+    _check_fp32(_run(_triton(2, True, False, tile=16), x, w, b, dy), _fp64_ref(x, w, b, dy, 2, True, False))
 
 
-def test_per_frame_passes_over_frame_slices_match(monkeypatch):
+def test_per_frame_passes_over_frame_slices_match():
     """On a GPU, per-frame passes run a few frames at a time so x is re-read from L2; same result."""
     x, w, b = _inputs((1, 8, 5, 9, 9), torch.float32, channels_last=True)
     dy = torch.randn(x.shape)
     whole = _run(_triton(2, True, True), x, w, b, dy)
     frame_bytes = 8 * 9 * 9 * 4
-    monkeypatch.setattr(gn_mod, "_INTERPRETER_L2_BYTES", 2 * frame_bytes)  # forward: 2 frames a slice
-    assert gn_mod._frame_slices(x, True, n_tensors=1) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    sliced = _run(_triton(2, True, True), x, w, b, dy)
+    assert gn_mod._frame_slices(x, True, 1, 2 * frame_bytes) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert gn_mod._slice_budget(x, True) == 0  # "half the L2" means no slicing off the GPU
+    sliced = _run(_triton(2, True, True, frame_slices=2 * frame_bytes), x, w, b, dy)  # forward: 2 frames a slice
     assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])  # y, dx
     _check_fp32(sliced, _fp64_ref(x, w, b, dy, 2, True, True))
 
@@ -209,7 +208,7 @@ def test_gradcheck_fp64_reference():
 
 def test_custom_op_registrations_pass_opcheck():
     x, w, b = _inputs((1, 4, 3, 5, 5), torch.float32, channels_last=True)
-    torch.library.opcheck(gn_mod._gn_fwd_op, (x, w, b, 2, 1e-6, True, True),
+    torch.library.opcheck(gn_mod._gn_fwd_op, (x, w, b, 2, 1e-6, True, True, 0, 128),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -279,20 +279,16 @@ def _gn_bwd_dx_kernel(
 # Launchers
 
 _INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  # read at decoration, as Triton does
-# Interpreter tiling: (largest BLOCK_S, tiles per chunk). Big tiles because each interpreted program
-# costs ~3 ms; two tiles per chunk so chunk loops, tails and the partial merge all run in tests.
-_INTERPRETER_TILE = (128, 2)
+# Interpreter tiling: elements per tile (BLOCK_C·BLOCK_S) and tiles per chunk. Big tiles because each interpreted
+# program costs ~3 ms; two tiles per chunk so chunk loops, tails and the partial merge all run in tests.
+_INTERPRETER_TILE = 128
+_INTERPRETER_TILES_PER_CHUNK = 2
 # 2048-element tiles over 8 warps: 8 elements (16 B of bf16) per thread per load, and the statistics
 # kernel's three per-lane Welford accumulators stay in registers (compiled for sm_90 without a GPU:
 # 4096-element tiles on 4 warps took 243 registers a thread; see the kernels issue note).
 _GPU_TILE = 2048
 _GPU_WARPS = 8
 _GPU_TARGET_PROGRAMS = 1024  # ≈ 8 programs per SM on a 132-SM H100; a batch-1 video still fills it
-_INTERPRETER_L2_BYTES = None  # no frame slicing off the GPU; tests set a small budget to exercise it
-# Per-frame passes over L2-sized frame slices (see _frame_slices). Off until a GPU run shows it pays:
-# it saves one HBM read of x per pass but costs two launches per slice, and a 256×256×128 bf16 frame
-# (16.7 MB) already fills a third of an H100's L2. benchmarks/bench_group_norm.py times both ("triton-l2").
-L2_FRAME_SLICES = False
 
 
 def _unit_strides(t, per_frame):
@@ -317,8 +313,13 @@ def _unit_strides(t, per_frame):
     return sb, sc, st, ss
 
 
-def _geometry(x, num_groups, per_frame):
-    """Units, per-unit length L and the tiling: (U, TU, Cg, L, BLOCK_C, BLOCK_S, CHUNK, NS)."""
+def _default_tile():
+    return _INTERPRETER_TILE if _INTERPRETED else _GPU_TILE
+
+
+def _geometry(x, num_groups, per_frame, tile):
+    """Units, per-unit length L and the tiling: (U, TU, Cg, L, BLOCK_C, BLOCK_S, CHUNK, NS). ``tile``: elements
+    per tile (BLOCK_C·BLOCK_S, at least 16 columns on a GPU)."""
     b, c = x.shape[:2]
     tt = x.shape[2] if x.ndim == 5 else 1
     hw = x.shape[-1] * x.shape[-2]
@@ -328,11 +329,10 @@ def _geometry(x, num_groups, per_frame):
     units = b * num_groups * tu
     block_c = triton.next_power_of_2(cg)
     if _INTERPRETED:
-        cap, tiles = _INTERPRETER_TILE
-        block_s = min(triton.next_power_of_2(length), max(cap // block_c, 1))
-        chunk = block_s * tiles
-    else:  # _GPU_TILE-element tiles; enough chunks per unit to reach the target program count
-        block_s = min(triton.next_power_of_2(length), max(_GPU_TILE // block_c, 16))
+        block_s = min(triton.next_power_of_2(length), max(tile // block_c, 1))
+        chunk = block_s * _INTERPRETER_TILES_PER_CHUNK
+    else:  # enough chunks per unit to reach the target program count
+        block_s = min(triton.next_power_of_2(length), max(tile // block_c, 16))
         tiles_total = triton.cdiv(length, block_s)
         ns = max(1, min(tiles_total, triton.cdiv(_GPU_TARGET_PROGRAMS, units)))
         chunk = triton.cdiv(tiles_total, ns) * block_s
@@ -353,13 +353,14 @@ def _in_place_layout(t, per_frame):
     return t, strides
 
 
-def _l2_budget(x):
-    """Bytes of L2 a frame slice may fill (half the cache), or None: no slicing."""
-    if _INTERPRETED or x.device.type != "cuda":
-        return _INTERPRETER_L2_BYTES
-    if not L2_FRAME_SLICES:
-        return None
-    return _l2_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device()) // 2
+def _slice_budget(x, frame_slices):
+    """Bytes a frame slice may fill, 0 for no slicing: ``frame_slices`` False → 0; True → half the GPU's L2
+    cache (0 off the GPU and in the interpreter); an int → that many bytes (any device: tests use it)."""
+    if frame_slices is True:
+        if _INTERPRETED or x.device.type != "cuda":
+            return 0
+        return _l2_bytes(x.device.index if x.device.index is not None else torch.cuda.current_device()) // 2
+    return int(frame_slices or 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,17 +368,16 @@ def _l2_bytes(index):
     return torch.cuda.get_device_properties(index).L2_cache_size
 
 
-def _frame_slices(x, per_frame, n_tensors):
-    """Frame ranges to run each pass on. Per-frame statistics let a pass work a few frames at a time, so
-    its second read of x (normalise after statistics; dx after the reductions) comes from L2, not HBM:
-    the forward then moves 2|x| instead of 3|x|, the backward 3|x| instead of 5|x| (not yet measured;
-    off by default, see L2_FRAME_SLICES)."""
+def _frame_slices(x, per_frame, n_tensors, budget):
+    """Frame ranges to run each pass on, each of at most ``budget`` bytes over its ``n_tensors`` tensors (0: no
+    slicing). Per-frame statistics let a pass work a few frames at a time, so its second read of x (normalise
+    after statistics; dx after the reductions) comes from L2, not HBM: the forward then moves 2|x| instead of
+    3|x|, the backward 3|x| instead of 5|x| (not yet measured; off by default, see :func:`group_norm`)."""
     if not (per_frame and x.ndim == 5):
         return [None]
     t = x.shape[2]
     frame_bytes = x[:, :, 0].numel() * x.element_size() * n_tensors
-    budget = _l2_budget(x)
-    if budget is None or frame_bytes > budget or t * frame_bytes <= budget:
+    if not budget or frame_bytes > budget or t * frame_bytes <= budget:
         return [None]  # one frame overflows L2 anyway, or the whole clip fits
     step = budget // frame_bytes
     return [slice(t0, min(t0 + step, t)) for t0 in range(0, t, step)]
@@ -387,7 +387,7 @@ def _frames(t, sl):
     return t if sl is None else t[:, :, sl]
 
 
-def _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame):
+def _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame, slice_bytes, tile):
     acc_torch, acc = _acc(x)
     y = dispatch.new_empty_like(x)
     x, _ = _in_place_layout(x, per_frame)
@@ -396,10 +396,10 @@ def _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame):
     tu = x.shape[2] if per_frame and x.ndim == 5 else 1
     mean = dispatch.new_empty((x.shape[0] * num_groups, tu), dtype=acc_torch, device=x.device)  # (B·G, T)
     rstd = dispatch.new_empty((x.shape[0] * num_groups, tu), dtype=acc_torch, device=x.device)
-    for sl in _frame_slices(x, per_frame, n_tensors=1):
+    for sl in _frame_slices(x, per_frame, 1, slice_bytes):
         xs, ys = _frames(x, sl), _frames(y, sl)
         m, r = (mean, rstd) if sl is None else (mean[:, sl], rstd[:, sl])
-        units, tu_s, cg, length, block_c, block_s, chunk, ns = _geometry(xs, num_groups, per_frame)
+        units, tu_s, cg, length, block_c, block_s, chunk, ns = _geometry(xs, num_groups, per_frame, tile)
         part = dispatch.new_empty((units, ns, 3), dtype=acc_torch, device=x.device)
         shape = dict(G=num_groups, TU=tu_s, Cg=cg, L=length, CHUNK=chunk, NS=ns)
         warps = 1 if _INTERPRETED else _GPU_WARPS
@@ -414,7 +414,7 @@ def _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame):
     return y, mean.view(-1), rstd.view(-1)
 
 
-def _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame):
+def _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame, slice_bytes, tile):
     acc_torch, acc = _acc(x)
     dx = dispatch.new_empty_like(x)
     x, _ = _in_place_layout(x, per_frame)
@@ -426,10 +426,10 @@ def _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame):
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     dw = db = 0.0
-    for sl in _frame_slices(x, per_frame, n_tensors=2):
+    for sl in _frame_slices(x, per_frame, 2, slice_bytes):
         xs, dys, dxs = _frames(x, sl), _frames(dy, sl), _frames(dx, sl)
         m, r = (mean, rstd) if sl is None else (mean[:, sl], rstd[:, sl])
-        units, tu, cg, length, block_c, block_s, chunk, ns = _geometry(xs, num_groups, per_frame)
+        units, tu, cg, length, block_c, block_s, chunk, ns = _geometry(xs, num_groups, per_frame, tile)
         part = dispatch.new_empty((units, ns, 2), dtype=acc_torch, device=x.device)
         dwp = dispatch.new_empty((units, ns, cg), dtype=acc_torch, device=x.device)
         dbp = dispatch.new_empty((units, ns, cg), dtype=acc_torch, device=x.device)
@@ -455,12 +455,13 @@ def _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame):
 
 @torch.library.custom_op("lvd::group_norm_fwd", mutates_args=())
 def _gn_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
-               eps: float, silu: bool, per_frame: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame)
+               eps: float, silu: bool, per_frame: bool, slice_bytes: int,
+               tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gn_fwd_impl(x, weight, bias, num_groups, eps, silu, per_frame, slice_bytes, tile)
 
 
 @_gn_fwd_op.register_fake
-def _(x, weight, bias, num_groups, eps, silu, per_frame):
+def _(x, weight, bias, num_groups, eps, silu, per_frame, slice_bytes, tile):
     units = _geometry_units(x, num_groups, per_frame)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (torch.empty_like(x, memory_format=torch.preserve_format), x.new_empty((units,), dtype=acc),
@@ -473,29 +474,30 @@ def _geometry_units(x, num_groups, per_frame):
 
 @torch.library.custom_op("lvd::group_norm_bwd", mutates_args=())
 def _gn_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, silu: bool,
-               per_frame: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame)
+               mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, silu: bool, per_frame: bool,
+               slice_bytes: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gn_bwd_impl(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame, slice_bytes, tile)
 
 
 @_gn_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame):
+def _(dy, x, weight, bias, mean, rstd, num_groups, silu, per_frame, slice_bytes, tile):
     dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
     db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     return torch.empty_like(x, memory_format=torch.preserve_format), dw, db
 
 
 def _gn_setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, silu, per_frame = inputs
+    x, weight, bias, num_groups, eps, silu, per_frame, slice_bytes, tile = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.silu, ctx.per_frame = num_groups, silu, per_frame
+    ctx.num_groups, ctx.silu, ctx.per_frame, ctx.slice_bytes, ctx.tile = num_groups, silu, per_frame, slice_bytes, tile
 
 
 def _gn_backward(ctx, dy, dmean, drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _gn_bwd_op(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.per_frame)
-    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None
+    dx, dw, db = _gn_bwd_op(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.per_frame,
+                            ctx.slice_bytes, ctx.tile)
+    return (dx, (dw if weight is not None else None), (db if bias is not None else None)) + (None,) * 6
 
 
 _gn_fwd_op.register_autograd(_gn_backward, setup_context=_gn_setup_context)
@@ -505,16 +507,27 @@ _gn_fwd_op.register_autograd(_gn_backward, setup_context=_gn_setup_context)
 # Public function and module
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, *, silu=False, per_frame=False, backend="auto"):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, *, silu=False, per_frame=False, backend="auto",
+               frame_slices: bool | int = False, tile: int | None = None):
     """GroupNorm with optional fused SiLU and per-frame statistics; see :func:`group_norm_reference`.
 
     ``backend``: "auto" | "triton" | "torch" ("sdpa"/"xformers" mean "torch" here; see kernels.dispatch).
+    Options of the Triton path (the results are the same to float rounding):
+
+    - ``frame_slices``: per-frame passes over frame slices that fit in cache (see :func:`_frame_slices`).
+      False (default) → whole tensors; True → slices of half the GPU's L2; an int → slices of that many bytes.
+      Off until a GPU run shows it pays: it saves one HBM read of x per pass but costs two launches per slice,
+      and a 256×256×128 bf16 frame (16.7 MB) already fills a third of an H100's L2
+      (``benchmarks/bench_group_norm.py`` times both, backend "triton-l2").
+    - ``tile``: elements per tile (BLOCK_C·BLOCK_S); default 2048 on a GPU, 128 in the interpreter. Tests
+      pass small tiles to cut each unit into many chunks.
     """
     _check_inputs(x, num_groups, weight, bias)
     per_frame = bool(per_frame and x.ndim == 5)
     choice = dispatch.group_norm_backend(x, backend=backend, interpreted=_INTERPRETED)
     if choice == "triton":
-        return _gn_fwd_op(x, weight, bias, int(num_groups), float(eps), bool(silu), per_frame)[0]
+        return _gn_fwd_op(x, weight, bias, int(num_groups), float(eps), bool(silu), per_frame,
+                          _slice_budget(x, frame_slices), int(tile or _default_tile()))[0]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if per_frame and not needs_grad and x.dtype == torch.float32:
         y = None
@@ -573,10 +586,10 @@ def _frame_affine(total, total_sq, count, num_groups, weight, bias, eps):
 _CL_BLOCK_BYTES = 1 << 20  # rows per block of the channels-last sums: 1 MiB, cache-sized
 
 
-def _per_frame_no_grad_channels_last(x, num_groups, weight, bias, eps, silu):
+def _per_frame_no_grad_channels_last(x, num_groups, weight, bias, eps, silu, block_bytes=_CL_BLOCK_BYTES):
     """:func:`_per_frame_no_grad` for a channels_last_3d fp32 (B, C, T, H, W): memory (B, T, H·W, C).
 
-    Sums over H·W run on blocks of rows, so that x² of a block stays in cache (one reduction of x² over
+    Sums over H·W run on blocks of ``block_bytes`` of rows, so that x² of a block stays in cache (one reduction of x² over
     the strided H·W axis was 15x slower than the sum of x); y is written channels-last, the layout oneDNN
     convolves without a reorder. Returns None when |mean| ≫ std, like the contiguous version.
     """
@@ -584,7 +597,7 @@ def _per_frame_no_grad_channels_last(x, num_groups, weight, bias, eps, silu):
     rows = x.permute(0, 2, 3, 4, 1).view(b, t, h * w, c)
     total = rows.new_zeros(b, t, c)
     total_sq = rows.new_zeros(b, t, c)
-    block = max(1, _CL_BLOCK_BYTES // (x.element_size() * c))
+    block = max(1, block_bytes // (x.element_size() * c))
     for i in range(0, h * w, block):
         part = rows[:, :, i:i + block]
         total += part.sum(2)
