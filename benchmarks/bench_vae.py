@@ -80,7 +80,7 @@ def _measure(fn, count: bool):
 
 def _meta_flops(vae, shape) -> tuple[int, int]:
     """(encode, decode) FLOPs of our model, counted on a meta-device copy: on CPU our convs call oneDNN
-    directly (``lvd.vae.model.conv3d``), which the FLOP counter does not see."""
+    directly (``lvd.kernels.conv3d``), which the FLOP counter does not see."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -126,11 +126,9 @@ def run_case(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    if spec.get("default_layout"):
-        from lvd.vae import CausalVideoVAE
-
-        CausalVideoVAE.cpu_channels_last = False
     vae, encode, decode = _build(spec["kind"])
+    if spec.get("default_layout") and hasattr(vae, "set_cpu_channels_last"):  # ours only
+        vae.set_cpu_channels_last(False)
     b, t, h, w = spec["shape"]
     x = torch.rand(b, 3, t, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():  # warm-up on a small clip: first-call library set-up is not what we measure
@@ -227,7 +225,7 @@ def main(argv=None) -> None:
                    help="comma list of kinds to run (ours-base, ours-base-chunked, diffusers-cogvideox, diffusers-wan, "
                         "ours-small-tiled); default: all")
     p.add_argument("--default-layout", action="store_true",
-                   help="run our VAE in the default (channels-first) layout on CPU: CausalVideoVAE.cpu_channels_last=False")
+                   help="run our VAE in the default (channels-first) layout on CPU: vae.set_cpu_channels_last(False)")
     args = p.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))), flush=True)

@@ -63,37 +63,3 @@ def test_compiled_real_form_equals_the_complex_form(monkeypatch):
     eager = apply_rope(x, freqs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(apply_rope(x, freqs), eager)
-
-
-@pytest.mark.parametrize("with_rope", [True, False])
-@pytest.mark.parametrize("heads_inner", [True, False])
-def test_fused_rms_norm_rope_matches_the_plain_ops(with_rope, heads_inner):
-    """Forward and both gradients of the one-op QK-norm + RoPE equal the plain composition, on a
-    strided k view cut out of a fused qkv tensor (as in the model) with odd sizes, in the model's
-    (B, N, H, Dh) layout and in (B, H, N, Dh)."""
-    from lvd.dit.rope import rms_norm_reference, rms_norm_rope
-
-    grid, dims = (3, 5, 7), (4, 6, 8)
-    rope = rope_3d(grid, dims) if with_rope else None
-    if with_rope and heads_inner:
-        rope = rope[:, None]  # (N, 1, Dh/2, 2)
-    torch.manual_seed(0)
-    qkv = torch.randn(2, 105, 3 * 3 * 18, requires_grad=True)  # (B, N, 3·H·Dh), H=3, Dh=18
-    weight = torch.nn.Parameter(torch.randn(18))
-    grad = torch.randn(2, 105, 3, 18) if heads_inner else torch.randn(2, 3, 105, 18)
-    results = []
-    for fn in (rms_norm_rope, rms_norm_reference):
-        k = qkv.unflatten(-1, (3, 3, 18)).unbind(2)[1]  # (B, N, H, Dh), not contiguous
-        out = fn(k if heads_inner else k.transpose(1, 2), weight, 1e-6, rope)
-        results.append((out, *torch.autograd.grad(out, (qkv, weight), grad)))
-    for fused, ref in zip(*results):
-        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_fused_rms_norm_rope_gradcheck_fp64():
-    from lvd.dit.rope import rms_norm_rope
-
-    rope = rope_3d((2, 3, 2), (4, 4, 4)).double()
-    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: rms_norm_rope(x, w, 1e-6, rope), (x, w))

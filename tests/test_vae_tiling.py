@@ -31,10 +31,10 @@ def smooth_clip(t, h, w):
 @pytest.mark.parametrize("piece_bytes", [None, 1])
 @pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_chunked_decode_equals_full_decode(layout, chunk, piece_bytes, monkeypatch):
-    if piece_bytes:  # every streaming conv then runs one output frame per oneDNN call
-        monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_bytes)
+def test_chunked_decode_equals_full_decode(layout, chunk, piece_bytes):
     vae = small_vae(layout)
+    if piece_bytes:  # every streaming conv then runs one output frame per oneDNN call
+        vae.set_stream_piece_bytes(piece_bytes)
     z = torch.randn(1, 16, 4, 8, 8)
     with torch.no_grad():
         full = vae.decode_raw(z)
@@ -47,13 +47,13 @@ def test_chunked_decode_equals_full_decode(layout, chunk, piece_bytes, monkeypat
 @pytest.mark.parametrize("piece_bytes", [None, 1])
 @pytest.mark.parametrize("frames_per_call", [1, 3, 4, 8])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_chunked_encode_equals_full_encode(layout, frames_per_call, piece_bytes, monkeypatch):
+def test_chunked_encode_equals_full_encode(layout, frames_per_call, piece_bytes):
     """Any number of frames per encoder call, a multiple of the temporal factor (4) or not: strided convs
     wait in their caches for the frames that complete their windows, and calls that yield no latent frame
     are skipped."""
-    if piece_bytes:
-        monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_bytes)
     vae = small_vae(layout)
+    if piece_bytes:
+        vae.set_stream_piece_bytes(piece_bytes)
     x = smooth_clip(13, 32, 32)
     with torch.no_grad():
         full = vae.encode_posterior(x).mean
@@ -138,14 +138,14 @@ def test_tiled_matches_untiled_within_the_stated_tolerance(layout):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_streaming_conv_in_pieces_equals_the_whole_clip_conv(stride, monkeypatch):
+def test_streaming_conv_in_pieces_equals_the_whole_clip_conv(stride):
     conv = CausalConv3d(4, 6, 3, stride=stride)
     x = torch.randn(1, 4, 13, 5, 5)
     with torch.no_grad():
         full = conv(x)
         frame_bytes = 4 * 5 * 5 * 4
         for piece_frames in (3, 4, 7):  # input frames per oneDNN call
-            monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", piece_frames * frame_bytes)
+            conv.stream_piece_bytes = piece_frames * frame_bytes
             cache = {}
             chunks = [conv(x[:, :, :1], cache)] + [conv(x[:, :, a:a + 4], cache) for a in (1, 5, 9)]
             torch.testing.assert_close(torch.cat(chunks, dim=2), full, rtol=1e-5, atol=1e-5)
@@ -173,26 +173,6 @@ def test_streaming_conv_in_small_chunks_equals_the_whole_clip_conv(stride, frame
     assert bool(split_calls) == (size == 16)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("n_left", [1, 2])
-def test_split_window_conv_equals_the_conv_of_the_concatenated_window(n_left, channels_last, grad):
-    """The fused oneDNN sum (no autograd) and the plain two-convolution sum (autograd) both equal one
-    convolution over the concatenated window."""
-    conv = nn.Conv3d(6, 5, (3, 3, 3), padding=(0, 1, 1))
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    left = torch.randn(1, 6, n_left, 9, 7).contiguous(memory_format=fmt)
-    x = torch.randn(1, 6, 3 - n_left, 9, 7).contiguous(memory_format=fmt).requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        out = vae_model.conv3d_split_window(conv, left, x)
-        ref = conv(torch.cat([left, x], dim=2))
-    assert out.shape == (1, 5, 1, 9, 7)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    if grad:
-        out.sum().backward()
-        assert x.grad is not None and conv.weight.grad is not None
-
-
 def test_bad_tiling_settings_raise():
     vae = small_vae()
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -208,12 +188,12 @@ def test_bad_tiling_settings_raise():
 @pytest.mark.parametrize("tiling", ["whole", "chunked", "tiled"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_channels_last_inference_equals_the_default_layout_and_stays_channels_last(layout, tiling, monkeypatch):
-    """CPU inference runs channels-last (``CausalVideoVAE.cpu_channels_last``): the same encode/decode to
+    """CPU inference runs channels-last (``CausalVideoVAE.set_cpu_channels_last``): the same encode/decode to
     float rounding as the default layout, every convolution reads channels-last input (no fallback to a
     reorder anywhere in the network), and the results come back in the default layout."""
-    monkeypatch.setattr(CausalConv3d, "STREAM_PIECE_BYTES", 1)  # pieces are views of the chunk too
     vae = CausalVideoVAE.from_preset("tiny", block_type=layout, layers_per_block=1, block_out_channels=(8, 16, 16),
                                      norm_num_groups=4, mid_attention=layout == "resnet").eval()
+    vae.set_stream_piece_bytes(1)  # pieces are views of the chunk too
     if tiling == "chunked":
         vae.enable_tiling(spatial=False, chunk_latent_frames=1)
     elif tiling == "tiled":
@@ -232,12 +212,13 @@ def test_channels_last_inference_equals_the_default_layout_and_stays_channels_la
         layouts.extend(t.is_contiguous(memory_format=torch.channels_last_3d) for t in (left, inp))
         return split(conv, left, inp)
 
-    monkeypatch.setattr(vae_model, "conv3d", recording_conv3d)  # every conv of the network goes through these
+    # spies that record what each convolution is given; every conv of the network goes through these
+    monkeypatch.setattr(vae_model, "conv3d", recording_conv3d)
     monkeypatch.setattr(vae_model, "conv3d_split_window", recording_split)
     with torch.no_grad():
         z = vae.encode_posterior(x).mean
         video = vae.decode_raw(z)
-        vae.cpu_channels_last = False
+        vae.set_cpu_channels_last(False)
         z_ref = vae.encode_posterior(x).mean
         video_ref = vae.decode_raw(z_ref)
     assert z.is_contiguous() and video.is_contiguous()

@@ -51,7 +51,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange, repeat
 
 from lvd import kernels
-from lvd.dit.rope import apply_rope, default_axes_dims, rms_norm_rope, rope_3d
+from lvd.dit.rope import default_axes_dims, rope_3d
+from lvd.kernels.rms_norm_rope import apply_rope, rms_norm_rope
 
 ATTENTION_MODES = ("full", "factorized")
 TEXT_ATTENTION = ("cross", "concat")
@@ -88,7 +89,7 @@ def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scal
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, statistics in fp32 (QK-norm per head).
 
-    ``forward(x, rope)`` also applies RoPE: :func:`lvd.dit.rope.rms_norm_rope` does both in one autograd
+    ``forward(x, rope)`` also applies RoPE: :func:`lvd.kernels.rms_norm_rope` does both in one autograd
     op with a hand-written backward (``nn.RMSNorm`` took 9.6 ms on a (1, 8, 3328, 64) strided q here).
     """
 

@@ -1,4 +1,4 @@
-"""Memory layout helpers: the VAE's CPU inference runs channels-last (see ``CausalVideoVAE.cpu_channels_last``)."""
+"""Memory layout helpers: the VAE's CPU inference runs channels-last (see ``CausalVideoVAE.set_cpu_channels_last``)."""
 
 from __future__ import annotations
 

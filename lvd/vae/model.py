@@ -39,6 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from lvd import kernels
+from lvd.kernels.conv3d import conv3d, conv3d_split_window
 from lvd.vae import tiling
 from lvd.vae.layout import cat_frames, memory_format_of, pad_right_bottom
 
@@ -76,38 +77,14 @@ class DiagonalGaussian:
         return kl.flatten(1).sum(1)
 
 
-def _uses_onednn(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
-def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, but on CPU fp32 always through oneDNN.
-
-    PyTorch sends a batch-1 Conv3d with few channels or frames (B·C·T·H ≤ 20480, e.g. a temporal
-    chunk) to its unblocked ``slow_conv3d``: 1.7 GFLOP/s against 12 GFLOP/s for oneDNN at
-    8 channels, 6×256² (2 threads, loaded machine). Same result to float rounding; autograd works.
-    """
-    if _uses_onednn(x):
-        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
-                                                 list(conv.dilation), conv.groups)
-    return conv(x)
-
-
-def conv3d_split_window(conv: nn.Conv3d, left: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """One output frame of ``conv`` (kernel ``k_t`` frames) over the window ``left`` followed by ``x``
-    (``k_t`` frames together), as two convolutions, each part with its own taps of the kernel, summed.
-    Equals ``conv(cat([left, x]))`` to float rounding without copying the window into one tensor; on CPU
-    without autograd oneDNN adds the second convolution into the first's output (a fused sum)."""
-    n, w = left.shape[2], conv.weight
-    if _uses_onednn(x):  # oneDNN for the same reason as conv3d()
-        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        out = torch.ops.aten.mkldnn_convolution(x, w[:, :, n:], conv.bias, *args)
-        if torch.is_grad_enabled():  # the fused sum has no autograd formula
-            return out + torch.ops.aten.mkldnn_convolution(left, w[:, :, :n], None, *args)
-        return torch.ops.mkldnn._convolution_pointwise_.binary(out, left, w[:, :, :n], None, *args, "add", 1.0,
-                                                                None, [], None)
-    return (F.conv3d(x, w[:, :, n:], conv.bias, conv.stride, conv.padding)
-            + F.conv3d(left, w[:, :, :n], None, conv.stride, conv.padding))
+# A streaming call convolves its chunk in pieces of at most this many input bytes, taken as views of
+# the chunk where they can be: oneDNN copies its input into a blocked layout, so one call on a whole
+# 4-frame chunk with its cached frames held the chunk three times (the caller's, the concatenation and
+# oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py). In the channels-last CPU
+# inference layout oneDNN reads the pieces in place; they still lowered the peak of the base preset's encode
+# of 17×256² in 4-frame chunks by about 10% (a probe with and without them). Encoder calls of one frame, the
+# default, never need them.
+STREAM_PIECE_BYTES = 32 * 2**20
 
 
 class CausalConv3d(nn.Module):
@@ -117,23 +94,16 @@ class CausalConv3d(nn.Module):
     Streaming (``cache`` a dict): the input frames the previous chunk left unconsumed are prepended;
     the first chunk pads like the whole clip. The leftover frames are stored under ``cache[self]``.
     A strided conv given too few frames to complete its next window stores them and returns 0 frames.
-    Space is zero-padded to keep H and W (``k//2`` on each side).
+    Space is zero-padded to keep H and W (``k//2`` on each side). ``stream_piece_bytes``: see
+    :data:`STREAM_PIECE_BYTES` (:meth:`CausalVideoVAE.set_stream_piece_bytes` sets it for a whole VAE).
     """
 
-    # A streaming call convolves its chunk in pieces of at most this many input bytes, taken as views of
-    # the chunk where they can be: oneDNN copies its input into a blocked layout, so one call on a whole
-    # 4-frame chunk with its cached frames held the chunk three times (the caller's, the concatenation and
-    # oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py). In the channels-last CPU
-    # inference layout oneDNN reads the pieces in place; they still lowered the peak of the base preset's encode
-    # of 17×256² in 4-frame chunks by about 10% (a probe with and without them). Encoder calls of one frame, the
-    # default, never need them.
-    STREAM_PIECE_BYTES = 32 * 2**20
-
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1):
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, *, stream_piece_bytes=None):
         super().__init__()
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
         st = stride if isinstance(stride, int) else stride[0]
         self.kt, self.st = kt, st
+        self.stream_piece_bytes = STREAM_PIECE_BYTES if stream_piece_bytes is None else int(stream_piece_bytes)
         self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(st, 1, 1), padding=(0, kh // 2, kw // 2))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
@@ -175,7 +145,7 @@ class CausalConv3d(nn.Module):
         # encode of 9×256² (a profile, 2 threads). Not on the first chunk, whose `left` is frame 0 repeated.
         weight_bytes = self.conv.weight.numel() * self.conv.weight.element_size()
         n_split = min(n_out, -(-n_left // st)) if kt * frame_bytes > weight_bytes and not first else 0
-        per_piece = max(1, (self.STREAM_PIECE_BYTES // max(frame_bytes, 1) - kt) // st + 1)  # output frames
+        per_piece = max(1, (self.stream_piece_bytes // max(frame_bytes, 1) - kt) // st + 1)  # output frames
         spans = [(i, i + 1) for i in range(n_split)]
         spans += [(i, min(i + per_piece, n_out)) for i in range(n_split, n_out, per_piece)]
         out = None
@@ -524,6 +494,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
             self.encoder = Encoder(in_channels, 2 * latent_channels, **common)
             self.decoder = Decoder(latent_channels, out_channels, **common)
         self.tiling: tiling.TilingConfig | None = None
+        self.cpu_channels_last = True  # see _inference_layout
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CausalVideoVAE":
@@ -589,14 +560,27 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     def disable_tiling(self) -> None:
         self.tiling = None
 
+    def set_stream_piece_bytes(self, piece_bytes: int = STREAM_PIECE_BYTES) -> None:
+        """Input bytes per oneDNN call of every streaming causal conv (tiled/chunked encode and decode); the
+        results do not depend on it (1 runs every conv one output frame per call, as the tests do)."""
+        if piece_bytes < 1:
+            raise ValueError(f"set_stream_piece_bytes: piece_bytes must be >= 1, got {piece_bytes}")
+        for module in self.modules():
+            if isinstance(module, CausalConv3d):
+                module.stream_piece_bytes = int(piece_bytes)
+
+    def set_cpu_channels_last(self, enabled: bool = True) -> None:
+        """Run CPU fp32 inference channels-last (the default, see :meth:`_inference_layout`) or in the default
+        layout (``False``); the results are the same to float rounding."""
+        self.cpu_channels_last = bool(enabled)
+
     # ----- raw (training) interface ---------------------------------------------------------------
     # CPU inference runs channels-last (memory (B, T, H, W, C)): oneDNN convolves that layout without
     # reordering it into its blocked one, and a causal conv's frame window is then a contiguous view. The
     # base preset on 17×256², 2 threads: chunked encode 26.4 s instead of 32.8 s, chunked decode 55.0 s instead of
     # 67.4 s, at 91% / 85% of the memory (benchmarks/results/vae.json against vae_default_layout.json).
     # Results equal the default layout's to float rounding. Training (autograd) keeps the default layout.
-    cpu_channels_last = True
-
+    # Switched per instance by set_cpu_channels_last().
     def _inference_layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_channels_last and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
             return x.contiguous(memory_format=torch.channels_last_3d)

@@ -1,0 +1,94 @@
+"""CPU time of the fused QK-norm + RoPE op (lvd.kernels.rms_norm_rope) against its plain-ops reference.
+
+The input is what the DiT gives it: a strided q view (B, N, H, Dh) cut out of the fused qkv Linear's output,
+the 3D RoPE table of the patch grid, fp32. Forward alone (no grad) and forward + backward (grads of qkv
+and the weight), median of ``--repeats`` after one warm-up, ``time.perf_counter``.
+
+    python benchmarks/bench_rms_norm_rope.py                 # writes benchmarks/results/rms_norm_rope_cpu.json
+    python benchmarks/bench_rms_norm_rope.py --grid 13x16x16 --heads 8 --head-dim 64 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lvd.dit.rope import default_axes_dims, rope_3d  # noqa: E402
+from lvd.kernels import rms_norm_reference, rms_norm_rope  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLS = {"fused": rms_norm_rope, "reference": rms_norm_reference}
+
+
+def time_ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench(grid, heads, head_dim, repeats):
+    torch.manual_seed(0)
+    n = grid[0] * grid[1] * grid[2]
+    rope = rope_3d(grid, default_axes_dims(head_dim))[:, None]  # (N, 1, Dh/2, 2): heads inner
+    qkv = torch.randn(1, n, 3 * heads * head_dim, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(head_dim))
+    grad = torch.randn(1, n, heads, head_dim)
+    rows = []
+    for name, fn in IMPLS.items():
+        def q():
+            return qkv.unflatten(-1, (3, heads, head_dim)).unbind(2)[0]  # (B, N, H, Dh), strided
+
+        def fwd():
+            with torch.no_grad():
+                fn(q(), weight, 1e-6, rope)
+
+        def fwd_bwd():
+            torch.autograd.grad(fn(q(), weight, 1e-6, rope), (qkv, weight), grad)
+
+        for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            rows.append(dict(impl=name, mode=mode, shape=[1, n, heads, head_dim], ms=round(time_ms(call, repeats), 3)))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grid", default="13x16x16", help="patch grid TxHxW (13x16x16: 3328 tokens)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=RESULTS / "rms_norm_rope_cpu.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    grid = tuple(map(int, args.grid.split("x")))
+    rows = bench(grid, args.heads, args.head_dim, args.repeats)
+    ref = {r["mode"]: r["ms"] for r in rows if r["impl"] == "reference"}
+    print(f"{'impl':>10} {'mode':>8} {'ms':>9} {'vs reference':>13}")
+    for r in rows:
+        r["speedup_vs_reference"] = round(ref[r["mode"]] / r["ms"], 2)
+        print(f"{r['impl']:>10} {r['mode']:>8} {r['ms']:9.3f} {r['speedup_vs_reference']:12.2f}x")
+    result = dict(op="rms_norm_rope", device="cpu", dtype="fp32", grid=list(grid), threads=args.threads,
+                  torch=torch.__version__, python=platform.python_version(),
+                  load_average=[round(v, 2) for v in os.getloadavg()],
+                  timer=f"perf_counter median of {args.repeats}", rows=rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
