@@ -41,6 +41,7 @@ from einops import rearrange
 from lvd import kernels
 from lvd.kernels.conv3d import conv3d, conv3d_split_window
 from lvd.vae import tiling
+from lvd.vae.interface import VideoVAEShapes
 from lvd.vae.layout import cat_frames, memory_format_of, pad_right_bottom
 
 # Named sizes. ``tiny`` trains on 64×64×17 clips on a 2-core CPU; ``base`` has CogVideoX's widths and
@@ -433,8 +434,10 @@ def _log2_exact(value: int, name: str) -> int:
     return n
 
 
-class CausalVideoVAE(ModelMixin, ConfigMixin):
+class CausalVideoVAE(ModelMixin, ConfigMixin, VideoVAEShapes):
     """Causal 3D conv KL-VAE. Video (B, 3, 1 + r·k, H, W) in [−1, 1] ↔ latents (B, C, 1 + k, H/s, W/s).
+
+    Implements :class:`lvd.vae.interface.VideoVAE` (shape checks from :class:`VideoVAEShapes`).
 
     ``encode``/``decode`` work on *normalised* latents (per-channel ``latent_mean``/``latent_std``
     from the config); ``encode_posterior``/``decode_raw``/``forward`` on raw ones, for training.
@@ -516,35 +519,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     def latent_channels(self) -> int:
         return self.config.latent_channels
 
-    def check_input(self, num_frames: int, height: int, width: int) -> None:
-        """Raise a ValueError naming the expected values unless T = 1 + r·k and s divides H and W."""
-        r, s = self.temporal_compression, self.spatial_compression
-        problems = []
-        if num_frames < 1 or (num_frames - 1) % r:
-            near = 1 + r * max((num_frames - 1) // r, 0)
-            problems.append(f"frame count must be 1 + {r}·k (1, {1 + r}, {1 + 2 * r}, ...), got {num_frames} "
-                            f"(nearest below: {near})")
-        if height % s or width % s or height < s or width < s:
-            problems.append(f"height and width must be positive multiples of {s}, got {height}x{width}")
-        if problems:
-            raise ValueError("CausalVideoVAE input: " + "; ".join(problems))
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(C, T', H', W') of the latents of a (T, H, W) clip."""
-        self.check_input(num_frames, height, width)
-        r, s = self.temporal_compression, self.spatial_compression
-        return (self.latent_channels, 1 + (num_frames - 1) // r, height // s, width // s)
-
-    def _check_video(self, video: torch.Tensor) -> None:
-        if video.ndim != 5 or video.shape[1] != self.config.in_channels:
-            raise ValueError(f"CausalVideoVAE expects video (B, {self.config.in_channels}, T, H, W), "
-                             f"got shape {tuple(video.shape)}")
-        self.check_input(*video.shape[2:])
-
-    def _check_latents(self, z: torch.Tensor) -> None:
-        if z.ndim != 5 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"CausalVideoVAE expects latents (B, {self.latent_channels}, T', H', W'), "
-                             f"got shape {tuple(z.shape)}")
+    def _video_channels(self) -> int:
+        return self.config.in_channels
 
     # ----- tiling switches -------------------------------------------------------------------------
     def enable_tiling(self, tile_size: int = 256, overlap: int = 64, chunk_latent_frames: int = 1,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lvd.vae.interface import VideoVAE, VideoVAEShapes
 from lvd.vae.model import VAE_PRESETS, CausalVideoVAE
 
 SUPPORTED_CLASSES = ("AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
@@ -65,8 +66,9 @@ def _normalisation(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     raise TypeError(f"unsupported diffusers VAE class {name}; supported: {', '.join(SUPPORTED_CLASSES)}")
 
 
-class PretrainedVideoVAE(nn.Module):
-    """A diffusers video VAE with lvd's interface: ``encode`` gives normalised latents, ``decode`` takes them.
+class PretrainedVideoVAE(nn.Module, VideoVAEShapes):
+    """A diffusers video VAE with lvd's interface (:class:`lvd.vae.interface.VideoVAE`): ``encode`` gives
+    normalised latents, ``decode`` takes them.
 
     ``model`` stays the diffusers module (``vae.model``), so its own options (``enable_slicing``, …) remain
     reachable. ``enable_tiling(**kwargs)`` forwards to the diffusers model's own ``enable_tiling``.
@@ -103,19 +105,11 @@ class PretrainedVideoVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def check_input(self, num_frames: int, height: int, width: int) -> None:
-        r, s, problems = self._temporal, self._spatial, []
-        if num_frames < 1 or (num_frames - 1) % r:
-            problems.append(f"frame count must be 1 + {r}·k (1, {1 + r}, {1 + 2 * r}, ...), got {num_frames}")
-        if height % s or width % s or height < s or width < s:
-            problems.append(f"height and width must be positive multiples of {s}, got {height}x{width}")
-        if problems:
-            raise ValueError(f"{type(self.model).__name__} input: " + "; ".join(problems))
+    def _vae_name(self) -> str:
+        return type(self.model).__name__
 
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        self.check_input(num_frames, height, width)
-        r, s = self._temporal, self._spatial
-        return (self.latent_channels, 1 + (num_frames - 1) // r, height // s, width // s)
+    def _video_channels(self) -> int:
+        return self.model.config.in_channels
 
     def _stats(self, like: torch.Tensor):
         shape = (1, -1, 1, 1, 1)
@@ -124,10 +118,7 @@ class PretrainedVideoVAE(nn.Module):
 
     def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None):
         """Video (B, 3, T, H, W) in [−1, 1] → normalised latents (B, C, T', H', W')."""
-        if video.ndim != 5 or video.shape[1] != self.model.config.in_channels:
-            raise ValueError(f"{type(self.model).__name__} expects video (B, {self.model.config.in_channels}, T, H, W), "
-                             f"got shape {tuple(video.shape)}")
-        self.check_input(*video.shape[2:])
+        self._check_video(video)
         dist = self.model.encode(video).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         shift, mul = self._stats(z)
@@ -135,9 +126,7 @@ class PretrainedVideoVAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, T', H', W') → video in ≈[−1, 1]."""
-        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"{type(self.model).__name__} expects latents (B, {self.latent_channels}, T', H', W'), "
-                             f"got shape {tuple(latents.shape)}")
+        self._check_latents(latents)
         shift, mul = self._stats(latents)
         return self.model.decode(latents / mul + shift).sample
 
@@ -148,7 +137,7 @@ class PretrainedVideoVAE(nn.Module):
         self.model.disable_tiling()
 
 
-def as_video_vae(module: nn.Module):
+def as_video_vae(module: nn.Module) -> VideoVAE:
     """Our :class:`CausalVideoVAE` or a :class:`PretrainedVideoVAE` unchanged; a supported diffusers VAE wrapped."""
     if isinstance(module, (CausalVideoVAE, PretrainedVideoVAE)):
         return module
@@ -166,7 +155,8 @@ def _read_class_name(folder: Path) -> str:
     return name
 
 
-def load_vae(name_or_path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+def load_vae(name_or_path: str | Path, *, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> VideoVAE:
     """A VAE with lvd's interface from a preset name (random weights), a folder saved by
     ``CausalVideoVAE.save_pretrained``, a diffusers VAE folder, or a pipeline folder with a ``vae/`` subfolder.
 
