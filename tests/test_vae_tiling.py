@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from lvd.vae import CausalVideoVAE, TilingConfig
-from lvd.vae import model as vae_model
 from lvd.vae.model import CausalConv3d
 from lvd.vae.tiling import blend_ramp, decode_latents, tile_starts
 
@@ -17,6 +18,25 @@ LAYOUTS = ("conv", "resnet")  # block_type: the tiny preset's layout, and the sm
 def small_vae(layout="conv"):
     return CausalVideoVAE.from_preset("tiny", block_type=layout, layers_per_block=1, block_out_channels=(8, 16, 16),
                                       norm_num_groups=4).eval()
+
+
+class ConvInputs(TorchDispatchMode):
+    """Records, for every oneDNN convolution run inside it, whether its inputs are channels-last: the input of
+    each ``mkldnn_convolution`` and the cached part (``left``) of each fused split-window sum
+    (``lvd.kernels.conv3d``), whose new part is the input of the convolution before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last, self.split_windows = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("aten.mkldnn_convolution"):
+            self.channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last_3d))
+        elif name.startswith("mkldnn._convolution_pointwise_.binary"):
+            self.split_windows += 1
+            self.channels_last.append(args[1].is_contiguous(memory_format=torch.channels_last_3d))
+        return func(*args, **(kwargs or {}))
 
 
 def smooth_clip(t, h, w):
@@ -154,23 +174,21 @@ def test_streaming_conv_in_pieces_equals_the_whole_clip_conv(stride):
 @pytest.mark.parametrize("size", [5, 16])  # 5 px: windows are concatenated; 16 px: split (frames outweigh the kernel)
 @pytest.mark.parametrize("frames_per_call", [1, 2, 4])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_streaming_conv_in_small_chunks_equals_the_whole_clip_conv(stride, frames_per_call, size, monkeypatch):
+def test_streaming_conv_in_small_chunks_equals_the_whole_clip_conv(stride, frames_per_call, size):
     """A stride-2 conv fed single frames outputs a frame on every second one (0 frames in between)."""
-    split_calls = []
-    split = vae_model.conv3d_split_window
-    monkeypatch.setattr(vae_model, "conv3d_split_window", lambda *a: split_calls.append(1) or split(*a))
     conv = CausalConv3d(4, 6, 3, stride=stride)
     x = torch.randn(1, 4, 13, size, size)
     with torch.no_grad():
         full = conv(x)
         cache = {}
-        outs = [conv(x[:, :, :1], cache)] + [conv(x[:, :, t:t + frames_per_call], cache)
-                                             for t in range(1, 13, frames_per_call)]
+        with ConvInputs() as record:
+            outs = [conv(x[:, :, :1], cache)] + [conv(x[:, :, t:t + frames_per_call], cache)
+                                                 for t in range(1, 13, frames_per_call)]
     if frames_per_call == 1:
         assert [o.shape[2] for o in outs] == ([1] * 13 if stride == 1 else [1, 0] * 6 + [1])
     assert all(o.shape[1] == 6 and o.shape[3:] == (size, size) for o in outs)
     torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-5, atol=1e-5)
-    assert bool(split_calls) == (size == 16)
+    assert bool(record.split_windows) == (size == 16)
 
 
 def test_bad_tiling_settings_raise():
@@ -187,7 +205,7 @@ def test_bad_tiling_settings_raise():
 
 @pytest.mark.parametrize("tiling", ["whole", "chunked", "tiled"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_channels_last_inference_equals_the_default_layout_and_stays_channels_last(layout, tiling, monkeypatch):
+def test_channels_last_inference_equals_the_default_layout_and_stays_channels_last(layout, tiling):
     """CPU inference runs channels-last (``CausalVideoVAE.set_cpu_channels_last``): the same encode/decode to
     float rounding as the default layout, every convolution reads channels-last input (no fallback to a
     reorder anywhere in the network), and the results come back in the default layout."""
@@ -199,28 +217,13 @@ def test_channels_last_inference_equals_the_default_layout_and_stays_channels_la
     elif tiling == "tiled":
         vae.enable_tiling(tile_size=32, overlap=16, chunk_latent_frames=1)
     x = smooth_clip(9, 48, 48)
-    layouts = []
-    conv3d = vae_model.conv3d
-
-    split = vae_model.conv3d_split_window
-
-    def recording_conv3d(conv, inp):
-        layouts.append(inp.is_contiguous(memory_format=torch.channels_last_3d))
-        return conv3d(conv, inp)
-
-    def recording_split(conv, left, inp):
-        layouts.extend(t.is_contiguous(memory_format=torch.channels_last_3d) for t in (left, inp))
-        return split(conv, left, inp)
-
-    # spies that record what each convolution is given; every conv of the network goes through these
-    monkeypatch.setattr(vae_model, "conv3d", recording_conv3d)
-    monkeypatch.setattr(vae_model, "conv3d_split_window", recording_split)
-    with torch.no_grad():
+    with torch.no_grad(), ConvInputs() as record:  # every conv of the network runs through oneDNN
         z = vae.encode_posterior(x).mean
         video = vae.decode_raw(z)
         vae.set_cpu_channels_last(False)
         z_ref = vae.encode_posterior(x).mean
         video_ref = vae.decode_raw(z_ref)
+    layouts = record.channels_last
     assert z.is_contiguous() and video.is_contiguous()
     torch.testing.assert_close(z, z_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(video, video_ref, rtol=1e-4, atol=1e-4)
