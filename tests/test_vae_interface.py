@@ -64,8 +64,11 @@ def test_bad_shapes_raise_value_errors_naming_the_valid_values(name):
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_tiling_switches_on_and_off(name):
     vae = BUILDERS[name]()
+    assert not vae.tiling_enabled
     vae.enable_tiling()
+    assert vae.tiling_enabled
     vae.disable_tiling()
+    assert not vae.tiling_enabled
 
 
 def test_nearest_frame_counts():

@@ -51,6 +51,9 @@ class VideoVAE(Protocol):
     def frames_for(self, latent_frames: int) -> int:
         """Video frames decoded from ``latent_frames`` latent frames: 1 + r·(T' − 1)."""
 
+    @property
+    def tiling_enabled(self) -> bool: ...  # whether encode/decode run tiled/chunked now
+
     def enable_tiling(self, **kwargs) -> None:
         """Encode/decode in tiles and chunks to bound memory (options depend on the implementation)."""
 

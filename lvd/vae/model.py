@@ -536,6 +536,10 @@ class CausalVideoVAE(ModelMixin, ConfigMixin, VideoVAEShapes):
     def disable_tiling(self) -> None:
         self.tiling = None
 
+    @property
+    def tiling_enabled(self) -> bool:
+        return self.tiling is not None
+
     def set_stream_piece_bytes(self, piece_bytes: int = STREAM_PIECE_BYTES) -> None:
         """Input bytes per oneDNN call of every streaming causal conv (tiled/chunked encode and decode); the
         results do not depend on it (1 runs every conv one output frame per call, as the tests do)."""

@@ -136,6 +136,10 @@ class PretrainedVideoVAE(nn.Module, VideoVAEShapes):
     def disable_tiling(self) -> None:
         self.model.disable_tiling()
 
+    @property
+    def tiling_enabled(self) -> bool:
+        return bool(getattr(self.model, "use_tiling", False))
+
 
 def as_video_vae(module: nn.Module) -> VideoVAE:
     """Our :class:`CausalVideoVAE` or a :class:`PretrainedVideoVAE` unchanged; a supported diffusers VAE wrapped."""
