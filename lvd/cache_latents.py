@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from lvd.config import folder_problem, run_cli, text_encoder_problem, vae_problem
+from lvd.config import folder_problem, run_cli
+from lvd.inputs import text_encoder_problem, vae_problem
 
 if TYPE_CHECKING:
     from lvd.data.loader import Bucket

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 __all__ = [
     "UserError", "ConfigError", "raise_problems", "run_cli", "from_dict", "to_dict", "parse_args", "load_config",
-    "save_config", "folder_problem", "shards_problem", "vae_problem", "text_encoder_problem",
+    "save_config", "folder_problem", "named", "arguments_problems",
 ]
 
 
@@ -303,7 +303,7 @@ def arguments_problems(key: str, arguments: dict, fn: Callable) -> list[str]:
             for name in arguments if name not in valid]
 
 
-def _named(key: str, value: Any) -> str:
+def named(key: str, value: Any) -> str:
     """How a problem names its input: ``--out x`` for a flag, ``run.dir='x'`` for a config key."""
     return f"{key} {value}" if key.startswith("-") else f"{key}={str(value)!r}"
 
@@ -319,55 +319,9 @@ def folder_problem(key: str, value: str | Path, folder: str | Path | None = None
     while not ancestor.exists():
         ancestor = ancestor.absolute().parent
     if not ancestor.is_dir():
-        return f"{_named(key, value)}: cannot write into {ancestor}: it is a file, not a folder"
+        return f"{named(key, value)}: cannot write into {ancestor}: it is a file, not a folder"
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lvd-write-probe-", dir=ancestor))
     except OSError as err:
-        return f"{_named(key, value)}: cannot write into {ancestor} ({err.strerror or err})"
+        return f"{named(key, value)}: cannot write into {ancestor} ({err.strerror or err})"
     return None
-
-
-def shards_problem(key: str, spec: str) -> str | None:
-    """Why the shard spec (brace patterns joined by ``::``, or a folder) names no existing shards, or None."""
-    from lvd.data.loader import expand_shards
-
-    try:
-        expand_shards(spec)
-    except ValueError as err:
-        return f"{_named(key, spec)}: {str(err).removeprefix('shards: ')}"
-    return None
-
-
-def vae_problem(key: str, value: str) -> str | None:
-    """Why ``value`` is neither a VAE preset nor a folder ``lvd.vae.load_vae`` reads, or None."""
-    from lvd.vae import VAE_PRESETS
-
-    folder = Path(value)
-    if value in VAE_PRESETS or (folder / "config.json").is_file() or (folder / "vae" / "config.json").is_file():
-        return None
-    if not folder.exists():
-        return f"{_named(key, value)}: no such folder, and not a VAE preset ({', '.join(sorted(VAE_PRESETS))})"
-    return f"{_named(key, value)}: the folder has no config.json (nor vae/config.json)"
-
-
-def text_encoder_problem(key: str, value: str) -> str | None:
-    """Why ``value`` is neither a text-encoder folder nor a model name found offline (packaged or in the
-    Hugging Face cache), or None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from lvd.text import resolve_text_encoder_path
-
-    try:
-        model_path = resolve_text_encoder_path(value)[0]
-    except FileNotFoundError as err:
-        return f"{_named(key, value)}: {err}"
-    if Path(model_path).is_dir():
-        return None
-    try:
-        cached = try_to_load_from_cache(model_path, "config.json")
-    except ValueError:  # not a valid hub name either
-        cached = None
-    if isinstance(cached, str):
-        return None
-    return (f"{_named(key, value)}: no such folder, and no model of that name in the local Hugging Face cache "
-            "(nothing is downloaded)")

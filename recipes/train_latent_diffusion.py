@@ -49,14 +49,12 @@ from lvd.config import (  # noqa: E402
     parse_args,
     raise_problems,
     run_cli,
-    shards_problem,
-    text_encoder_problem,
-    vae_problem,
 )
 from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
 from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
+from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
 from lvd.text import TextEmbeddings  # noqa: E402
 from lvd.train.checkpoint import CheckpointConfig  # noqa: E402
 from lvd.train.distributed import (  # noqa: E402

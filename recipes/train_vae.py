@@ -41,9 +41,9 @@ from lvd.config import (  # noqa: E402
     parse_args,
     raise_problems,
     run_cli,
-    shards_problem,
 )
 from lvd.data.loader import ClipDataConfig, make_clip_loader
+from lvd.inputs import shards_problem
 from lvd.train.checkpoint import CheckpointConfig
 from lvd.train.distributed import DistributedConfig, DistributedError, init_distributed, shutdown, unwrap, wrap_model
 from lvd.train.loop import (
