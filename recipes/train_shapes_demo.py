@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     cache_cmd = [py, "-m", "lvd.cache_latents", "--shards", str(data / "train"), "--out", str(latents),
                  "--vae", str(vae_run / "export"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS),
                  "--device", "cpu", "--quiet"]
+    from lvd.data.latents import uncond_path
+
     n_shards = len(list((data / "train").glob("shard-*.tar")))
-    stage("cache", len(list(latents.glob("shard-*.tar"))) == n_shards and (latents / "uncond.safetensors").is_file(),
+    stage("cache", len(list(latents.glob("shard-*.tar"))) == n_shards and uncond_path(latents).is_file(),
           lambda: _run(cache_cmd, logs / "cache.log", a.threads))
 
     # 4. DiT
