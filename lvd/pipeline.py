@@ -46,7 +46,7 @@ from lvd.assembly import export_pipeline, load_components, load_text_encoder
 from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
 from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
 from lvd.text import TextEmbeddings, encode_text, load_text_model
-from lvd.vae import as_video_vae
+from lvd.vae import VideoVAE, as_video_vae, nearest_frame_counts
 
 __all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "export_pipeline", "sampler_scheduler",
            "scheduler_objective"]
@@ -80,14 +80,6 @@ def _onload(module: torch.nn.Module) -> None:
     hook = getattr(module, "_hf_hook", None)
     if hook is not None and hasattr(hook, "pre_forward"):
         hook.pre_forward(module)
-
-
-def _tiling_enabled(vae) -> bool:
-    """Whether a video VAE decodes in tiles now: ours keeps a ``tiling`` config; a wrapped diffusers VAE
-    (``PretrainedVideoVAE.model``) a ``use_tiling`` flag."""
-    if hasattr(vae, "tiling"):
-        return vae.tiling is not None
-    return bool(getattr(getattr(vae, "model", vae), "use_tiling", False))
 
 
 def _sync(device: torch.device) -> float:
@@ -174,7 +166,7 @@ class LVDPipeline(DiffusionPipeline):
     # -- component views -------------------------------------------------------------------------
 
     @property
-    def video_vae(self):
+    def video_vae(self) -> VideoVAE | None:
         """The VAE behind the lvd video-VAE interface (normalised latents, ``decode`` → [-1, 1]); None without a
         VAE. Built once per VAE module: registering another ``vae`` builds a new one."""
         vae = getattr(self, "vae", None)
@@ -376,10 +368,10 @@ class LVDPipeline(DiffusionPipeline):
                     f"(VAE spatial factor {s} × transformer patch {patch})"
                 )
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tc:
-            below = max(1, (int(num_frames) - 1) // tc * tc + 1) if isinstance(num_frames, int) else 1
+            nearest = nearest_frame_counts(num_frames if isinstance(num_frames, int) else 0, tc)
             problems.append(
                 f"num_frames={num_frames} is not a frame count the VAE produces (1 + {tc}·k); "
-                f"nearest: {below} or {below + tc}"
+                f"nearest: {' or '.join(map(str, nearest))}"
             )
         elif pt > 1 and ((num_frames - 1) // tc + 1) % pt:
             problems.append(
@@ -503,9 +495,9 @@ class LVDPipeline(DiffusionPipeline):
         _onload(self.vae)
         latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
         t_lat, h_lat, w_lat = latents.shape[2:]
-        voxels = ((t_lat - 1) * vae.temporal_compression + 1) * h_lat * w_lat * vae.spatial_compression**2
+        voxels = vae.frames_for(t_lat) * h_lat * w_lat * vae.spatial_compression**2
         tile = voxels > self.vae_tiling_threshold if vae_tiling is None else vae_tiling
-        was_tiling = _tiling_enabled(vae)
+        was_tiling = vae.tiling_enabled
         if tile and not was_tiling:
             vae.enable_tiling()
         elif vae_tiling is False and was_tiling:
