@@ -105,4 +105,7 @@ def test_wheel_holds_only_the_lvd_package(tmp_path):
     top_level = {n.split("/")[0] for n in names}
     assert top_level == {"lvd", *{n.split("/")[0] for n in names if ".dist-info/" in n}}
     assert "lvd/kernels/attention.py" in names
+    # data files a non-editable install needs: the attention table `auto` reads and the bundled demo model
+    assert "lvd/kernels/attention_table.json" in names
+    assert "lvd/assets/shapes-demo/model_index.json" in names
     assert not any(n.startswith("kernels/") for n in names)
