@@ -1,6 +1,6 @@
 """VideoDiT vs diffusers video transformers on this CPU: training step, sampling forward, CPU "MFU".
 
-Matched size (issue 5): 8 layers, width 512, 8 heads × 64, MLP 2048, 16 latent channels, patch 1×2×2,
+Matched size: 8 layers, width 512, 8 heads × 64, MLP 2048, 16 latent channels, patch 1×2×2,
 text 77×768, batch 1, fp32. Token counts: "3k" = 13×32×32 latents (3,328 tokens), "6k" = 13×44×44
 (6,292), "13k" = 13×64×64 (13,312). Models:
 

@@ -32,8 +32,8 @@ Text attention (config key ``text_attention``):
   so one softmax weighs video and text keys together; text tokens are never queries and are not
   updated from block to block (unlike CogVideoX's and SD3's joint attention, where they are). The
   cross-attention's query and output projections, its LayerNorm and its attention call go, and the
-  modulation has six chunks as in DiT: at the issue-5 benchmark size (3,328 tokens, width 512) the
-  forward is 7% fewer FLOPs. In factorized mode the text keys join the spatial (per-frame) step.
+  modulation has six chunks as in DiT: at 3,328 tokens and width 512 the forward is 7% fewer FLOPs
+  (benchmarks/bench_dit.py). In factorized mode the text keys join the spatial (per-frame) step.
 
 Constructor argument names are the keys of ``config.json``: do not rename them.
 """
