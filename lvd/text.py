@@ -144,7 +144,7 @@ def load_text_model(model_path: str, *, dtype: torch.dtype | None = None):
     """The right transformers class for the checkpoint: CLIPTextModel(WithProjection), a T5 encoder, or AutoModel."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_path, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
     architectures = getattr(config, "architectures", None) or []
     if config.model_type in ("clip", "clip_text_model"):
         cls = (
@@ -161,7 +161,7 @@ def load_text_model(model_path: str, *, dtype: torch.dtype | None = None):
     kwargs = {} if dtype is None else {"dtype": dtype}
     # use_kernels=False: transformers >= 5.25 otherwise swaps layers for Hugging Face hub kernels, fetched at run
     # time; a frozen encoder gains little from them and lvd loads offline.
-    return cls.from_pretrained(model_path, local_files_only=True, use_kernels=False, **kwargs)
+    return cls.from_pretrained(model_path, local_files_only=True, use_kernels=False, trust_remote_code=False, **kwargs)
 
 
 class TextEncoder:
@@ -199,7 +199,8 @@ class TextEncoder:
                 dtype = torch.float32  # bf16 matmuls run at 0.3 GFLOP/s on our CPU
             else:
                 dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True,
+                                                              trust_remote_code=False)
         model = load_text_model(model_path, dtype=dtype).to(device)
         return cls(model, tokenizer, max_length=max_length or st_max_length)
 

@@ -154,3 +154,27 @@ def test_real_minilm_from_package_understands_text():
     assert enc.hidden_size == enc.pooled_size == 384
     pooled = torch.nn.functional.normalize(enc(["cat playing piano", "kitten plays piano", "rocket launching"]).pooled, dim=-1)
     assert pooled[0] @ pooled[1] > 0.8 and pooled[0] @ pooled[2] < 0.3
+
+
+def test_a_folder_with_remote_code_is_refused_without_running_it(tmp_path):
+    """A text-encoder folder whose config maps to its own Python code (auto_map) is refused: the code never runs,
+    and no [y/N] prompt reads stdin (a piped "y" once ran it)."""
+    import json
+    import subprocess
+    import sys
+
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "lvd_probe", "architectures": ["ProbeModel"],
+        "auto_map": {"AutoConfig": "probe.ProbeConfig", "AutoModel": "probe.ProbeModel"}}))
+    (folder / "probe.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import PretrainedConfig\n"
+                                     "class ProbeConfig(PretrainedConfig):\n    model_type = 'lvd_probe'\n")
+    code = f"from lvd.text import load_text_model\nload_text_model({str(folder)!r})\n"
+    proc = subprocess.run([sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert not marker.exists()
+    assert "trust_remote_code" in proc.stderr
