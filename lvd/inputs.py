@@ -17,10 +17,10 @@ from lvd.vae import VAE_PRESETS
 __all__ = ["shards_problem", "text_encoder_problem", "vae_problem"]
 
 
-def shards_problem(key: str, spec: str) -> str | None:
+def shards_problem(key: str, spec: str, *, allow_pipe: bool = False) -> str | None:
     """Why the shard spec (brace patterns joined by ``::``, or a folder) names no existing shards, or None."""
     try:
-        expand_shards(spec)
+        expand_shards(spec, allow_pipe=allow_pipe)
     except ValueError as err:
         return f"{named(key, spec)}: {str(err).removeprefix('shards: ')}"
     return None

@@ -162,7 +162,7 @@ def check_config(cfg: DiTRecipeConfig) -> None:
     problems += arguments_problems("model.overrides", cfg.model.overrides, VideoDiT.__init__)
     c = cfg.components
     problems += filter(None, [
-        shards_problem("data.shards", cfg.data.shards),
+        shards_problem("data.shards", cfg.data.shards, allow_pipe=cfg.data.allow_pipe),
         vae_problem("components.vae", c.vae) if c.vae else None,
         text_encoder_problem("components.text_encoder", c.text_encoder) if c.text_encoder else None,
         _uncond_problem(cfg),
@@ -176,14 +176,15 @@ def _uncond_path(cfg: DiTRecipeConfig) -> Path:
     """components.uncond, else the empty-prompt file lvd.cache_latents writes beside the first latent shard."""
     if cfg.components.uncond:
         return Path(cfg.components.uncond)
-    return latent_format.uncond_path(Path(expand_shards(cfg.data.shards)[0]).parent)
+    return latent_format.uncond_path(Path(expand_shards(cfg.data.shards, allow_pipe=cfg.data.allow_pipe)[0]).parent)
 
 
 def _uncond_problem(cfg: DiTRecipeConfig) -> str | None:
     """CFG dropout needs the empty-prompt embedding: a file, or the text encoder to compute it."""
     if cfg.components.uncond and not Path(cfg.components.uncond).is_file():
         return f"components.uncond={cfg.components.uncond!r}: no such file"
-    if cfg.diffusion.cfg_dropout <= 0 or cfg.components.text_encoder or shards_problem("", cfg.data.shards):
+    if (cfg.diffusion.cfg_dropout <= 0 or cfg.components.text_encoder
+            or shards_problem("", cfg.data.shards, allow_pipe=cfg.data.allow_pipe)):
         return None
     path = _uncond_path(cfg)
     if path.is_file():

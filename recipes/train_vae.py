@@ -161,8 +161,8 @@ def check_config(cfg: VAERecipeConfig) -> None:
     if cfg.export.enabled and cfg.export.calibration_batches < 1:
         problems.append(f"export.calibration_batches={cfg.export.calibration_batches}: must be >= 1")
     problems += filter(None, [
-        shards_problem("data.shards", cfg.data.shards),
-        shards_problem("eval.shards", cfg.eval.shards) if cfg.eval.shards else None,
+        shards_problem("data.shards", cfg.data.shards, allow_pipe=cfg.data.allow_pipe),
+        shards_problem("eval.shards", cfg.eval.shards, allow_pipe=cfg.data.allow_pipe) if cfg.eval.shards else None,
         _init_from_problem(cfg.model.init_from),
         folder_problem("run.dir", cfg.run.dir),
         folder_problem("export.dir", cfg.export.dir) if cfg.export.enabled and cfg.export.dir else None,

@@ -227,3 +227,14 @@ def test_a_truncated_shard_is_reported_and_the_rest_still_loads(shards, tmp_path
     keys = [k for b in loader for k in b["key"]]
     assert 4 <= len(keys) < 8 and len(set(keys)) == len(keys)
     assert sum(loader.skipped.values()) >= 1
+
+
+def test_pipe_commands_and_urls_in_shards_are_refused_unless_allowed(tmp_path):
+    """webdataset runs 'pipe:' shards through a shell: a data spec never runs a command unless the config allows it."""
+    from lvd.data.loader import expand_shards
+
+    for spec in (f"pipe:touch {tmp_path / 'ran'}", "https://example.com/shard-{000000..000001}.tar"):
+        with pytest.raises(ValueError, match="data.allow_pipe=true"):
+            expand_shards(spec)
+        assert expand_shards(spec, allow_pipe=True)
+    assert not (tmp_path / "ran").exists()

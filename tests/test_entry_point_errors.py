@@ -423,3 +423,12 @@ def test_real_processes_exit_2_without_a_traceback(model_dir, clip_shards, dummy
         assert proc.returncode == 2 and "Traceback" not in err, (name, err[-2000:])
         assert all(text in err for text in runs[name][1]), (name, err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", ["vae", "dit"])
+def test_a_pipe_shard_spec_is_refused_and_runs_nothing(recipe, tmp_path, capsys, no_work):
+    marker = tmp_path / "ran"
+    argv = (vae_argv if recipe == "vae" else dit_argv)(f"pipe:touch {marker}", tmp_path / "run")
+    code, err = exit_code_and_err(recipe_main(recipe), argv, capsys)
+    assert code == 2 and "data.allow_pipe=true" in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -99,6 +99,7 @@ class ClipDataConfig:
                  that calls ``iter(loader)`` again on StopIteration just keeps going.
                  Ignored when resampled (always endless).
     drop_last:   drop the partial batch each bucket holds at the end of an epoch.
+    allow_pipe:  accept ``pipe:`` commands and network URLs in ``shards`` (off: data never runs a shell).
     """
 
     shards: str = ""
@@ -112,6 +113,7 @@ class ClipDataConfig:
     resampled: bool = False
     epochs: int | None = None
     drop_last: bool = True
+    allow_pipe: bool = False
 
     def __post_init__(self):
         problems = _common_problems(self)
@@ -133,7 +135,7 @@ class LatentDataConfig:
 
     Samples are bucketed by their exact latent shape (C, T', H', W'). ``buckets`` optionally gives
     a batch size per latent (frames, height, width); other shapes use ``batch_size``.
-    The other fields mean what they mean in :class:`ClipDataConfig`.
+    The other fields (``allow_pipe`` too) mean what they mean in :class:`ClipDataConfig`.
     """
 
     shards: str = ""
@@ -144,6 +146,7 @@ class LatentDataConfig:
     resampled: bool = False
     epochs: int | None = None
     drop_last: bool = True
+    allow_pipe: bool = False
 
     def __post_init__(self):
         problems = _common_problems(self)
@@ -176,8 +179,9 @@ def _common_problems(cfg) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Brace patterns joined by ``::``, or a folder (its ``*.tar``). Missing local files are an error."""
+def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
+    """Brace patterns joined by ``::``, or a folder (its ``*.tar``). Missing local files are an error, and so are
+    ``pipe:`` commands (webdataset runs them through a shell) and network URLs unless ``allow_pipe``."""
     from webdataset.shardlists import expand_urls
 
     path = Path(spec)
@@ -187,7 +191,11 @@ def expand_shards(spec: str) -> list[str]:
             raise ValueError(f"shards: folder '{spec}' holds no .tar files")
         return urls
     urls = expand_urls(spec)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    if remote and not allow_pipe:
+        raise ValueError(f"shards: '{remote[0]}' is a shell command or a network URL; nothing from data runs "
+                         "unless the config says data.allow_pipe=true")
+    local = [u for u in urls if u not in remote]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -518,7 +526,7 @@ class ShardLoader:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.codec, self.cfg = codec, cfg
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.urls = expand_shards(cfg.shards)
+        self.urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
         if not cfg.resampled and len(self.urls) < world_size * max(1, cfg.workers):
             log.warning(
                 "%d shards for %d ranks x %d workers: some workers get no data; write more, smaller shards",
