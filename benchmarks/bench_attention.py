@@ -35,7 +35,6 @@ import os
 import logging
 import platform
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 
 from lvd import kernels  # noqa: E402
 from lvd.kernels import dispatch  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_N = (4096, 8192, 16384, 32768, 65536)
@@ -58,24 +58,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def flops(b, h, nq, nk, d, causal, mode):
     fwd = 4 * b * h * nq * nk * d * (0.5 if causal else 1.0)
     return fwd if mode == "fwd" else 2.5 * fwd
-
-
-def time_ms(fn, *, gpu, repeats, grad_to_none=None):
-    """Median milliseconds of fn(): do_bench on a GPU, perf_counter after one warm-up on a CPU."""
-    if gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeats):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def backend_fn(name, causal, mask=None):

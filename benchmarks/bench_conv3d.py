@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,18 +28,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from lvd.kernels.conv3d import conv3d, conv3d_reference, conv3d_split_window  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def time_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def bench(channels, size, repeats):
@@ -59,7 +48,7 @@ def bench(channels, size, repeats):
                  ("split_window", "nn.Conv3d", lambda: conv3d_reference(conv, new, left), macs)]
         with torch.no_grad():
             for op, impl, fn, n_macs in cases:
-                ms = time_ms(fn, repeats)
+                ms = time_ms(fn, repeats=repeats)
                 rows.append(dict(op=op, impl=impl, layout=layout, channels=channels, size=size, ms=round(ms, 3),
                                  gflops=round(2 * n_macs / ms / 1e6, 2)))
     return rows

@@ -29,9 +29,7 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,27 +38,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lvd import kernels  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = "1x128x17x256x256,1x512x5x128x128,1x128x20x256x256"
 CPU_SHAPES = "1x128x17x64x64,1x512x5x32x32"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GROUPS = 32
-
-
-def time_ms(fn, *, gpu, repeats, grad_to_none=None):
-    """Median milliseconds of fn(): do_bench on a GPU, perf_counter after one warm-up on a CPU."""
-    if gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def eager_group_norm_silu(x, w, b, per_frame):

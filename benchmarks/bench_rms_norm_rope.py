@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,19 +23,10 @@ import torch  # noqa: E402
 
 from lvd.dit.rope import default_axes_dims, rope_3d  # noqa: E402
 from lvd.kernels import rms_norm_reference, rms_norm_rope  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = {"fused": rms_norm_rope, "reference": rms_norm_reference}
-
-
-def time_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def bench(grid, heads, head_dim, repeats):
@@ -60,7 +49,7 @@ def bench(grid, heads, head_dim, repeats):
             torch.autograd.grad(fn(q(), weight, 1e-6, rope), (qkv, weight), grad)
 
         for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            rows.append(dict(impl=name, mode=mode, shape=[1, n, heads, head_dim], ms=round(time_ms(call, repeats), 3)))
+            rows.append(dict(impl=name, mode=mode, shape=[1, n, heads, head_dim], ms=round(time_ms(call, repeats=repeats), 3)))
     return rows
 
 
