@@ -21,3 +21,23 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """lvd.generate's --threads sets torch's global thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny pipeline folder (random weights, CLIP text encoder) for the CLI tests; built once per session."""
+    from test_pipeline import tiny_components
+
+    from lvd.pipeline import LVDPipeline
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    LVDPipeline(**tiny_components()).save_pretrained(folder)
+    return folder

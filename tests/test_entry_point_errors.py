@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import tiny_components  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_recipes import TINY_VAE
 
 from lvd import config, generate
@@ -27,21 +26,6 @@ VAE_YAML = ROOT / "recipes/configs/shapes_vae.yaml"
 DIT_YAML = ROOT / "recipes/configs/shapes_dit.yaml"
 UNCREATABLE = "/proc/lvd-test/x"  # /proc refuses new folders, even for root
 GEN_ARGS = ["--frames", "5", "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """lvd.generate's --threads sets torch's global thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    LVDPipeline(**tiny_components()).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

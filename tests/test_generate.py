@@ -8,28 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import tiny_components  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from lvd import generate
 from lvd.pipeline import LVDPipeline
 from lvd.video_io import probe_video, read_video
 
 ARGS = ["--frames", "5", "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The CLI's --threads sets torch's global thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    LVDPipeline(**tiny_components()).save_pretrained(folder)
-    return folder
 
 
 def cli(model_dir, *argv):
