@@ -12,6 +12,7 @@ import torch
 
 from lvd import kernels
 from lvd.kernels import BackendUnavailableError, dispatch
+from lvd.kernels.dispatch import Machine
 
 attn_mod = importlib.import_module("lvd.kernels.attention")
 
@@ -59,14 +60,17 @@ def test_group_norm_treats_sdpa_and_xformers_as_the_reference(monkeypatch):
     torch.testing.assert_close(kernels.group_norm(x, 2), kernels.group_norm_reference(x, 2))
 
 
-def test_forcing_xformers_without_it_or_without_cuda_raises(monkeypatch):
+def test_forcing_xformers_without_it_or_without_cuda_raises():
     q = _q()
-    monkeypatch.setattr(dispatch, "has_xformers", lambda: False)
     with pytest.raises(BackendUnavailableError, match="xformers is not installed"):
-        kernels.attention(q, q, q, backend="xformers")
-    monkeypatch.setattr(dispatch, "has_xformers", lambda: True)  # installed, but these are CPU tensors
-    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
-        kernels.attention(q, q, q, backend="xformers")
+        dispatch.attention_backend(q, q, q, None, backend="xformers", interpreted=True,
+                                   machine=Machine(has_xformers=False))
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):  # installed, but CPU tensors
+        dispatch.attention_backend(q, q, q, None, backend="xformers", interpreted=True,
+                                   machine=Machine(has_xformers=True))
+    if not dispatch.has_xformers():  # the same through the public op, with this machine's own facts
+        with pytest.raises(BackendUnavailableError, match="xformers is not installed"):
+            kernels.attention(q, q, q, backend="xformers")
 
 
 def test_env_preference_that_cannot_run_falls_back_with_one_warning(monkeypatch, caplog):
@@ -79,8 +83,8 @@ def test_env_preference_that_cannot_run_falls_back_with_one_warning(monkeypatch,
             assert dispatch.attention_backend(big, big, big, None, backend="auto", interpreted=True) == "sdpa"
     assert len([r for r in caplog.records if "head dim 256" in r.getMessage()]) == 1
     monkeypatch.setenv("LVD_KERNELS", "xformers")
-    monkeypatch.setattr(dispatch, "has_xformers", lambda: False)
-    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=True) == "sdpa"
+    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=True,
+                                      machine=Machine(has_xformers=False)) == "sdpa"
     with pytest.raises(BackendUnavailableError, match="head dim 256"):
         dispatch.attention_backend(big, big, big, None, backend="triton", interpreted=True)
 
@@ -106,16 +110,16 @@ def test_forcing_triton_with_an_unsupported_dtype_or_head_dim_raises():
         dispatch._resolve("group_norm", "triton", True, "dtype torch.float64 (supported: fp16, bf16, fp32)", "torch", q)
 
 
-def test_auto_falls_back_on_old_gpus_and_logs_the_reason_once(monkeypatch, caplog):
-    fake_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda", index=0))
-    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (7, 5))
+def test_auto_falls_back_on_old_gpus_and_logs_the_reason_once(caplog):
+    x = torch.empty(1, 4, 3, 3, device="meta")
+    fake_cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=x.dtype, shape=x.shape, stride=x.stride)
+    turing, hopper = Machine(cuda_capability=(7, 5)), Machine(cuda_capability=(9, 0))
     with caplog.at_level(logging.INFO, logger="lvd.kernels.dispatch"):
         for _ in range(3):
-            assert dispatch._resolve("attention", "auto", False, None, "sdpa", fake_cuda) == "sdpa"
+            assert dispatch.group_norm_backend(fake_cuda, backend="auto", interpreted=False, machine=turing) == "torch"
     records = [r for r in caplog.records if "capability 7.5" in r.getMessage()]
     assert len(records) == 1
-    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (9, 0))
-    assert dispatch._resolve("attention", "auto", False, None, "sdpa", fake_cuda) == "triton"
+    assert dispatch.group_norm_backend(fake_cuda, backend="auto", interpreted=False, machine=hopper) == "triton"
 
 
 def test_nan_filled_outputs_only_inside_the_block():
@@ -222,19 +226,15 @@ def test_auto_dispatch_compiles_without_graph_breaks():
     assert q.grad is not None and x.grad is not None
 
 
-def test_triton_36_interpreter_with_numpy_24_is_refused(monkeypatch):
+def test_triton_36_interpreter_with_numpy_24_is_refused():
     """Triton issue 9171: that pair mis-runs range(0, n, BLOCK) loops, so the kernels would be wrong."""
-    import numpy
-    import triton
-
-    dispatch._interpreter_bug_reason.cache_clear()
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    monkeypatch.setattr(numpy, "__version__", "2.4.1")
-    try:
-        with pytest.raises(BackendUnavailableError, match="9171"):
-            dispatch.group_norm_backend(torch.randn(1, 4, 3, 3), backend="triton", interpreted=True)
-    finally:
-        dispatch._interpreter_bug_reason.cache_clear()
+    x = torch.randn(1, 4, 3, 3)
+    buggy = Machine(triton_version="3.6.0", numpy_version="2.4.1")
+    with pytest.raises(BackendUnavailableError, match="9171"):
+        dispatch.group_norm_backend(x, backend="triton", interpreted=True, machine=buggy)
+    for fine in (Machine(triton_version="3.7.1", numpy_version="2.4.1"),
+                 Machine(triton_version="3.6.0", numpy_version="2.3.5")):
+        assert dispatch.group_norm_backend(x, backend="triton", interpreted=True, machine=fine) == "triton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,19 +275,22 @@ def test_users_table_comes_first_and_a_broken_one_is_ignored(tmp_path, monkeypat
 
 def test_auto_on_cuda_consults_the_table(tmp_path, monkeypatch):
     """backend='auto' with CUDA tensors where Triton could run takes the table's answer."""
-    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: (9, 0))
-    monkeypatch.setattr(dispatch, "_cuda_name", lambda index: "NVIDIA H200")
+    h200 = Machine(cuda_capability=(9, 0), cuda_name="NVIDIA H200")
+    ada = Machine(cuda_capability=(8, 9), cuda_name="NVIDIA RTX 6000 Ada Generation")  # not measured
     monkeypatch.setenv("LVD_ATTENTION_TABLE", str(tmp_path / "none.json"))
     q = _fake_cuda()
     mask = SimpleNamespace(device=q.device, dtype=torch.bool, shape=(1, 64), stride=lambda: (64, 1))
-    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=False) == "sdpa"  # shipped table
-    assert dispatch.attention_backend(q, q, q, mask, backend="auto", interpreted=False) == "sdpa"
-    assert dispatch.attention_backend(q, q, q, None, backend="triton", interpreted=False) == "triton"  # forced
+
+    def choose(mask, backend="auto", machine=h200):
+        return dispatch.attention_backend(q, q, q, mask, backend=backend, interpreted=False, machine=machine)
+
+    assert choose(None) == "sdpa"  # the shipped table
+    assert choose(mask) == "sdpa"
+    assert choose(None, backend="triton") == "triton"  # forced
     mine = tmp_path / "mine.json"
     mine.write_text('{"entries": [{"gpu": "H200", "dtype": "bfloat16", "head_dim": 128, "masked": true,'
                     ' "fastest": "triton"}]}')
     monkeypatch.setenv("LVD_ATTENTION_TABLE", str(mine))
-    assert dispatch.attention_backend(q, q, q, mask, backend="auto", interpreted=False) == "triton"
-    monkeypatch.setattr(dispatch, "_cuda_name", lambda index: "NVIDIA RTX 6000 Ada Generation")  # not measured
-    assert dispatch.attention_backend(q, q, q, mask, backend="auto", interpreted=False) == "triton"
-    assert dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=False) == "sdpa"
+    assert choose(mask) == "triton"
+    assert choose(mask, machine=ada) == "triton"
+    assert choose(None, machine=ada) == "sdpa"

@@ -23,6 +23,9 @@ naming the reason. ``"auto"`` falling back logs the reason once per (op, reason)
 ``LVD_KERNELS`` preference that cannot run for some call (say ``triton`` for the VAE's 512-wide
 single-head attention) falls back the same way and logs a WARNING once.
 
+Machine facts (xformers installed, CUDA capability and name, Triton and numpy versions) are detected when a
+choice needs them; a :class:`Machine` passed as ``machine=`` states them instead.
+
 Importing this module never touches a GPU driver: CUDA is queried only when a call sees a CUDA tensor.
 Meta tensors take the Triton path's fake (shape-only) implementations.
 """
@@ -30,6 +33,7 @@ Meta tensors take the Triton path's fake (shape-only) implementations.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -96,6 +100,36 @@ def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """The machine facts a backend choice depends on. Every choice function takes ``machine=``; a fact left
+    None (all of them by default) is detected when it is needed. Tests and what-if questions ("what would an
+    H200 pick?") state facts here instead of patching this module."""
+
+    has_xformers: bool | None = None
+    cuda_capability: tuple[int, int] | None = None  # of the device the tensors are on
+    cuda_name: str | None = None
+    triton_version: str | None = None
+    numpy_version: str | None = None
+
+
+DETECT = Machine()
+
+
+def _xformers_installed(machine: Machine) -> bool:
+    return has_xformers() if machine.has_xformers is None else machine.has_xformers
+
+
+def _capability(x, machine: Machine) -> tuple[int, int]:
+    return _cuda_capability(_device_index(x)) if machine.cuda_capability is None else machine.cuda_capability
+
+
+def _versions(machine: Machine) -> tuple[str, str]:
+    import numpy
+
+    return machine.triton_version or triton.__version__, machine.numpy_version or numpy.__version__
+
+
 def default_backend() -> str:
     """The backend ``"auto"`` stands for: ``$LVD_KERNELS`` if set, else ``"auto"``."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -127,7 +161,7 @@ def _log_once(op: str, message: str, level: int = logging.INFO) -> None:
 # Why Triton cannot run (None when it can)
 
 
-def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | None:
+def triton_unavailable_reason(tensors, *, op: str, interpreted: bool, machine: Machine = DETECT) -> str | None:
     """Why our Triton kernels cannot run on these tensors, or None.
 
     ``interpreted`` says whether the op's kernels were decorated under ``TRITON_INTERPRET=1``
@@ -147,7 +181,7 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | N
         return None
     if x.device.type == "cpu":
         if interpreted:
-            return _interpreter_bug_reason()
+            return _interpreter_bug_reason(*_versions(machine))
         if triton_interpreter_requested():
             return ("TRITON_INTERPRET=1 was set after kernels was imported; it is read when the kernels "
                     "are decorated, so set it before importing lvd.kernels")
@@ -156,15 +190,13 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool) -> str | N
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreter_bug_reason() -> str | None:
+def _interpreter_bug_reason(triton_version: str, numpy_version: str) -> str | None:
     """Triton 3.6's interpreter with numpy ≥ 2.4 mis-runs ``range(0, n, BLOCK)`` over a runtime n (Triton
     issue 9171), which every kernel here uses; 3.7.1 and 3.9.0 were checked fine."""
-    import numpy
-
-    triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    numpy_version = tuple(int(p) for p in numpy.__version__.split(".")[:2])
-    if triton_version == (3, 6) and numpy_version >= (2, 4):
-        return (f"the triton {triton.__version__} interpreter with numpy {numpy.__version__} mis-runs loops over "
+    triton_minor = tuple(int(p) for p in triton_version.split(".")[:2])
+    numpy_minor = tuple(int(p) for p in numpy_version.split(".")[:2])
+    if triton_minor == (3, 6) and numpy_minor >= (2, 4):
+        return (f"the triton {triton_version} interpreter with numpy {numpy_version} mis-runs loops over "
                 "runtime bounds (Triton issue 9171); use triton != 3.6 or numpy < 2.4")
     return None
 
@@ -178,18 +210,18 @@ def _int32_reason(tensors, *, first_dims: int) -> str | None:
     return None
 
 
-def _fast_gpu_reason(x: torch.Tensor) -> str | None:
+def _fast_gpu_reason(x: torch.Tensor, machine: Machine) -> str | None:
     """Extra conditions for "auto": CUDA capability ≥ 8.0 (Ampere and newer)."""
     if x.device.type != "cuda":
         return None
-    major, minor = _cuda_capability(_device_index(x))
+    major, minor = _capability(x, machine)
     if major < 8:
         return f"CUDA capability {major}.{minor} < 8.0"
     return None
 
 
 def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, fallback: str,
-             x: torch.Tensor) -> str:
+             x: torch.Tensor, machine: Machine = DETECT) -> str:
     """Shared rule: a forced "triton" raises when it cannot run; "auto" (and an $LVD_KERNELS=triton
     preference) falls back and logs the reason once."""
     if requested == "triton":
@@ -204,7 +236,7 @@ def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, f
     reason = triton_reason
     if reason is None and x.device.type == "cpu":
         reason = "CPU tensors (the interpreter is for tests; force backend='triton' to use it)"
-    reason = reason or _fast_gpu_reason(x)
+    reason = reason or _fast_gpu_reason(x, machine)
     if reason is None:
         return "triton"
     _log_once(op, f"not using Triton: {reason}")
@@ -215,12 +247,12 @@ def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, f
 # Per-op choices
 
 
-def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
+def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool, machine: Machine = DETECT) -> str:
     """Resolve ``backend`` for :func:`lvd.kernels.attention` to one of triton / sdpa / xformers / torch."""
     requested, forced = _requested(backend)
     if requested == "xformers":
         why = None
-        if not has_xformers():
+        if not _xformers_installed(machine):
             why = "xformers is not installed (pip install lvd[xformers])"
         elif q.device.type != "cuda":
             why = f"xformers needs CUDA tensors, got {q.device.type}"
@@ -231,7 +263,7 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         _log_once("attention", f"{ENV_VAR}=xformers, but choosing automatically: {why}", logging.WARNING)
         requested = "auto"
     reason = triton_unavailable_reason([q, k, v] + ([mask] if mask is not None else []), op="attention",
-                                       interpreted=interpreted)
+                                       interpreted=interpreted, machine=machine)
     if reason is None and q.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
         reason = f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
     if reason is None and q.shape[-1] > MAX_HEAD_DIM:
@@ -242,10 +274,13 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool) -> str:
         # our fp32 path keeps full fp32 products (tl.dot "ieee", no tensor cores); SDPA's fp32 kernels
         # are the safer default there (not yet measured on a GPU)
         reason = "fp32 attention (Triton's fp32 path skips tensor cores; force backend='triton' to use it)"
-    choice = _resolve("attention", requested, forced, reason, "sdpa", q)
+    choice = _resolve("attention", requested, forced, reason, "sdpa", q, machine)
     if requested == "auto" and choice == "triton" and q.device.type == "cuda":
-        choice = _measured_attention_choice(_device_index(q), str(q.dtype).removeprefix("torch."), q.shape[-1],
-                                            mask is not None)
+        dtype, masked = str(q.dtype).removeprefix("torch."), mask is not None
+        if machine.cuda_name is None:
+            choice = _measured_attention_choice(_device_index(q), dtype, q.shape[-1], masked)
+        else:
+            choice = fastest_attention(machine.cuda_name, dtype, q.shape[-1], masked, attention_table())[0]
     return choice
 
 
@@ -306,17 +341,17 @@ def _measured_attention_choice(device_index: int, dtype: str, head_dim: int, mas
     return choice
 
 
-def group_norm_backend(x, *, backend: str, interpreted: bool) -> str:
+def group_norm_backend(x, *, backend: str, interpreted: bool, machine: Machine = DETECT) -> str:
     """Resolve ``backend`` for :func:`lvd.kernels.group_norm` to "triton" or "torch"."""
     requested, forced = _requested(backend)
     if requested in ("sdpa", "xformers"):  # no such GroupNorm: these names mean "not ours" here
         return "torch"
-    reason = triton_unavailable_reason([x], op="group_norm", interpreted=interpreted)
+    reason = triton_unavailable_reason([x], op="group_norm", interpreted=interpreted, machine=machine)
     if reason is None and x.dtype not in TRITON_DTYPES + ((torch.float64,) if interpreted else ()):
         reason = f"dtype {x.dtype} (supported: fp16, bf16, fp32)"
     if reason is None:
         reason = _int32_reason([x], first_dims=1)
-    return _resolve("group_norm", requested, forced, reason, "torch", x)
+    return _resolve("group_norm", requested, forced, reason, "torch", x, machine)
 
 
 # ----------------------------------------------------------------------------------------------
