@@ -26,6 +26,7 @@ import re
 import secrets
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "VideoReadError",
     "VIDEO_EXTENSIONS",
     "probe_video",
+    "probe_video_bytes",
     "read_video",
     "write_video",
     "encode_video_bytes",
@@ -117,21 +119,47 @@ def probe_video(path: str | Path) -> VideoInfo:
         capture_output=True,
         timeout=_TIMEOUT_S,
     )
-    text = proc.stderr.decode("utf-8", "replace")
+    return _parse_probe(proc.stderr, str(path))
+
+
+def probe_video_bytes(data: bytes, *, format: str = "mp4") -> VideoInfo:
+    """The header of video bytes held in memory (a shard's mp4), read without decoding a frame.
+
+    Only the ``format`` demuxer is allowed. Raises :class:`VideoReadError` naming ``<bytes>``."""
+    if not data:
+        raise VideoReadError("<bytes>: empty video data (0 bytes)")
+    cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-f", format, *_SAFE_INPUT, "-i", "pipe:0"]
+    proc = subprocess.run(cmd, input=data, capture_output=True, timeout=_TIMEOUT_S)
+    try:
+        return _parse_probe(proc.stderr, "<bytes>")
+    except VideoReadError:
+        pass
+    with tempfile.TemporaryDirectory(dir=_TMP_DIR, prefix="lvd-probe-") as tmp:  # an mp4 with its index at the end
+        path = Path(tmp) / "clip"
+        path.write_bytes(data)
+        cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-f", format, *_SAFE_INPUT, "-i", _ffmpeg_path(path)]
+        proc = subprocess.run(cmd, capture_output=True, timeout=_TIMEOUT_S)
+        stderr = proc.stderr.replace(str(path).encode(), b"<bytes>")
+    return _parse_probe(stderr, "<bytes>")
+
+
+def _parse_probe(stderr: bytes, name: str) -> VideoInfo:
+    """The first video stream's header from ``ffmpeg -i``'s report, or VideoReadError naming ``name``."""
+    text = stderr.decode("utf-8", "replace")
     if "Error opening input" in text or "Invalid data found" in text:
-        raise VideoReadError(f"{path}: not a readable video ({_last_error(proc.stderr)})")
+        raise VideoReadError(f"{name}: not a readable video ({_last_error(stderr)})")
     video = _VIDEO.search(text)
     if video is None:
-        raise VideoReadError(f"{path}: no video stream")
+        raise VideoReadError(f"{name}: no video stream")
     codec, rest = video.group(1), video.group(2)
     if codec == "none":
         tag = re.search(r"\((\w+) / 0x", rest)
-        raise VideoReadError(f"{path}: unsupported codec '{tag.group(1) if tag else 'unknown'}'")
+        raise VideoReadError(f"{name}: unsupported codec '{tag.group(1) if tag else 'unknown'}'")
     size = _SIZE.search(rest)
     fps = _FPS.search(rest)
     dur = _DURATION.search(text)
     if size is None:
-        raise VideoReadError(f"{path}: ffmpeg reports no frame size")
+        raise VideoReadError(f"{name}: ffmpeg reports no frame size")
     fps_value = float(fps.group(1)) * (1000.0 if fps.group(2) else 1.0) if fps else 0.0
     duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
     return VideoInfo(
@@ -178,6 +206,56 @@ def _to_output(frames: np.ndarray, output: str) -> torch.Tensor:
     return video.float().div_(127.5).sub_(1.0)
 
 
+def _max_bytes(shape: tuple[int, int, int] | None) -> int | None:
+    """The most PPM bytes ``shape`` (frames, height, width) frames take, headers included."""
+    return None if shape is None else shape[0] * (shape[1] * shape[2] * 3 + 32)
+
+
+def _run_ffmpeg(cmd: list[str], data: bytes | None, max_bytes: int | None, name: str) -> subprocess.CompletedProcess:
+    """Run ffmpeg with ``data`` on stdin; raise VideoReadError naming ``name`` when it takes longer than the
+    timeout, or, with ``max_bytes``, as soon as it has written more than that many bytes (it is killed then, so a
+    video larger than its header says is never held in memory whole)."""
+    if max_bytes is None:
+        try:
+            return subprocess.run(cmd, input=data, capture_output=True, timeout=_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise VideoReadError(f"{name}: ffmpeg did not finish within {_TIMEOUT_S:.0f} s") from e
+    stdin = subprocess.PIPE if data is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr: list[bytes] = []
+
+    def feed() -> None:
+        try:
+            proc.stdin.write(data)
+            proc.stdin.close()
+        except OSError:  # ffmpeg stopped reading (done, failed or killed)
+            pass
+
+    threads = [threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)]
+    threads += [threading.Thread(target=feed, daemon=True)] if data is not None else []
+    expired = threading.Event()
+    timer = threading.Timer(_TIMEOUT_S, lambda: (expired.set(), proc.kill()))
+    for t in (*threads, timer):
+        t.start()
+    chunks, total = [], 0
+    while chunk := proc.stdout.read1(1 << 20):
+        total += len(chunk)
+        if total > max_bytes:
+            proc.kill()
+            break
+        chunks.append(chunk)
+    proc.stdout.close()
+    proc.wait()
+    timer.cancel()
+    for t in threads:
+        t.join()
+    if total > max_bytes:
+        raise VideoReadError(f"{name}: decoded video larger than its header and limits ({max_bytes} bytes)")
+    if expired.is_set():
+        raise VideoReadError(f"{name}: ffmpeg did not finish within {_TIMEOUT_S:.0f} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, b"".join(chunks), b"".join(stderr))
+
+
 def read_video(
     path: str | Path,
     *,
@@ -188,6 +266,7 @@ def read_video(
     size: int | None = None,
     crop: bool = True,
     _format: str | None = None,
+    _max_shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Read ``num_frames`` frames from ``start`` seconds at ``fps`` frames per second.
 
@@ -220,13 +299,11 @@ def read_video(
     cmd += [*_SAFE_INPUT, "-i", _ffmpeg_path(path), "-map", "0:v:0", "-an"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
-    if num_frames is not None:
-        cmd += ["-frames:v", str(num_frames)]
+    limits = [n for n in (num_frames, _max_shape[0] if _max_shape else None) if n is not None]
+    if limits:
+        cmd += ["-frames:v", str(min(limits))]
     cmd += ["-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        raise VideoReadError(f"{path}: ffmpeg did not finish within {_TIMEOUT_S:.0f} s") from e
+    proc = _run_ffmpeg(cmd, None, _max_bytes(_max_shape), str(path))
     if proc.returncode != 0:
         raise VideoReadError(f"{path}: {_last_error(proc.stderr)}")
     frames = _parse_ppm_stream(proc.stdout, str(path))
@@ -316,25 +393,28 @@ def encode_video_bytes(video: torch.Tensor | np.ndarray, fps: float, *, crf: int
         return path.read_bytes()
 
 
-def decode_video_bytes(data: bytes, *, output: str = "uint8") -> torch.Tensor:
+def decode_video_bytes(data: bytes, *, output: str = "uint8", max_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Decode every frame of mp4 bytes held in memory. -> (C, T, H, W) uint8 (or float).
 
     Only the mp4 demuxer is allowed (shard bytes are untrusted input). The bytes go to ffmpeg
     through a pipe, which works for faststart mp4 (what :func:`encode_video_bytes` writes); an mp4
-    with its index at the end falls back to a temporary file.
+    with its index at the end falls back to a temporary file. ``max_shape`` (frames, height, width) bounds
+    the decode: at most that many frames, and ffmpeg is stopped (VideoReadError) once its output passes
+    what frames of that size take, whatever the header says.
     """
     if not data:
         raise VideoReadError("<bytes>: empty video data (0 bytes)")
     cmd = [_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "mp4", *_SAFE_INPUT, "-i", "pipe:0"]
-    cmd += ["-map", "0:v:0", "-an", "-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
-    proc = subprocess.run(cmd, input=data, capture_output=True, timeout=_TIMEOUT_S)
+    cmd += ["-map", "0:v:0", "-an"] + (["-frames:v", str(max_shape[0])] if max_shape else [])
+    cmd += ["-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
+    proc = _run_ffmpeg(cmd, data, _max_bytes(max_shape), "<bytes>")
     frames = _parse_ppm_stream(proc.stdout, "<bytes>") if proc.returncode == 0 else None
     if frames is None or frames.shape[0] == 0:
         with tempfile.TemporaryDirectory(dir=_TMP_DIR, prefix="lvd-dec-") as tmp:
             path = Path(tmp) / "clip"
             path.write_bytes(data)
             try:
-                return read_video(path, output=output, _format="mp4")
+                return read_video(path, output=output, _format="mp4", _max_shape=max_shape)
             except VideoReadError as e:
                 raise VideoReadError(str(e).replace(str(path), "<bytes>")) from None
     return _to_output(frames, output)

@@ -238,3 +238,77 @@ def test_pipe_commands_and_urls_in_shards_are_refused_unless_allowed(tmp_path):
             expand_shards(spec)
         assert expand_shards(spec, allow_pipe=True)
     assert not (tmp_path / "ran").exists()
+
+
+def clip_members(key, video, meta, caption=b"a clip") -> list:
+    from lvd.video_io import encode_video_bytes
+
+    return [(f"{key}.json", json_bytes(meta)), (f"{key}.mp4", encode_video_bytes(video, 8)), (f"{key}.txt", caption)]
+
+
+def test_an_mp4_larger_than_its_json_or_the_ceiling_is_skipped_before_decoding(tmp_path, monkeypatch):
+    """json says 9x32x32; the mp4 holds 64x64 frames, or 40 frames: skipped by the stream header, never decoded."""
+    from lvd.data import codecs
+
+    meta = {"num_frames": 9, "height": 32, "width": 32}
+    members = clip_members("good", torch.zeros(3, 9, 32, 32, dtype=torch.uint8), meta)
+    members += clip_members("wide", torch.zeros(3, 9, 64, 64, dtype=torch.uint8), meta)
+    members += clip_members("long", torch.zeros(3, 40, 32, 32, dtype=torch.uint8), meta)
+    members += clip_members("huge", torch.zeros(3, 9, 32, 32, dtype=torch.uint8), {**meta, "height": 9000})
+    write_tar(tmp_path / "s.tar", members)
+    decoded = []
+    real = codecs.decode_video_bytes
+    monkeypatch.setattr(codecs, "decode_video_bytes", lambda data, **kw: decoded.append(kw) or real(data, **kw))
+    loader = make_clip_loader(ClipDataConfig(shards=str(tmp_path / "s.tar"), frames=9, size=32, batch_size=1, shuffle=0,
+                                             workers=0, epochs=1, drop_last=False), seed=0)  # fmt: skip
+    assert [k for b in loader for k in b["key"]] == ["good"]
+    assert loader.skipped == {"mp4 larger than its json": 2, "json larger than the ceiling": 1}
+    assert decoded == [{"output": "float", "max_shape": (9, 32, 32)}]  # only the good one, and bounded
+    # A lower ceiling in the config refuses what it declares.
+    loader = make_clip_loader(ClipDataConfig(shards=str(tmp_path / "s.tar"), frames=9, size=16, batch_size=1, shuffle=0,
+                                             workers=0, epochs=1, max_side=16), seed=0)  # fmt: skip
+    assert list(loader) == [] and loader.skipped == {"json larger than the ceiling": 4}
+    with pytest.raises(ValueError, match="max_frames must be >= 1, got 0"):
+        ClipDataConfig(shards="x.tar", max_frames=0)
+
+
+def test_the_decode_itself_stops_at_what_the_header_promised():
+    """Even when the header passes the check, ffmpeg is stopped once its output passes the bound."""
+    from lvd.video_io import VideoReadError, decode_video_bytes, encode_video_bytes
+
+    data = encode_video_bytes(torch.zeros(3, 9, 64, 64, dtype=torch.uint8), 8)
+    assert decode_video_bytes(data, max_shape=(4, 64, 64)).shape == (3, 4, 64, 64)
+    with pytest.raises(VideoReadError, match="larger than its header and limits"):
+        decode_video_bytes(data, max_shape=(9, 32, 32))
+
+
+def test_unsafe_keys_are_skipped_naming_shard_and_key(tmp_path, caplog):
+    meta = {"num_frames": 9, "height": 32, "width": 32}
+    video = torch.zeros(3, 9, 32, 32, dtype=torch.uint8)
+    members = []
+    for key in ("good", "../up", "sub/../../up2", "/abs/k", "back\\slash"):
+        members += clip_members(key, video, meta)
+    write_tar(tmp_path / "s.tar", members)
+    loader = make_clip_loader(ClipDataConfig(shards=str(tmp_path / "s.tar"), frames=9, size=32, batch_size=1, shuffle=0,
+                                             workers=0, epochs=1), seed=0)  # fmt: skip
+    with caplog.at_level("WARNING", logger="lvd.data"):
+        assert [k for b in loader for k in b["key"]] == ["good"]
+    assert loader.skipped == {"unsafe key": 4}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("'../up' in " in ln and "s.tar" in ln and "'..' path component" in ln for ln in lines), lines
+    assert any("starts with '/'" in ln for ln in lines) and any("backslash" in ln for ln in lines)
+    # The latent loader too.
+    lat = [m for i, k in enumerate(("ok", "../x")) for m in ((f"{k}.{latent_format.MEMBER}", latent_sample((4, 2, 6, 6), 5, i)),
+                                                             (f"{k}.txt", b"c"))]
+    write_tar(tmp_path / "lat.tar", lat)
+    latent = make_latent_loader(LatentDataConfig(shards=str(tmp_path / "lat.tar"), batch_size=1, shuffle=0, workers=0,
+                                                 epochs=1, drop_last=False), seed=0)  # fmt: skip
+    assert [k for b in latent for k in b["key"]] == ["ok"] and latent.skipped == {"unsafe key": 1}
+
+
+def test_key_problem_names_each_unsafe_form():
+    from lvd.data.safety import key_problem
+
+    assert key_problem("sub/clip_000") is None and key_problem("a..b") is None
+    for key, reason in (("a/../b", "'..'"), ("..", "'..'"), ("/etc/x", "'/'"), ("a\\b", "backslash"), ("a\x00b", "NUL")):
+        assert reason in key_problem(key), key

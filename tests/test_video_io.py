@@ -173,3 +173,16 @@ def test_concurrent_writes_of_one_path_leave_one_whole_video(tmp_path):
     assert video.shape[1] == 33
     assert min(abs(video[:, :, 1::2].mean().item() - v) for v in (40, 200)) < 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same.mp4"]
+
+
+def test_probe_bytes_reads_the_header_of_shard_bytes_without_decoding(videos):
+    from lvd.video_io import probe_video_bytes
+
+    data = encode_video_bytes(torch.zeros(3, 17, 16, 24, dtype=torch.uint8), 8)
+    info = probe_video_bytes(data)
+    assert (info.num_frames, info.height, info.width, info.codec) == (17, 16, 24, "h264")
+    assert probe_video_bytes(videos[".mp4"].read_bytes()).num_frames == 72  # not faststart: through a temp file
+    with pytest.raises(VideoReadError, match="<bytes>: not a readable video"):
+        probe_video_bytes(b"not an mp4 at all" * 8)
+    with pytest.raises(VideoReadError, match="<bytes>: empty video data"):
+        probe_video_bytes(b"")

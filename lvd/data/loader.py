@@ -16,13 +16,15 @@ Pipeline, per (rank, worker):
 2. samples: tar members are grouped by key (webdataset's tar reader and ``base_plus_ext``). Only
    our keys are decoded, by our own decoders (mp4 via ffmpeg, txt as UTF-8, json, safetensors);
    nothing is ever unpickled. A sample with a pickle member (``.pyd``, ``.pickle``, ``.pkl``,
-   ``.pth``, ``.pt``), a duplicate key, a missing or undecodable part is skipped, counted and
-   logged in one line.
+   ``.pth``, ``.pt``), a duplicate key, an unsafe key (a ``..`` component, a leading ``/``, a
+   backslash or NUL), a missing or undecodable part is skipped, counted and logged in one line
+   naming shard and key.
 3. shuffle: a buffer of ``shuffle`` undecoded samples, drawn with ``rng(seed, e, rank, w)``.
 4. buckets: each sample joins the bucket chosen from its metadata (no decoding needed); a full
    bucket becomes a batch. Each bucket has its own (T, H, W) and batch size.
 5. decode: only then is a batch decoded, cropped and resized, with crops drawn from
-   ``rng(seed, e, rank, w, batch_index)``.
+   ``rng(seed, e, rank, w, batch_index)``. Decoding is bounded (:mod:`lvd.data.codecs`): an mp4
+   whose stream header is larger than its json or than ``max_side``/``max_frames`` is skipped.
 
 Why resume is exact: every worker's batch sequence is a pure function of (seed, epoch, rank,
 worker, batch index), and the torch DataLoader hands batches out round-robin over workers. The
@@ -40,19 +42,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lvd.conditioning import TextEmbeddings
-from lvd.data import latents as latent_format
+from lvd.data.codecs import Bucket, ClipCodec, LatentCodec, SkipSample, choose_bucket, crop_clip
 from lvd.data.latents import decode_tensors as decode_latent_sample  # noqa: F401 (older name, re-exported)
 from lvd.data.latents import encode_tensors as encode_latent_sample  # noqa: F401 (older name, re-exported)
-from lvd.video_io import VideoReadError, decode_video_bytes
+from lvd.data.safety import VideoLimits, key_problem
 
 __all__ = [
     "Bucket",
@@ -65,22 +64,13 @@ __all__ = [
     "decode_latent_sample",
     "expand_shards",
     "choose_bucket",
+    "crop_clip",
     "PICKLE_SUFFIXES",
 ]
 
 log = logging.getLogger("lvd.data")
 PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt")
 _STATE_VERSION = 1
-
-
-@dataclasses.dataclass
-class Bucket:
-    """Samples of one (frames, height, width) batched ``batch_size`` at a time."""
-
-    frames: int
-    height: int
-    width: int
-    batch_size: int
 
 
 @dataclasses.dataclass
@@ -100,6 +90,8 @@ class ClipDataConfig:
                  Ignored when resampled (always endless).
     drop_last:   drop the partial batch each bucket holds at the end of an epoch.
     allow_pipe:  accept ``pipe:`` commands and network URLs in ``shards`` (off: data never runs a shell).
+    max_side/max_frames: the ceiling on what a sample may declare in its json; its mp4's stream header is read
+                 before decoding and a sample larger than its json or this ceiling is skipped and counted.
     """
 
     shards: str = ""
@@ -114,9 +106,11 @@ class ClipDataConfig:
     epochs: int | None = None
     drop_last: bool = True
     allow_pipe: bool = False
+    max_side: int = VideoLimits.max_side
+    max_frames: int = VideoLimits.max_frames
 
     def __post_init__(self):
-        problems = _common_problems(self)
+        problems = _common_problems(self) + VideoLimits(self.max_side, self.max_frames).problems()
         if not self.buckets:
             if self.frames < 1:
                 problems.append(f"frames must be >= 1, got {self.frames}")
@@ -204,155 +198,6 @@ def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Buckets, crops, codecs
-# ----------------------------------------------------------------------------------------------
-
-
-def choose_bucket(buckets: list[Bucket], frames: int, height: int, width: int) -> int | None:
-    """Index of the bucket for a clip of ``frames`` x ``height`` x ``width``, or None if none fits.
-
-    A bucket fits when it needs no more frames than the clip has. Among those, prefer (in order)
-    the closest aspect ratio (|log ratio| to 0.1), then no upscaling, then the largest area,
-    then the most frames. So 1024 px sources land in a 1024 px bucket, 512 px ones in 512 px.
-    """
-    best, best_key = None, None
-    for i, b in enumerate(buckets):
-        if b.frames > frames:
-            continue
-        aspect = round(abs(math.log((b.width / b.height) / (width / height))), 1)
-        upscale = b.height > height or b.width > width
-        key = (aspect, upscale, -b.height * b.width, -b.frames)
-        if best_key is None or key < best_key:
-            best, best_key = i, key
-    return best
-
-
-def crop_clip(video: torch.Tensor, bucket: Bucket, rng: np.random.Generator | None) -> torch.Tensor:
-    """(C, T0, H0, W0) float -> (C, T, H, W): temporal window, resize to cover, crop.
-
-    ``rng`` None takes the first frames and the centre; otherwise a random window and position.
-    """
-    c, t0, h0, w0 = video.shape
-    t, h, w = bucket.frames, bucket.height, bucket.width
-    s = int(rng.integers(0, t0 - t + 1)) if rng is not None else 0
-    video = video[:, s : s + t]  # (C, T, H0, W0)
-    scale = max(h / h0, w / w0)  # the smallest resize that covers the target
-    rh, rw = max(h, round(h0 * scale)), max(w, round(w0 * scale))
-    if (rh, rw) != (h0, w0):
-        frames = video.permute(1, 0, 2, 3)  # (T, C, H0, W0): interpolate treats T as the batch
-        frames = F.interpolate(frames, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-        video = frames.permute(1, 0, 2, 3).clamp_(-1, 1)  # (C, T, rh, rw)
-    rh, rw = video.shape[-2:]
-    y = int(rng.integers(0, rh - h + 1)) if rng is not None else (rh - h) // 2
-    x = int(rng.integers(0, rw - w + 1)) if rng is not None else (rw - w) // 2
-    return video[:, :, y : y + h, x : x + w].contiguous()  # (C, T, H, W)
-
-
-class _SkipSample(Exception):
-    """A sample to skip; the message is the reason."""
-
-
-def _caption(sample: dict) -> str:
-    if "txt" not in sample:
-        raise _SkipSample("missing caption")
-    try:
-        return bytes(sample["txt"]).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise _SkipSample("caption not UTF-8") from None
-
-
-class _ClipCodec:
-    """``{mp4, txt, json}`` samples -> video batches."""
-
-    def __init__(self, cfg: ClipDataConfig):
-        self.buckets = cfg.bucket_list()
-        self.random_crop = cfg.random_crop
-
-    def bucket(self, sample: dict) -> int:
-        if "mp4" not in sample:
-            raise _SkipSample("missing mp4")
-        try:
-            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-            t, h, w = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
-        except KeyError as e:
-            raise _SkipSample(f"json metadata lacks {e}" if "json" in sample else "missing json") from None
-        except (ValueError, TypeError, UnicodeDecodeError):
-            raise _SkipSample("unreadable json metadata") from None
-        b = choose_bucket(self.buckets, t, h, w)
-        if b is None:
-            raise _SkipSample(f"clip of {t} frames is shorter than every bucket")
-        return b
-
-    def decode(self, sample: dict, bucket: int, rng: np.random.Generator) -> dict:
-        caption = _caption(sample)
-        try:
-            video = decode_video_bytes(sample["mp4"], output="float")  # (C, T0, H0, W0)
-        except VideoReadError as e:
-            raise _SkipSample(f"undecodable mp4 ({e})") from None
-        b = self.buckets[bucket]
-        if video.shape[1] < b.frames:
-            raise _SkipSample(f"mp4 holds {video.shape[1]} frames, bucket needs {b.frames}")
-        video = crop_clip(video, b, rng if self.random_crop else None)
-        return {"video": video, "caption": caption, "key": sample["__key__"]}
-
-    @staticmethod
-    def collate(items: list[dict]) -> dict:
-        return {
-            "video": torch.stack([it["video"] for it in items]),  # (B, C, T, H, W)
-            "caption": [it["caption"] for it in items],
-            "key": [it["key"] for it in items],
-        }
-
-
-class _LatentCodec:
-    """Latent samples (:mod:`lvd.data.latents`) -> latent batches, bucketed by exact latent shape.
-
-    Clips cached into several buckets (``lvd.cache_latents --buckets``) give latents of several
-    shapes, mixed in one shard; each batch holds one shape.
-    """
-
-    def __init__(self, cfg: LatentDataConfig):
-        self.batch_size = cfg.batch_size
-        self.sizes = {(b.frames, b.height, b.width): b.batch_size for b in cfg.buckets}
-
-    def bucket(self, sample: dict) -> tuple:
-        data = sample.get(latent_format.MEMBER)
-        if data is None:
-            raise _SkipSample(f"missing {latent_format.MEMBER}")
-        try:
-            return latent_format.latent_shape(data)  # (C, T', H', W')
-        except ValueError as e:
-            raise _SkipSample(str(e)) from None
-
-    def batch_size_of(self, shape: tuple) -> int:
-        return self.sizes.get(tuple(shape[1:]), self.batch_size)
-
-    def decode(self, sample: dict, bucket, rng) -> dict:
-        caption = _caption(sample)
-        try:
-            latents, text = latent_format.decode_sample(sample[latent_format.MEMBER])
-        except Exception as e:  # safetensors raises its own error types for corrupt bytes
-            raise _SkipSample(f"undecodable safetensors ({type(e).__name__})") from None
-        return {"latents": latents, "text": text, "caption": caption, "key": sample["__key__"]}
-
-    @staticmethod
-    def collate(items: list[dict]) -> dict:
-        rows = [it["text"] for it in items]
-        n = max(r.states.shape[0] for r in rows)
-        states = torch.zeros(len(rows), n, rows[0].states.shape[1], dtype=rows[0].states.dtype)
-        mask = torch.zeros(len(rows), n, dtype=torch.bool)
-        for i, r in enumerate(rows):  # pad text to the longest in the batch; padding is masked out
-            states[i, : r.states.shape[0]] = r.states
-            mask[i, : r.mask.shape[0]] = r.mask
-        return {
-            "latents": torch.stack([it["latents"].float() for it in items]),  # (B, C, T', H', W')
-            "text": TextEmbeddings(states, mask, torch.stack([r.pooled for r in rows])),  # (B, L, D), (B, L), (B, Dp)
-            "caption": [it["caption"] for it in items],
-            "key": [it["key"] for it in items],
-        }
-
-
-# ----------------------------------------------------------------------------------------------
 # The per-worker stream
 # ----------------------------------------------------------------------------------------------
 
@@ -422,7 +267,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
         for s in samples:
             where = f"{s['__key__']} in {s['__url__']}"
             pickled = [k for k in s if k.rsplit(".", 1)[-1] in PICKLE_SUFFIXES]
-            if pickled:
+            if unsafe := key_problem(s["__key__"]):
+                self._skip(f"{s['__key__']!r} in {s['__url__']}", unsafe)
+            elif pickled:
                 self._skip(where, f"pickle member .{pickled[0]} (never unpickled)")
             elif s.get("__duplicate__"):
                 self._skip(where, "duplicate key")
@@ -454,7 +301,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         for s in samples:
             try:
                 b = self.codec.bucket(s)
-            except _SkipSample as e:
+            except SkipSample as e:
                 self._skip(f"{s['__key__']} in {s['__url__']}", str(e))
                 continue
             group = pending.setdefault(b, [])
@@ -466,7 +313,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 yield b, group
 
     def _batch_size(self, b) -> int:
-        if isinstance(self.codec, _LatentCodec):
+        if isinstance(self.codec, LatentCodec):
             return self.codec.batch_size_of(b)
         return self.codec.buckets[b].batch_size
 
@@ -476,7 +323,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         for s in group:
             try:
                 items.append(self.codec.decode(s, bucket, rng))
-            except _SkipSample as e:
+            except SkipSample as e:
                 self._skip(f"{s['__key__']} in {s['__url__']}", str(e))
             except Exception as e:  # noqa: BLE001 - one bad sample never ends a training run
                 self._skip(f"{s['__key__']} in {s['__url__']}", f"unexpected error ({type(e).__name__}: {e})")
@@ -607,10 +454,10 @@ class ShardLoader:
 
 def make_clip_loader(cfg: ClipDataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
     """Batches ``{"video": (B, 3, T, H, W) float [-1, 1], "caption": [str], "key": [str]}``."""
-    return ShardLoader(_ClipCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
+    return ShardLoader(ClipCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
 
 
 def make_latent_loader(cfg: LatentDataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
     """Batches ``{"latents": (B, C, T', H', W'), "text": TextEmbeddings, "caption": [str], "key": [str]}``;
     every batch holds latents of one shape (one bucket)."""
-    return ShardLoader(_LatentCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
+    return ShardLoader(LatentCodec(cfg), cfg, seed=seed, rank=rank, world_size=world_size)
