@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lvd.kernels import GroupNorm, dispatch, group_norm, group_norm_reference
 
 gn_mod = importlib.import_module("lvd.kernels.group_norm")  # the module (kernels.group_norm is the function)
+gn_torch = importlib.import_module("lvd.kernels.group_norm_torch")
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +106,7 @@ def test_torch_path_per_frame_without_grad_matches_reference(shape, groups, silu
     """The no-grad per-frame fast path (row sums + one addcmul) against the reference; output stays contiguous."""
     x, w, b = _inputs(shape, torch.float32)
     with torch.no_grad():
-        assert gn_mod._per_frame_no_grad(x, groups, w, b, 1e-6, silu) is not None  # the fast path ran
+        assert gn_torch.per_frame_no_grad(x, groups, w, b, 1e-6, silu) is not None  # the fast path ran
         got = group_norm(x, groups, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
     assert got.is_contiguous()
     torch.testing.assert_close(got, group_norm_reference(x, groups, w, b, 1e-6, silu=silu, per_frame=True),
@@ -120,10 +121,10 @@ def test_torch_path_per_frame_channels_last_matches_reference_and_stays_channels
     x, w, b = _inputs((2, 8, 3, 5, 7), torch.float32)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        blocks = gn_mod._per_frame_no_grad_channels_last(x, 4, w, b, 1e-6, silu, block_bytes)  # 64 B: 2 rows a block
+        blocks = gn_torch.per_frame_no_grad_channels_last(x, 4, w, b, 1e-6, silu, block_bytes)  # 64 B: 2 rows a block
         got = group_norm(x, 4, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
         far = (x * 1e-3 + 1000.0).contiguous(memory_format=torch.channels_last_3d)  # |mean| ≫ std: the reference
-        assert gn_mod._per_frame_no_grad_channels_last(far, 4, w, b, 1e-6, silu, block_bytes) is None
+        assert gn_torch.per_frame_no_grad_channels_last(far, 4, w, b, 1e-6, silu, block_bytes) is None
         far_got = group_norm(far, 4, w, b, 1e-6, silu=silu, per_frame=True, backend="torch")
     ref = group_norm_reference(x, 4, w, b, 1e-6, silu=silu, per_frame=True)
     for y in (blocks, got):
@@ -136,7 +137,7 @@ def test_torch_path_per_frame_channels_last_matches_reference_and_stays_channels
 def test_torch_path_per_frame_without_grad_refuses_when_mean_dwarfs_std():
     x, w, b = _inputs((1, 8, 3, 9, 9), torch.float32, mean=1000.0, std=1.0)
     with torch.no_grad():
-        assert gn_mod._per_frame_no_grad(x, 2, w, b, 1e-6, True) is None  # E[x²] − mean² would be noise
+        assert gn_torch.per_frame_no_grad(x, 2, w, b, 1e-6, True) is None  # E[x²] − mean² would be noise
         got = group_norm(x, 2, w, b, 1e-6, silu=True, per_frame=True, backend="torch")
     torch.testing.assert_close(got, group_norm_reference(x, 2, w, b, 1e-6, silu=True, per_frame=True), rtol=0, atol=0)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lvd.vae import CausalVideoVAE, TilingConfig
-from lvd.vae.model import CausalConv3d
+from lvd.vae.layers import CausalConv3d
 from lvd.vae.tiling import blend_ramp, decode_latents, tile_starts
 
 

@@ -1,6 +1,6 @@
 """3D convolution of an ``nn.Conv3d`` on CPU through oneDNN, and over a split causal window.
 
-Two functions the causal video VAE's convolutions go through (``lvd.vae.model.CausalConv3d`` and every
+Two functions the causal video VAE's convolutions go through (``lvd.vae.layers.CausalConv3d`` and every
 spatial conv of the VAE):
 
 - :func:`conv3d`: ``y = conv(x)``, on CPU fp32 always through oneDNN (``aten.mkldnn_convolution``). PyTorch

@@ -195,7 +195,7 @@ def vae_loss(video: torch.Tensor, recon: torch.Tensor, posterior, cfg: VAELossCo
              discriminator: nn.Module | None = None, last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The autoencoder's loss (module docstring) and a dict of detached scalar tensors for logging.
 
-    posterior: a :class:`~lvd.vae.model.DiagonalGaussian` (anything with ``kl() -> (B,)``).
+    posterior: a :class:`~lvd.vae.layers.DiagonalGaussian` (anything with ``kl() -> (B,)``).
     discriminator: used for the generator term when :func:`adversarial_active`; its parameters get
     gradients from this loss, so zero them (or freeze D) before its own step.
     last_layer: e.g. ``vae.decoder.conv_out.conv.weight`` for the adaptive GAN weight.
