@@ -310,8 +310,8 @@ _INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  
 _INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 # Tuned once per (length bucket, head dim, flags, dtype): a new sequence length in a tuned bucket costs nothing.
 _TUNE_KEY = ["N_Q_BUCKET", "N_K_BUCKET", "D", "CAUSAL", "HAS_MASK", "PREC", "BLOCK_D"]  # + tensor dtypes (Triton adds them; they fix ACC)
-# Autotuning times each candidate for 5 + 20 ms (Triton's default 25 + 100 ms made a new shape cost 20-30 s
-# on an H200 over 3 kernels × 6 candidates); results are also kept on disk, so other processes reuse them.
+# Autotuning times each candidate for 5 + 20 ms (Triton's default 25 + 100 ms made each new shape cost tens of
+# seconds over 3 kernels × 6 candidates); results are also kept on disk, so other processes reuse them.
 _TUNE_WARMUP_MS, _TUNE_REP_MS = 5, 20
 
 
