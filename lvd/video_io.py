@@ -266,7 +266,7 @@ def read_video(
     size: int | None = None,
     crop: bool = True,
     _format: str | None = None,
-    _max_shape: tuple[int, int, int] | None = None,
+    max_shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Read ``num_frames`` frames from ``start`` seconds at ``fps`` frames per second.
 
@@ -275,6 +275,7 @@ def read_video(
     ``size`` resizes the short side inside ffmpeg (area filter) and, with ``crop``, centre-crops
     to a ``size`` x ``size`` square; without ``crop`` the long side keeps the aspect ratio and is
     rounded to an even number.
+    ``max_shape`` (frames, height, width) bounds the decode as in :func:`decode_video_bytes`.
     Raises :class:`VideoReadError` when the file cannot be decoded or holds fewer frames than asked.
     """
     if output not in ("uint8", "float"):
@@ -299,11 +300,11 @@ def read_video(
     cmd += [*_SAFE_INPUT, "-i", _ffmpeg_path(path), "-map", "0:v:0", "-an"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
-    limits = [n for n in (num_frames, _max_shape[0] if _max_shape else None) if n is not None]
+    limits = [n for n in (num_frames, max_shape[0] if max_shape else None) if n is not None]
     if limits:
         cmd += ["-frames:v", str(min(limits))]
     cmd += ["-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
-    proc = _run_ffmpeg(cmd, None, _max_bytes(_max_shape), str(path))
+    proc = _run_ffmpeg(cmd, None, _max_bytes(max_shape), str(path))
     if proc.returncode != 0:
         raise VideoReadError(f"{path}: {_last_error(proc.stderr)}")
     frames = _parse_ppm_stream(proc.stdout, str(path))
@@ -414,7 +415,7 @@ def decode_video_bytes(data: bytes, *, output: str = "uint8", max_shape: tuple[i
             path = Path(tmp) / "clip"
             path.write_bytes(data)
             try:
-                return read_video(path, output=output, _format="mp4", _max_shape=max_shape)
+                return read_video(path, output=output, _format="mp4", max_shape=max_shape)
             except VideoReadError as e:
                 raise VideoReadError(str(e).replace(str(path), "<bytes>")) from None
     return _to_output(frames, output)

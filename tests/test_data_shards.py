@@ -167,9 +167,12 @@ def test_command_line_errors_exit_2_with_a_message_not_a_traceback(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["synthetic", "--count", "1", "--out", str(tmp_path / "o")])
     assert "--overwrite" in capsys.readouterr().err
-    # nothing written at all: exit 1
+    # an empty SOURCE is a usage error: exit 2, one line, nothing written (not even the --out folder)
     (tmp_path / "empty").mkdir()
-    assert main(["folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"), "--quiet"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"), "--quiet"])
+    assert e.value.code == 2 and "no clips to write from folder SOURCE" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     # the real entry point: a clear message and status 2, no traceback
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
@@ -200,7 +203,8 @@ def test_real_footage_shards(tmp_path):
         (root / f"{name}.mp4").symlink_to(data / f"{name}.mp4")
     (root / "captions.csv").write_text("bikes.mp4,people riding bikes\ncarphone_pristine.mp4,a man talking in a car\n")
     out = tmp_path / "shards"
-    summary = run(["folder", root, "--out", out, "--frames", 9, "--fps", 8, "--size", 64, "--clips-per-video", 2, "--quiet"])
+    summary = run(["folder", root, "--out", out, "--frames", 9, "--fps", 8, "--size", 64, "--clips-per-video", 2, "--quiet",
+                   "--follow-symlinks"])  # the clips are symlinks out of the folder
     assert summary["written"] == 4 and summary["skipped"] == {}
     for s in read_shards(out):
         video = decode_video_bytes(s["mp4"])
@@ -221,3 +225,129 @@ def test_an_unexpected_error_in_one_job_is_skipped_not_fatal(tmp_path):
     summary = write_shards(jobs, work, tmp_path, shard_size=10, workers=2, expected=3, progress=False)
     assert summary.written == 2 and summary.to_dict()["skipped"] == {"unexpected error": 1}
     assert summary.skipped[0].reason == "unexpected error: RuntimeError: boom"
+
+
+KILL_AT_SAMPLE = """
+import os, sys
+from lvd.data import shards
+write, n = shards.ShardWriter.write, [0]
+def killed(self, sample):  # dies like SIGKILL (no cleanup) while writing the 8th sample
+    if n[0] == 7:
+        os._exit(9)
+    n[0] += 1
+    write(self, sample)
+shards.ShardWriter.write = killed
+sys.exit(shards.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_leaves_only_complete_shards_and_the_rerun_says_how_to_go_on(tmp_path, capsys):
+    import tarfile
+
+    out = tmp_path / "o"
+    argv = ["synthetic", "--count", "10", "--shard-size", "3", "--out", str(out), "--workers", "1", *map(str, SMALL)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_SAMPLE, *argv], env=env, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar.tmp"]
+    for shard in ("shard-000000.tar", "shard-000001.tar"):  # complete tars under their final names
+        with tarfile.open(out / shard) as tar:
+            assert len(tar.getmembers()) == 3 * 3
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "holds an unfinished run (2 complete shards, 1 partial" in err and "--overwrite" in err
+    assert run([*argv, "--overwrite"])["written"] == 10
+    assert sorted(p.name for p in out.iterdir()) == [f"shard-00000{i}.tar" for i in range(4)] + ["summary.json"]
+
+
+def test_an_interrupted_write_removes_its_partial_shard(tmp_path):
+    from lvd.data.shards import Job, clips_from_shapes, write_shards
+
+    cfg = ShapesConfig(size=16, frames=5)
+
+    def work(job):
+        if job.key.endswith("5"):
+            raise KeyboardInterrupt
+        return clips_from_shapes(job, cfg, 0)
+
+    jobs = [Job(f"shapes_0_{i:07d}", None, "", f"synthetic:0/{i}") for i in range(8)]
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(jobs, work, tmp_path, shard_size=2, workers=1, expected=8, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_a_run_that_writes_no_clip_leaves_no_shard_and_no_summary(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    (tmp_path / "in" / "broken.txt").write_text("a caption")
+    out = tmp_path / "out"
+    assert main(["folder", str(tmp_path / "in"), "--out", str(out), *map(str, SMALL)]) == 1
+    assert list(out.iterdir()) == []
+    captured = capsys.readouterr()
+    assert "no clips were written: all 1 inputs were skipped" in captured.err and "wrote 0" not in captured.out
+
+
+def test_symlinks_out_of_source_are_skipped_unless_followed(tmp_path, capsys):
+    outside, src = tmp_path / "outside", tmp_path / "src"
+    (outside / "dir").mkdir(parents=True)
+    src.mkdir()
+    make_video(outside / "secret.mp4", seconds=1.5)
+    make_video(outside / "dir" / "deep.mp4", seconds=1.5)
+    make_video(src / "own.mp4", seconds=1.5)
+    (src / "in_link.mp4").symlink_to(src / "own.mp4")  # inside SOURCE: fine
+    (src / "out_link.mp4").symlink_to(outside / "secret.mp4")
+    (src / "out_dir").symlink_to(outside / "dir")
+    (src / "loop").symlink_to(src)  # a loop back into SOURCE ends
+    (src / "captions.csv").write_text("own.mp4,own\nin_link.mp4,link\nout_link.mp4,secret\nout_dir/deep.mp4,deep\n")
+    summary = run(["folder", src, "--out", tmp_path / "a", *SMALL])
+    assert summary["written"] == 2 and summary["skipped"] == {"outside SOURCE": 2}
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "outside SOURCE" in ln]
+    assert any("out_link.mp4" in ln for ln in warnings) and any("out_dir" in ln for ln in warnings)
+    assert all("--follow-symlinks" in ln for ln in warnings)
+    summary = run(["folder", src, "--out", tmp_path / "b", "--follow-symlinks", *SMALL])
+    assert summary["written"] == 4 and summary["skipped"] == {}
+
+
+def test_ucf101_split_list_paths_out_of_source_are_skipped(tmp_path):
+    root = tmp_path / "UCF-101"
+    (root / "YoYo").mkdir(parents=True)
+    make_video(root / "YoYo" / "v_YoYo_g01_c01.avi", seconds=1.5)
+    make_video(tmp_path / "v_YoYo_g02_c01.avi", seconds=1.5)
+    split = tmp_path / "trainlist01.txt"
+    split.write_text("YoYo/v_YoYo_g01_c01.avi 1\n../v_YoYo_g02_c01.avi 1\n")
+    summary = run(["ucf101", root, "--out", tmp_path / "o", "--split-list", split, *SMALL])
+    assert summary["written"] == 1 and summary["skipped"] == {"outside SOURCE": 1}
+
+
+def test_playlists_and_concat_lists_are_refused_whatever_their_name(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_video(src / "good.mp4", seconds=1.5)
+    (src / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{src / 'good.mp4'}'\n")
+    (src / "hls.mkv").write_text(f"\ufeff#EXTM3U\n#EXTINF:1,\n{src / 'good.mp4'}\n")
+    (src / "list.m3u8").write_text("#EXTM3U\n")
+    (src / "list.ffconcat").write_text("ffconcat version 1.0\n")
+    (src / "captions.csv").write_text("good.mp4,good\nconcat.mp4,c\nhls.mkv,h\n")
+    summary = run(["folder", src, "--out", tmp_path / "o", *SMALL])
+    assert summary["written"] == 1 and summary["skipped"] == {"playlist or concat list": 4}
+    err = capsys.readouterr().err
+    for name in ("concat.mp4", "hls.mkv", "list.m3u8", "list.ffconcat"):
+        assert f"skipped {name}: playlist or concat list refused" in err, name
+
+
+def test_a_source_larger_than_max_side_is_skipped_before_decoding(tmp_path, capsys, monkeypatch):
+    import lvd.data.shards as shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make_video(src / "big.mp4", seconds=1.5, height=64, width=80)
+    make_video(src / "small.mp4", seconds=1.5)  # 32x48
+    (src / "captions.csv").write_text("big.mp4,big\nsmall.mp4,small\n")
+    decoded = []
+    read = shards.read_video
+    monkeypatch.setattr(shards, "read_video", lambda path, **kw: decoded.append(path.name) or read(path, **kw))
+    summary = run(["folder", src, "--out", tmp_path / "o", "--max-side", 64, *SMALL])
+    assert summary["written"] == 1 and summary["skipped"] == {"video larger than the ceiling": 1}
+    assert decoded == ["small.mp4"]
+    assert "skipped big.mp4: source larger than the ceiling (64x80 px, max_side 64)" in capsys.readouterr().err

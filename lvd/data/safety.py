@@ -51,12 +51,13 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def playlist_problem(path: str | Path, head: bytes | None = None) -> str | None:
+def playlist_problem(path: str | Path, head: bytes | None = None, by_extension: bool = True) -> str | None:
     """Why ``path`` is refused as a playlist or concat list (by extension, or by its first bytes), or None.
 
-    ``head`` is the file's first bytes when the caller has them; otherwise up to 64 bytes are read."""
+    ``head`` is the file's first bytes when the caller has them; otherwise up to 64 bytes are read.
+    ``by_extension`` False judges by content only (a ``.txt`` that may be a caption)."""
     path = Path(path)
-    if path.suffix.lower() in PLAYLIST_EXTENSIONS:
+    if by_extension and path.suffix.lower() in PLAYLIST_EXTENSIONS:
         return f"playlist or concat list refused (extension '{path.suffix}')"
     if head is None:
         try:

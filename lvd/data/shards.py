@@ -13,26 +13,39 @@ Stages: ``list_*`` turn a SOURCE into jobs (and early skips); ``clips_from_video
 ``clips_from_shapes`` turn one job into samples; ``write_shards`` runs jobs on worker threads
 (each drives its own ffmpeg processes, which do the decoding and encoding) and writes the
 samples in job order, so the same command writes the same shards.
+
+Safe to kill: each shard is written as ``shard-NNNNNN.tar.tmp``, fsynced and renamed, so a ``.tar`` is always
+complete. A second run into a folder an unfinished run left says in one line to pass ``--overwrite``. A run
+that writes no clip leaves no shard and no summary. Sources stay inside SOURCE (see :mod:`lvd.data.sources`:
+symlinks out of it need ``--follow-symlinks``; playlists and concat lists are refused) and a source whose
+frames are larger than ``--max-side`` is skipped, named, before it is decoded.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
-import io
 import json
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lvd.config import folder_problem, run_cli
+from lvd.data.safety import VideoLimits, playlist_problem, size_problem
+from lvd.data.sources import (  # noqa: F401 (re-exported: these lived here)
+    Job,
+    Skip,
+    caption_from_class,
+    list_folder,
+    list_kinetics,
+    list_synthetic,
+    list_ucf101,
+)
 from lvd.data.synthetic import ShapesConfig, make_clip
-from lvd.video_io import VIDEO_EXTENSIONS, VideoReadError, encode_video_bytes, probe_video, read_video
+from lvd.video_io import VideoReadError, encode_video_bytes, probe_video, read_video
 
 __all__ = [
     "Job",
@@ -45,33 +58,11 @@ __all__ = [
     "clips_from_video",
     "clips_from_shapes",
     "write_shards",
+    "ShardWriter",
     "main",
 ]
 
 SHARD_PATTERN = "shard-%06d.tar"
-_SIDECAR_EXTS = (".txt", ".json", ".csv")
-
-
-@dataclasses.dataclass
-class Job:
-    """One input: a video file with its caption, or one synthetic clip (``path=None``)."""
-
-    key: str
-    path: Path | None
-    caption: str
-    source: str  # how the summary and the json metadata name this input
-
-
-@dataclasses.dataclass
-class Skip:
-    """An input that was not written, with the reason (one line)."""
-
-    source: str
-    reason: str
-
-    @property
-    def category(self) -> str:
-        return _categorise(self.reason)
 
 
 @dataclasses.dataclass
@@ -83,217 +74,7 @@ class ClipOptions:
     size: int = 256
     crop: bool = True
     clips_per_video: int = 1
-
-
-_CATEGORIES = [
-    ("empty file", "empty file"),
-    ("unsupported codec", "unsupported codec"),
-    ("shorter than the clip", "video shorter than the clip"),
-    ("caption is not UTF-8", "caption not UTF-8"),
-    ("no caption", "missing caption"),
-    ("empty caption", "missing caption"),
-    ("not a video file", "not a video file"),
-    ("not a readable video", "corrupt or unreadable video"),
-    ("no video stream", "not a video file"),
-    ("duplicate key", "duplicate key"),
-    ("no such file", "missing file"),
-    ("unexpected error", "unexpected error"),
-]
-
-
-def _categorise(reason: str) -> str:
-    for needle, category in _CATEGORIES:
-        if needle in reason:
-            return category
-    return "corrupt or unreadable video"
-
-
-def _safe_key(text: str) -> str:
-    """A webdataset key: no dots (they split key from extension), only [A-Za-z0-9_-]."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "clip"
-
-
-def caption_from_class(name: str) -> str:
-    """UCF-101 class name to caption: ``"ApplyEyeMakeup"`` -> ``"apply eye makeup"``."""
-    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)
-    return " ".join(w.lower() for w in words) or name.lower()
-
-
-def _dedupe(jobs: list[Job], skips: list[Skip]) -> list[Job]:
-    """Keep the first job of each key; later ones are skipped as duplicates."""
-    seen: dict[str, str] = {}
-    out = []
-    for job in jobs:
-        if job.key in seen:
-            skips.append(Skip(job.source, f"duplicate key '{job.key}' (already used by {seen[job.key]})"))
-            continue
-        seen[job.key] = job.source
-        out.append(job)
-    return out
-
-
-def _read_caption_file(path: Path) -> str:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"caption is not UTF-8 ({path.name}, byte {e.start})") from None
-    text = " ".join(text.split())
-    if not text:
-        raise ValueError(f"empty caption ({path.name})")
-    return text
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Sources -> jobs
-# ----------------------------------------------------------------------------------------------
-
-
-def _read_captions_csv(root: Path, skips: list[Skip]) -> dict[str, str]:
-    """``captions.csv`` rows ``path,caption`` (an optional header row) -> {relative path: caption}."""
-    captions: dict[str, str] = {}
-    for lineno, raw in enumerate((root / "captions.csv").read_bytes().splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            name = raw.split(b",", 1)[0].decode("utf-8", "replace")
-            skips.append(Skip(name, f"caption is not UTF-8 (captions.csv line {lineno}, byte {e.start})"))
-            captions[name] = ""  # known but unusable: do not report it again as "no caption"
-            continue
-        row = next(csv.reader(io.StringIO(line)))
-        if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["path", "caption"]:
-            continue
-        if len(row) < 2:
-            skips.append(Skip(row[0] if row else f"captions.csv:{lineno}", f"empty caption (captions.csv line {lineno})"))
-            captions[row[0] if row else ""] = ""
-            continue
-        rel = row[0].strip()
-        if rel in captions:
-            skips.append(Skip(rel, f"duplicate key: captions.csv line {lineno} lists '{rel}' again"))
-            continue
-        captions[rel] = " ".join(",".join(row[1:]).split())
-        if not captions[rel]:
-            skips.append(Skip(rel, f"empty caption (captions.csv line {lineno})"))
-    return captions
-
-
-def list_folder(root: Path) -> tuple[list[Job], list[Skip]]:
-    """A folder of videos with ``captions.csv`` (``path,caption``) or sidecar ``<name>.txt`` captions."""
-    skips: list[Skip] = []
-    has_csv = (root / "captions.csv").is_file()
-    captions = _read_captions_csv(root, skips) if has_csv else {}
-    jobs = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        ext = path.suffix.lower()
-        if ext not in VIDEO_EXTENSIONS:
-            is_sidecar = ext in _SIDECAR_EXTS and (
-                rel == "captions.csv" or any(path.with_suffix(v).exists() for v in VIDEO_EXTENSIONS)
-            )
-            if not is_sidecar:
-                skips.append(Skip(rel, f"not a video file (extension '{ext or 'none'}')"))
-            continue
-        if rel in captions:
-            caption = captions.pop(rel)
-            if not caption:
-                continue  # already reported while reading captions.csv
-        elif path.with_suffix(".txt").is_file():
-            try:
-                caption = _read_caption_file(path.with_suffix(".txt"))
-            except ValueError as e:
-                skips.append(Skip(rel, str(e)))
-                continue
-        else:
-            where = "captions.csv or " if has_csv else ""
-            skips.append(Skip(rel, f"no caption (not in {where}{path.with_suffix('.txt').name})"))
-            continue
-        jobs.append(Job(_safe_key(str(Path(rel).with_suffix(""))), path, caption, rel))
-    for rel, caption in captions.items():
-        if caption and rel:
-            skips.append(Skip(rel, "no such file (listed in captions.csv)"))
-    return _dedupe(jobs, skips), skips
-
-
-def list_ucf101(root: Path, split_list: Path | None = None) -> tuple[list[Job], list[Skip]]:
-    """``<root>/<ClassName>/v_<ClassName>_gXX_cYY.avi``; caption from the class name.
-
-    With ``split_list`` (an official ``trainlist0N.txt`` / ``testlist0N.txt``: lines
-    ``ClassName/v_....avi [label]``) only the listed videos are used.
-    """
-    skips: list[Skip] = []
-    wanted = None
-    if split_list is not None:
-        wanted = []
-        for line in split_list.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                wanted.append(line.split()[0].replace("\\", "/"))
-    jobs = []
-    if wanted is not None:
-        paths = [root / rel for rel in wanted]
-    else:
-        paths = sorted(p for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".") for p in d.iterdir())
-        paths = [p for p in paths if p.is_file() and not p.name.startswith(".")]
-    for path in paths:
-        rel = path.relative_to(root).as_posix()
-        if not path.is_file():
-            skips.append(Skip(rel, f"no such file (listed in {split_list.name})"))
-            continue
-        if path.suffix.lower() not in VIDEO_EXTENSIONS:
-            skips.append(Skip(rel, f"not a video file (extension '{path.suffix or 'none'}')"))
-            continue
-        jobs.append(Job(_safe_key(path.stem), path, caption_from_class(path.parent.name), rel))
-    return _dedupe(jobs, skips), skips
-
-
-def list_kinetics(root: Path, annotations: Path | None = None, split: str | None = None) -> tuple[list[Job], list[Skip]]:
-    """Kinetics-400/600/700: a CSV ``label,youtube_id,time_start,time_end,split`` and the clips.
-
-    Clip files are found anywhere under ``root`` by name: ``<youtube_id>_<start:06d>_<end:06d>.<ext>``
-    (the official downloader's names, flat or under ``<split>/<label>/``) or ``<youtube_id>.<ext>``.
-    The caption is the label. ``split`` keeps only rows of that split.
-    """
-    skips: list[Skip] = []
-    if annotations is None:
-        found = sorted(root.glob("*.csv"))
-        if len(found) != 1:
-            raise ValueError(
-                f"{root}: expected exactly one annotation .csv in the folder, found {len(found)}; pass --annotations FILE"
-            )
-        annotations = found[0]
-    files = {p.stem: p for p in sorted(root.rglob("*")) if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()}
-    with open(annotations, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"label", "youtube_id", "time_start", "time_end"}
-        if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise ValueError(f"{annotations}: expected columns {sorted(need)} (+ split), got {reader.fieldnames}")
-        jobs = []
-        for row in reader:
-            if split is not None and row.get("split") != split:
-                continue
-            yid = row["youtube_id"]
-            try:
-                name = f"{yid}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
-            except ValueError:
-                name = yid
-            path = files.get(name) or files.get(yid)
-            if path is None:
-                skips.append(Skip(name, f"no such file (row of {annotations.name}, youtube_id {yid})"))
-                continue
-            label = " ".join(row["label"].replace("_", " ").split())
-            rel = path.relative_to(root).as_posix()
-            if not label:
-                skips.append(Skip(rel, f"no caption (empty label in {annotations.name})"))
-                continue
-            jobs.append(Job(_safe_key(name), path, label, rel))
-    return _dedupe(jobs, skips), skips
-
-
-def list_synthetic(count: int, seed: int) -> tuple[list[Job], list[Skip]]:
-    """``count`` moving-shapes clips of dataset ``seed`` (captions are filled in when rendered)."""
-    return [Job(f"shapes_{seed}_{i:07d}", None, "", f"synthetic:{seed}/{i}") for i in range(count)], []
+    max_side: int = VideoLimits.max_side  # a source wider or taller than this is skipped before decoding
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,10 +100,15 @@ def clip_starts(duration: float, clip_seconds: float, count: int) -> list[float]
 
 def clips_from_video(job: Job, opts: ClipOptions) -> tuple[list[dict], list[Skip]]:
     """Probe, cut ``clips_per_video`` windows, resize, re-encode. Bad files come back as skips."""
+    if reason := playlist_problem(job.path, by_extension=False):
+        return [], [Skip(job.source, reason)]
     try:
         info = probe_video(job.path)
     except VideoReadError as e:
         return [], [Skip(job.source, str(e).replace(str(job.path), "").lstrip(": "))]
+    limits = VideoLimits(opts.max_side, 1 << 62)  # only a window of frames is decoded: no frame ceiling
+    if reason := size_problem(0, info.height, info.width, limits, what="source"):
+        return [], [Skip(job.source, reason)]
     clip_seconds = opts.frames / opts.fps
     if info.duration and info.duration + 0.5 / opts.fps < clip_seconds:
         need = f"{clip_seconds:.2f} s for {opts.frames} frames at {opts.fps:g} fps"
@@ -331,7 +117,8 @@ def clips_from_video(job: Job, opts: ClipOptions) -> tuple[list[dict], list[Skip
     samples, skips = [], []
     for i, start in enumerate(clip_starts(info.duration, clip_seconds, opts.clips_per_video)):
         try:
-            video = read_video(job.path, num_frames=opts.frames, start=start, fps=opts.fps, size=opts.size, crop=opts.crop)
+            video = read_video(job.path, num_frames=opts.frames, start=start, fps=opts.fps, size=opts.size, crop=opts.crop,
+                               max_shape=(opts.frames, opts.max_side, opts.max_side))
         except VideoReadError as e:
             skips.append(Skip(f"{job.source}@{start:g}s", str(e).replace(str(job.path), "").lstrip(": ")))
             continue
@@ -390,11 +177,92 @@ def _warn(skip: Skip, bar=None) -> None:
         print(line, file=sys.stderr)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the OS lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Samples -> ``out/shard-000000.tar``, ... with ``maxcount`` samples each, every shard atomic.
+
+    A shard is written as ``shard-NNNNNN.tar.tmp``, fsynced and renamed when full or at :meth:`close`, so a
+    ``.tar`` is always complete; none is made before its first sample. :meth:`abort` (an exception inside
+    ``with``) removes the partial one. ``shards`` lists the finished shards.
+    """
+
+    def __init__(self, out: Path, maxcount: int):
+        self.out, self.maxcount = Path(out), maxcount
+        self.shards: list[Path] = []
+        self._tar = self._file = None
+        self._count = 0
+
+    def write(self, sample: dict) -> None:
+        import webdataset as wds
+
+        if self._tar is not None and self._count >= self.maxcount:
+            self._finish()
+        if self._tar is None:
+            self._file = open(self._tmp(), "wb")
+            # mtime=0 and bytes-only values: the same inputs give byte-identical shards, with nothing pickled.
+            self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+            self._count = 0
+        self._tar.write(sample)
+        self._count += 1
+
+    def _final(self) -> Path:
+        return self.out / (SHARD_PATTERN % len(self.shards))
+
+    def _tmp(self) -> Path:
+        return self._final().with_name(self._final().name + ".tmp")
+
+    def _finish(self) -> None:
+        self._tar.close()  # ends the tar; the file is ours to sync and close
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp(), self._final())
+        _fsync_dir(self.out)
+        self.shards.append(self._final())
+        self._tar = self._file = None
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drop the shard being written (its .tmp); finished shards stay."""
+        if self._file is not None:
+            try:
+                self._tar.close()  # else the tar stream writes its end into the closed file when collected
+            except Exception:  # noqa: BLE001 - the file is removed either way
+                pass
+            self._file.close()
+            self._tmp().unlink(missing_ok=True)
+        self._tar = self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *rest) -> None:
+        self.abort() if kind is not None else self.close()
+
+
 def write_shards(
     jobs: list[Job], work, out: Path, *, shard_size: int, workers: int, expected: int, skips=(), progress=True
 ) -> Summary:
-    """Run ``work(job) -> (samples, skips)`` over ``jobs`` on ``workers`` threads; write in job order."""
-    import webdataset as wds
+    """Run ``work(job) -> (samples, skips)`` over ``jobs`` on ``workers`` threads; write in job order.
+
+    Shards are atomic (:class:`ShardWriter`); on an exception (KeyboardInterrupt too) the partial shard is
+    removed and the finished ones stay."""
     from tqdm import tqdm
 
     summary = Summary(skipped=list(skips))
@@ -403,22 +271,20 @@ def write_shards(
     bar = tqdm(total=expected, unit="clip", desc="writing shards", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for s in summary.skipped:
         _warn(s, bar)
-    # mtime=0 and bytes-only values: the same inputs give byte-identical shards, with nothing pickled.
-    with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=shard_size, verbose=0, encoder=False, mtime=0) as sink:
+    with ShardWriter(out, shard_size) as sink:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: collections.deque = collections.deque()
-            it = iter(jobs)
-            for job in it:  # keep at most 4 jobs per worker in flight; results are taken in order
+            for job in jobs:  # keep at most 4 jobs per worker in flight; results are taken in order
                 pending.append(pool.submit(_guarded, work, job))
                 if len(pending) < 4 * workers:
                     continue
                 _drain(pending.popleft().result(), sink, summary, bar)
             while pending:
                 _drain(pending.popleft().result(), sink, summary, bar)
-        summary.shards = sink.shard
     bar.close()
+    summary.shards = len(sink.shards)
     summary.seconds = time.perf_counter() - start
-    summary.bytes = sum(p.stat().st_size for p in out.glob("shard-*.tar"))
+    summary.bytes = sum(p.stat().st_size for p in sink.shards)
     return summary
 
 
@@ -466,7 +332,10 @@ layouts (KIND SOURCE):
 output: DIR/shard-000000.tar, ... each sample {__key__, mp4 (H.264), txt (caption), json
 (source, fps, num_frames, height, width, start)}, and DIR/summary.json. Bad inputs (corrupt,
 truncated or empty files, unknown codecs, videos shorter than the clip, missing or non-UTF-8
-captions, non-video files, duplicate keys) are skipped with a one-line warning and counted.
+captions, non-video files, duplicate keys, playlists and concat lists, symlinks out of SOURCE unless
+--follow-symlinks, videos larger than --max-side) are skipped with a one-line warning and counted.
+Each shard appears under its name only when complete (written as .tar.tmp, then renamed); a run that
+was killed leaves complete shards and no summary.json, and rerunning it asks for --overwrite.
 Train on them with lvd.data.loader: ClipDataConfig(shards="DIR") or a brace pattern
 "DIR/shard-{000000..000009}.tar" (the summary prints it).
 
@@ -504,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-list", type=Path, default=None, help="ucf101: official split list (trainlist01.txt ...)")
     p.add_argument("--annotations", type=Path, default=None, help="kinetics: annotation CSV (default: the .csv in SOURCE)")
     p.add_argument("--split", default=None, help="kinetics: keep rows of this split (train, val, test)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="follow symlinks that resolve outside SOURCE (default: skip and name them)")
+    p.add_argument("--max-side", type=int, default=VideoLimits.max_side,
+                   help=f"skip a source video wider or taller than this many pixels, read from its header before "
+                        f"decoding (default {VideoLimits.max_side})")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -522,7 +396,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         problems.append(f"--fps must be > 0, got {a.fps:g}")
     if a.size < 8 or a.size % 2:
         problems.append(f"--size must be an even number >= 8 (H.264 needs even sizes), got {a.size}")
-    for name in ("clips_per_video", "workers", "shard_size"):
+    for name in ("clips_per_video", "workers", "shard_size", "max_side"):
         if getattr(a, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if synthetic:
@@ -547,80 +421,111 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         problems.append("--split is only for kinetics (ucf101 uses --split-list)")
     if a.out.exists() and not a.out.is_dir():
         problems.append(f"--out '{a.out}' exists and is not a folder")
-    elif a.out.is_dir() and any(a.out.glob("shard-*.tar")) and not a.overwrite:
-        problems.append(f"--out '{a.out}' already holds shards; pass --overwrite to replace them")
+    elif (problem := _existing_run(a.out)) is not None and not a.overwrite:
+        problems.append(problem)
     elif (problem := folder_problem("--out", a.out)) is not None:  # e.g. under /proc, or on a read-only disk
         problems.append(problem)
     if problems:
         p.error("\n  ".join(problems))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    _check_args(parser, a)
+def _existing_run(out: Path) -> str | None:
+    """One line when ``out`` holds shards already: a finished run's, or an unfinished (killed) one's."""
+    if not out.is_dir():
+        return None
+    done, partial = sorted(out.glob("shard-*.tar")), sorted(out.glob("shard-*.tar.tmp"))
+    if partial or (done and not (out / "summary.json").is_file()):
+        return (f"--out '{out}' holds an unfinished run ({len(done)} complete shards, {len(partial)} partial, "
+                f"no summary.json); pass --overwrite to start it again")
+    if done:
+        return f"--out '{out}' already holds shards; pass --overwrite to replace them"
+    return None
 
-    # 1. List the inputs.
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove what an earlier run wrote (shards, partial shards, its summary)."""
+    for old in [*out.glob("shard-*.tar"), *out.glob("shard-*.tar.tmp"), out / "summary.json"]:
+        old.unlink(missing_ok=True)
+
+
+def _write_summary(out: Path, report: dict) -> None:
+    """summary.json, atomically (written last: a folder without one holds an unfinished run)."""
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
+
+
+def _list_jobs(parser: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[list[Job], list[Skip]]:
+    """The jobs of SOURCE; a SOURCE with nothing to write is a usage error (exit 2, one line, nothing written)."""
     try:
         if a.kind == "synthetic":
             jobs, skips = list_synthetic(a.count, a.seed)
         elif a.kind == "folder":
-            jobs, skips = list_folder(a.source)
+            jobs, skips = list_folder(a.source, a.follow_symlinks)
         elif a.kind == "ucf101":
-            jobs, skips = list_ucf101(a.source, a.split_list)
+            jobs, skips = list_ucf101(a.source, a.split_list, a.follow_symlinks)
         else:
-            jobs, skips = list_kinetics(a.source, a.annotations, a.split)
+            jobs, skips = list_kinetics(a.source, a.annotations, a.split, a.follow_symlinks)
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    if not jobs:
+        for skip in skips:
+            _warn(skip)
+        what = f"all {len(skips)} inputs were skipped (see above)" if skips else "it holds no input files"
+        parser.error(f"no clips to write from {a.kind} SOURCE '{a.source}': {what}")
+    return jobs, skips
 
-    # 2. Choose the per-job work.
+
+def _work(a: argparse.Namespace):
+    """``(work(job) -> (samples, skips), clips expected)`` for the layout."""
     if a.kind == "synthetic":
         cfg = ShapesConfig(size=a.size, frames=a.frames, fps=a.fps)
+        return (lambda job: clips_from_shapes(job, cfg, a.seed)), 1
+    opts = ClipOptions(a.frames, a.fps, a.size, crop=not a.no_crop, clips_per_video=a.clips_per_video,
+                       max_side=a.max_side)
+    return (lambda job: clips_from_video(job, opts)), a.clips_per_video
 
-        def work(job):
-            return clips_from_shapes(job, cfg, a.seed)
 
-        expected = len(jobs)
-    else:
-        opts = ClipOptions(a.frames, a.fps, a.size, crop=not a.no_crop, clips_per_video=a.clips_per_video)
-
-        def work(job):
-            return clips_from_video(job, opts)
-
-        expected = len(jobs) * a.clips_per_video
-
-    # 3. Write.
-    if a.overwrite:
-        for old in a.out.glob("shard-*.tar"):
-            old.unlink()
-    try:
-        summary = write_shards(
-            jobs, work, a.out, shard_size=a.shard_size, workers=a.workers, expected=expected, skips=skips,
-            progress=not a.quiet,
-        )
-    except KeyboardInterrupt:
-        print("interrupted; the last shard may be incomplete", file=sys.stderr)
-        return 130
-
-    # 4. Report.
+def _report(a: argparse.Namespace, summary: Summary) -> int:
+    """summary.json and the closing lines; status 1 (and no summary) when no clip was written."""
     report = summary.to_dict()
-    report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
-    (a.out / "summary.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    rate = summary.written / summary.seconds if summary.seconds else 0.0
-    print(
-        f"wrote {summary.written} clips in {summary.shards} shards ({summary.bytes / 1e6:.1f} MB) to {a.out} "
-        f"in {summary.seconds:.1f} s ({rate:.1f} clips/s)"
-    )
-    if summary.shards:
+    if summary.written:
+        report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+        _write_summary(a.out, report)
+        rate = summary.written / summary.seconds if summary.seconds else 0.0
+        print(
+            f"wrote {summary.written} clips in {summary.shards} shards ({summary.bytes / 1e6:.1f} MB) to {a.out} "
+            f"in {summary.seconds:.1f} s ({rate:.1f} clips/s)"
+        )
         print(f"shards: {a.out}/shard-{{000000..{summary.shards - 1:06d}}}.tar")
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} inputs:")
         for category, n in report["skipped"].items():
             print(f"  {n:6d}  {category}")
-    if summary.written == 0:
-        print("error: no clips were written", file=sys.stderr)
+    if not summary.written:
+        print(f"error: no clips were written: all {len(summary.skipped)} inputs were skipped (see the warnings); "
+              f"no shard and no summary.json in {a.out}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _check_args(parser, a)
+    jobs, skips = _list_jobs(parser, a)
+    work, per_job = _work(a)
+    if a.overwrite and a.out.is_dir():
+        _clear(a.out)
+    try:
+        summary = write_shards(jobs, work, a.out, shard_size=a.shard_size, workers=a.workers,
+                               expected=len(jobs) * per_job, skips=skips, progress=not a.quiet)
+    except KeyboardInterrupt:
+        done = len(list(a.out.glob("shard-*.tar")))
+        print(f"interrupted: {a.out} holds {done} complete shards and no partial one; rerun with --overwrite to "
+              "start again", file=sys.stderr)
+        return 130
+    return _report(a, summary)
 
 
 if __name__ == "__main__":
