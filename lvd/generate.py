@@ -60,6 +60,7 @@ class GenerateArgs:
     dtype: str
     offload: bool
     threads: int
+    text_encoder: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); 1 is fastest on a CPU shared with busy processes")
     p.add_argument("--offload", action="store_true", help="model CPU offload (accelerate) on a GPU, for large models")
+    p.add_argument("--text-encoder", default=None, metavar="PATH_OR_NAME",
+                   help="load the text encoder from here instead of the model folder's text_encoder_id (which may "
+                        "only name a packaged encoder, a folder inside the model folder or a cached hub id)")
     return p
 
 
@@ -207,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
                         negative_prompt=ns.negative_prompt, steps=ns.steps, guidance=ns.guidance, seed=ns.seed,
                         frames=ns.frames, height=ns.height, width=ns.width, fps=ns.fps, sampler=ns.sampler,
                         num_videos=ns.num_videos, batch_size=ns.batch_size, device=device, dtype=dtype,
-                        offload=ns.offload, threads=ns.threads)
+                        offload=ns.offload, threads=ns.threads, text_encoder=ns.text_encoder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +235,8 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
         print(f"note: --dtype {args.dtype} on a CPU is very slow (bf16 matmul ~0.3 GFLOP/s here); float32 is the "
               "CPU default", file=sys.stderr)
     try:
-        pipe = LVDPipeline.from_pretrained(str(args.model), **_dtype_kwarg(DTYPES[args.dtype]))
+        text = {"text_encoder_id": args.text_encoder} if args.text_encoder else {}
+        pipe = LVDPipeline.from_pretrained(str(args.model), **text, **_dtype_kwarg(DTYPES[args.dtype]))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"  - --model {args.model}: could not load the pipeline: {err}") from err
     problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]

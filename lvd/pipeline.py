@@ -46,7 +46,7 @@ from lvd.assembly import export_pipeline, load_components, load_text_encoder
 from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
 from lvd.pipeline_checks import EMBEDDING_ARGS, OUTPUT_TYPES, prompt_problems, size_problems
 from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
-from lvd.text import TextEmbeddings, encode_text, load_text_model
+from lvd.text import TextEmbeddings, encode_text, load_text_model, recorded_text_encoder
 from lvd.vae import VideoVAE, as_video_vae
 
 __all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "export_pipeline", "sampler_scheduler",
@@ -229,12 +229,19 @@ class LVDPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LVDPipeline":
         """diffusers' ``from_pretrained``; a folder with a ``text_encoder_id`` gets its text encoder and tokenizer
-        from :meth:`lvd.text.TextEncoder.from_pretrained` (unless they are passed in)."""
+        from :meth:`lvd.text.TextEncoder.from_pretrained` (unless they are passed in).
+
+        The folder's recorded id may name only a packaged encoder, a folder inside the model folder or a hub id
+        in the local cache (:func:`lvd.text.recorded_text_encoder`); ``text_encoder_id=`` given here is the
+        caller's own choice and may be any name or path."""
         folder = Path(pretrained_model_name_or_path)
         index_path = folder / "model_index.json"
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32
         if index_path.is_file() and not {"text_encoder", "tokenizer"} & set(kwargs):
-            text_encoder_id = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_id")
+            text_encoder_id = kwargs.get("text_encoder_id")
+            if not text_encoder_id:
+                recorded = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_id")
+                text_encoder_id = recorded and recorded_text_encoder(recorded, folder)
             if text_encoder_id:
                 text_model, tokenizer = load_text_encoder(text_encoder_id, dtype=dtype)
                 kwargs.update(text_encoder=text_model, tokenizer=tokenizer)

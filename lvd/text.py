@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import warnings
 import weakref
@@ -138,6 +139,37 @@ def resolve_text_encoder_path(path_or_name: str | os.PathLike) -> tuple[str, str
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json for a text encoder in {folder}")
     return str(folder), str(folder), max_seq
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def recorded_text_encoder(text_encoder_id: str, model_folder: str | os.PathLike) -> str:
+    """What a saved pipeline's ``text_encoder_id`` may load, as a name for :func:`resolve_text_encoder_path`.
+
+    A folder of downloaded files must not reach outside itself, so the recorded id is one of: an encoder shipped
+    in a pip package (:data:`PACKAGED_ENCODERS`), a folder inside the model folder (relative to it; symlinks
+    out are refused), or a Hugging Face hub id found in the local cache. Anything else (an absolute path, ``..``,
+    a folder elsewhere) raises ValueError naming it; the user can still pass such a path themselves
+    (``from_pretrained(..., text_encoder_id=PATH)``, ``python -m lvd.generate --text-encoder PATH``)."""
+    folder = Path(model_folder).resolve()
+    where = f"{Path(model_folder) / 'model_index.json'}: text_encoder_id={text_encoder_id!r}"
+    if str(text_encoder_id).lower() in PACKAGED_ENCODERS:
+        return str(text_encoder_id)
+    given = Path(text_encoder_id)
+    if given.is_absolute() or ".." in given.parts or "\\" in str(text_encoder_id):
+        raise ValueError(f"{where} points outside the model folder; pass the path yourself to load it "
+                         "(text_encoder_id= or --text-encoder)")
+    inside = folder / given
+    if inside.exists():
+        if not inside.resolve().is_relative_to(folder):
+            raise ValueError(f"{where} is a link out of the model folder (to {inside.resolve()}); pass the path "
+                             "yourself to load it (text_encoder_id= or --text-encoder)")
+        return str(inside)
+    if _HUB_ID.fullmatch(str(text_encoder_id)) and not given.exists():
+        return str(text_encoder_id)  # a hub id: transformers looks in the local cache only (offline)
+    raise ValueError(f"{where} is not a packaged encoder ({', '.join(sorted(PACKAGED_ENCODERS))}), a folder inside "
+                     "the model folder, or a Hugging Face hub id")
 
 
 def load_text_model(model_path: str, *, dtype: torch.dtype | None = None):

@@ -1,5 +1,6 @@
 """`python -m lvd.generate` on a tiny random pipeline folder: files, sizes, determinism, and bad input."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,24 @@ def test_a_broken_pipeline_folder_is_refused(model_dir, tmp_path, capsys, no_sam
     shutil.rmtree(broken / "transformer")
     assert generate.main(["--model", str(broken), "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2
     assert f"--model {broken}: could not load the pipeline" in capsys.readouterr().err
+
+
+def test_a_text_encoder_outside_the_model_folder_needs_the_users_own_flag(model_dir, tmp_path, capsys):
+    """A model folder cannot point its text_encoder_id outside itself; --text-encoder PATH is the user's choice."""
+    folder, encoder = tmp_path / "model", tmp_path / "encoder"
+    shutil.copytree(model_dir, folder)
+    encoder.mkdir()
+    for name in ("text_encoder", "tokenizer"):
+        shutil.move(folder / name, encoder / name)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder=[None, None], tokenizer=[None, None], text_encoder_id=str(encoder))
+    (folder / "model_index.json").write_text(json.dumps(index))
+    out = ["--prompt", "a red circle moving right", "--output", str(tmp_path / "o.mp4")]
+    assert generate.main(["--model", str(folder), *ARGS, *out]) == 2
+    err = capsys.readouterr().err
+    assert f"text_encoder_id={str(encoder)!r} points outside the model folder" in err and "Traceback" not in err
+    assert generate.main(["--model", str(folder), *ARGS, *out, "--text-encoder", str(encoder)]) == 0
+    assert probe_video(tmp_path / "o.mp4").num_frames == 5
 
 
 def test_missing_or_non_pipeline_model_folder_is_refused(tmp_path, capsys, no_sampling):

@@ -1,6 +1,7 @@
 """LVDPipeline on a tiny random pipeline (VideoDiT + CausalVideoVAE + CLIP text model) saved to a temp folder."""
 
 import json
+import shutil
 import string
 
 import numpy as np
@@ -23,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from lvd.diffusion import null_text_embeddings
 from lvd.dit import VideoDiT
 from lvd.pipeline import SAMPLERS, LVDPipeline, LVDPipelineOutput, sampler_scheduler, scheduler_objective
-from lvd.text import encode_text
+from lvd.text import encode_text, recorded_text_encoder
 from lvd.vae import CausalVideoVAE
 
 FRAMES, SIZE = 5, 16  # latents (4, 2, 4, 4) → 8 tokens with patch (1, 2, 2)
@@ -260,20 +261,20 @@ def test_save_and_load_round_trip(pipe_dir, pipe, tmp_path):
 
 
 def test_a_folder_can_refer_to_its_text_encoder_by_name(tmp_path):
-    """text_encoder_id: the folder holds no text_encoder/ or tokenizer/; loading resolves the name (here a local
-    folder; for the demo the packaged all-MiniLM-L6-v2) and gives the same video."""
+    """text_encoder_id: the folder holds no text_encoder/ or tokenizer/; loading resolves the name (here a folder
+    inside the model folder; for the demo the packaged all-MiniLM-L6-v2) and gives the same video."""
     components = tiny_components()
-    components["text_encoder"].save_pretrained(tmp_path / "encoder")
-    components["tokenizer"].save_pretrained(tmp_path / "encoder")
-    pipeline = LVDPipeline(**components, text_encoder_id=str(tmp_path / "encoder"))
+    pipeline = LVDPipeline(**components, text_encoder_id="encoder")
     pipeline.set_progress_bar_config(disable=True)
     expected = run(pipeline, output_type="pt").frames
     pipeline.save_pretrained(tmp_path / "pipe")
     assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["model_index.json", "scheduler", "transformer",
                                                                       "vae"]
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["text_encoder_id"] == str(tmp_path / "encoder") and index["text_encoder"] == [None, None]
+    assert index["text_encoder_id"] == "encoder" and index["text_encoder"] == [None, None]
     assert pipeline.config.text_encoder == ("transformers", "CLIPTextModel")  # unchanged in memory
+    for name in ("text_encoder", "tokenizer"):  # the shared encoder, inside the model folder
+        components[name].save_pretrained(tmp_path / "pipe" / "encoder")
     again = LVDPipeline.from_pretrained(tmp_path / "pipe")
     again.set_progress_bar_config(disable=True)
     assert torch.equal(run(again, output_type="pt").frames, expected)
@@ -281,12 +282,34 @@ def test_a_folder_can_refer_to_its_text_encoder_by_name(tmp_path):
 
     # An export can be written without ever loading the encoder.
     bare = {**components, "text_encoder": None, "tokenizer": None}
-    LVDPipeline(**bare, text_encoder_id=str(tmp_path / "encoder")).save_pretrained(tmp_path / "bare")
+    LVDPipeline(**bare, text_encoder_id="encoder").save_pretrained(tmp_path / "bare")
+    shutil.copytree(tmp_path / "pipe" / "encoder", tmp_path / "bare" / "encoder")
     loaded = LVDPipeline.from_pretrained(tmp_path / "bare")
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(run(loaded, output_type="pt").frames, expected)
     with pytest.raises(ValueError, match="no text_encoder/tokenizer"):
         run(LVDPipeline(**bare))
+
+
+def test_a_recorded_text_encoder_cannot_reach_outside_the_model_folder(tmp_path):
+    """A downloaded folder's text_encoder_id may name a packaged encoder, a folder inside it or a cached hub id;
+    an absolute path, '..' or a symlink out is refused naming the file and value. The caller's own path loads."""
+    components = tiny_components()
+    outside = tmp_path / "elsewhere"
+    for name in ("text_encoder", "tokenizer"):
+        components[name].save_pretrained(outside)
+    bare = {**components, "text_encoder": None, "tokenizer": None}
+    for recorded, why in ((str(outside), "outside the model folder"), ("../elsewhere", "outside the model folder"),
+                          ("link", "link out of the model folder"), ("not a name!", "not a packaged encoder")):
+        folder = tmp_path / f"pipe_{abs(hash(recorded))}"
+        LVDPipeline(**bare, text_encoder_id=recorded).save_pretrained(folder)
+        (folder / "link").symlink_to(outside, target_is_directory=True)
+        with pytest.raises(ValueError, match=f"model_index.json: text_encoder_id=.*{why}"):
+            LVDPipeline.from_pretrained(folder)
+        chosen = LVDPipeline.from_pretrained(folder, text_encoder_id=str(outside))  # the caller's own choice
+        assert chosen.text_encoder is not None and chosen.config.text_encoder_id == str(outside)
+    assert recorded_text_encoder("all-MiniLM-L6-v2", tmp_path) == "all-MiniLM-L6-v2"  # packaged
+    assert recorded_text_encoder("openai/clip-vit-base-patch32", tmp_path) == "openai/clip-vit-base-patch32"  # hub
 
 
 def test_a_diffusers_video_vae_works_as_the_vae_component(tmp_path):
