@@ -21,13 +21,20 @@ embedding, which classifier-free-guidance dropout trains with, is written beside
 (:func:`lvd.data.latents.write_uncond`). ``OUT/cache.json``
 records what made the latents (VAE, text encoder, latent shape) and a second run with a different
 VAE or text encoder refuses to mix them into the same folder.
+
+Bad samples never end a run: an unsafe key (``..``, a leading ``/``, a backslash or NUL), a missing member,
+an unreadable json, an mp4 that is undecodable, too short, a shape the VAE cannot take, or larger than its
+json or ``--max-side``/``--max-frames`` (read from its stream header before decoding, :mod:`lvd.data.safety`)
+is skipped, logged in one line naming shard and key, and counted in the closing report.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -39,6 +46,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from lvd.config import folder_problem, run_cli
+from lvd.data.safety import VideoLimits, declared_size, key_problem, size_problem
 from lvd.inputs import text_encoder_problem, vae_problem
 
 if TYPE_CHECKING:
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "parse_buckets", "buckets_from_config",
            "fit_clip", "cache_shard", "write_uncond", "main"]
 
+log = logging.getLogger("lvd.cache_latents")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = name up to the first dot
 
 
@@ -140,64 +149,130 @@ def fit_clip(video: torch.Tensor, buckets: list[Bucket]) -> tuple[torch.Tensor, 
     return crop_clip(x, sized[i], None), sized[i]  # (C, T_b, H_b, W_b)
 
 
-def _load_clip(src: Path, s: dict, frames: int | None, buckets: list[Bucket] | None) -> tuple[torch.Tensor, dict]:
-    """One sample's clip as (C, T, H, W) float in [-1, 1] (fitted to a bucket when ``buckets``) and its json."""
-    from lvd.video_io import decode_video_bytes
+def _load_clip(s: dict, frames: int | None, buckets: list[Bucket] | None,
+               limits: VideoLimits) -> tuple[torch.Tensor, dict]:
+    """One sample's clip as (C, T, H, W) float in [-1, 1] (fitted to a bucket when ``buckets``) and its json.
 
-    if "mp4" not in s or "txt" not in s:
-        raise ValueError(f"{src}: sample '{s['__key__']}' lacks mp4 or txt (has {sorted(k for k in s if k != '__key__')})")
-    meta = json.loads(s["json"]) if "json" in s else {}
-    v = decode_video_bytes(s["mp4"])  # (C, T, H, W) uint8
+    Raises SkipSample (one line) for a sample to skip: an unsafe key, a missing member, an unreadable json, an
+    mp4 larger than its json or ``limits`` (read from its header before decoding), undecodable or too short."""
+    from lvd.data.codecs import SkipSample, decode_bounded
+
+    if problem := key_problem(s["__key__"]):
+        raise SkipSample(problem)
+    for member in ("mp4", "txt"):
+        if member not in s:
+            raise SkipSample(f"missing {member} (has {sorted(k for k in s if k != '__key__')})")
+    try:
+        meta = json.loads(s["json"]) if "json" in s else {}
+        declared = declared_size(meta) if isinstance(meta, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        raise SkipSample("unreadable json metadata") from None
+    if not isinstance(meta, dict):
+        raise SkipSample("unreadable json metadata (not an object)")
+    if declared is not None and (problem := size_problem(*declared, limits, what="json")):
+        raise SkipSample(problem)
+    v = decode_bounded(s["mp4"], declared, limits)  # (C, T, H, W) uint8
     if buckets:
         try:
             x, b = fit_clip(v, buckets)
         except ValueError as e:
-            raise ValueError(f"{src}: sample '{s['__key__']}': {e}") from e
+            raise SkipSample(f"too short ({e})") from None
         meta["bucket"] = {"frames": b.frames, "height": b.height, "width": b.width}
         return x, meta
     if frames is not None:
         if v.shape[1] < frames:
-            raise ValueError(f"{src}: sample '{s['__key__']}' has {v.shape[1]} frames, --frames asks for {frames}")
+            raise SkipSample(f"too short ({v.shape[1]} frames, --frames asks for {frames})")
         v = v[:, :frames]
     return v.float() / 127.5 - 1.0, meta
 
 
+def _readable_samples(src: Path, skip) -> Iterator[dict]:
+    """:func:`read_tar_samples`, stopping (and reporting the shard through ``skip``) where the tar is unreadable."""
+    try:
+        yield from read_tar_samples(src)
+    except (tarfile.TarError, OSError) as e:
+        skip("(rest of shard)", f"unreadable tar ({type(e).__name__}: {e})")
+
+
+def _chunks(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for s in samples:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encode(chunk: list[dict], videos: list[torch.Tensor], vae, device, dtype, skip) -> list[torch.Tensor | None]:
+    """VAE latents of ``videos`` (same-shape groups batched), None for a clip the VAE cannot take (skipped)."""
+    latents: list[torch.Tensor | None] = [None] * len(chunk)
+    for shape in dict.fromkeys(tuple(v.shape) for v in videos):
+        idx = [i for i, v in enumerate(videos) if tuple(v.shape) == shape]
+        c, t, h, w = shape
+        try:
+            vae.check_input(t, h, w)
+        except ValueError as e:
+            for i in idx:
+                skip(chunk[i]["__key__"], f"does not fit the VAE ({t} frames, {h}x{w}: {e})")
+            continue
+        x = torch.stack([videos[i] for i in idx]).to(device=device)  # (B, C, T, H, W) in [-1, 1]
+        z = vae.encode(x.to(dtype)).float().cpu()  # (B, C', T', H', W'), normalised by the VAE
+        for j, i in enumerate(idx):
+            latents[i] = z[j]
+    return latents
+
+
 @torch.no_grad()
 def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, device: torch.device,
-                dtype: torch.dtype, frames: int | None = None, buckets: list[Bucket] | None = None) -> int:
+                dtype: torch.dtype, frames: int | None = None, buckets: list[Bucket] | None = None,
+                limits: VideoLimits = VideoLimits(), skipped: collections.Counter | None = None) -> int:
     """Encode one clip shard into one latent shard; returns the number of samples written.
 
     ``buckets`` (pixel sizes): fit each clip into one (:func:`fit_clip`); else ``frames`` trims clips to their
-    first frames and their size is kept.
+    first frames and their size is kept. A bad sample (unsafe key, missing member, undecodable or oversized mp4,
+    a shape the VAE cannot take, caption not UTF-8) is skipped: logged naming shard and key, counted by reason
+    in ``skipped``. A shard with no good sample writes no file.
     """
     from lvd.data import latents as latent_format
+    from lvd.data.codecs import SkipSample
 
-    samples = list(read_tar_samples(src))
+    def skip(key: str, reason: str) -> None:
+        if skipped is not None:
+            skipped[reason.split(" (")[0]] += 1
+        log.warning("skipped %r in %s: %s", key, src, reason)
+
     out: list[dict] = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        videos, metas = zip(*(_load_clip(src, s, frames, buckets) for s in chunk))
-        shapes = {tuple(v.shape) for v in videos}
-        groups = [[i for i, v in enumerate(videos) if tuple(v.shape) == shp] for shp in shapes]  # same-shape batches
-        latents: list[torch.Tensor | None] = [None] * len(chunk)
-        for idx in groups:
-            c, t, h, w = videos[idx[0]].shape
+    for chunk in _chunks(_readable_samples(src, skip), batch_size):
+        good, videos, metas = [], [], []
+        for s in chunk:
             try:
-                vae.check_input(t, h, w)
-            except ValueError as e:
-                raise ValueError(f"{src}: sample '{chunk[idx[0]]['__key__']}' ({t} frames, {h}x{w}) does not fit the VAE: {e}") from e
-            x = torch.stack([videos[i] for i in idx]).to(device=device)  # (B, C, T, H, W) in [-1, 1]
-            z = vae.encode(x.to(dtype)).float().cpu()  # (B, C', T', H', W'), normalised by the VAE
-            for j, i in enumerate(idx):
-                latents[i] = z[j]
-        captions = [s["txt"].decode("utf-8") for s in chunk]
-        text = text_encoder(captions)
-        for i, s in enumerate(chunk):
-            meta = metas[i]
+                caption = s["txt"].decode("utf-8") if "txt" in s else None
+                video, meta = _load_clip(s, frames, buckets, limits)
+            except SkipSample as e:
+                skip(s["__key__"], str(e))
+                continue
+            except UnicodeDecodeError:
+                skip(s["__key__"], "caption not UTF-8")
+                continue
+            good.append((s, caption))
+            videos.append(video)
+            metas.append(meta)
+        latents = _encode([s for s, _ in good], videos, vae, device, dtype, skip)
+        kept = [i for i, z in enumerate(latents) if z is not None]
+        if not kept:
+            continue
+        text = text_encoder([good[i][1] for i in kept])
+        for row, i in enumerate(kept):
+            s, meta = good[i][0], metas[i]
             meta["latent_shape"] = list(latents[i].shape)
-            out.append({"__key__": s["__key__"], latent_format.MEMBER: latent_format.encode_sample(latents[i], text.row(i)),
+            out.append({"__key__": s["__key__"], latent_format.MEMBER: latent_format.encode_sample(latents[i], text.row(row)),
                         "txt": s["txt"], "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
-    write_tar_samples(dst, out)
+    if out:
+        write_tar_samples(dst, out)
+    else:
+        log.warning("%s: no sample could be cached; no latent shard written", src)
     return len(out)
 
 
@@ -265,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="text tokens (default: the encoder's limit)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tiling", action="store_true", help="tiled/chunked VAE encode (for 512-1024 px clips)")
+    p.add_argument("--max-side", type=int, default=VideoLimits.max_side,
+                   help="skip a clip whose json or mp4 header is wider or taller than this (default %(default)s)")
+    p.add_argument("--max-frames", type=int, default=VideoLimits.max_frames,
+                   help="skip a clip whose json or mp4 header has more frames than this (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -293,6 +372,7 @@ def _check_args(a: argparse.Namespace) -> tuple[list[Path], list[str]]:
             problems.append(f"--buckets-from {a.buckets_from}: no such file")
         elif a.frames is not None:
             problems.append("--frames with --buckets-from: the config's buckets set the frame counts")
+    problems += VideoLimits(a.max_side, a.max_frames).problems("--")
     if a.max_length is not None and a.max_length < 1:
         problems.append(f"--max-length must be >= 1, got {a.max_length}")
     names = [s.name for s in shards]
@@ -349,13 +429,21 @@ def main(argv: list[str] | None = None) -> int:
     write_uncond(a.out, text_encoder)
 
     # 4. Encode shard by shard.
-    t0, n = time.perf_counter(), 0
+    t0, n, skipped = time.perf_counter(), 0, collections.Counter()
+    limits = VideoLimits(a.max_side, a.max_frames)
     bar = tqdm(todo, unit="shard", desc="caching latents", disable=a.quiet, dynamic_ncols=True)
     for src in bar:
         n += cache_shard(src, a.out / src.name, vae, text_encoder, batch_size=a.batch_size, device=device,
-                         dtype=dtype, frames=a.frames, buckets=buckets)
-        bar.set_postfix(clips=n, clips_s=f"{n / (time.perf_counter() - t0):.2f}")
-    print(f"wrote {n} latent samples in {len(todo)} shard(s) to {a.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+                         dtype=dtype, frames=a.frames, buckets=buckets, limits=limits, skipped=skipped)
+        bar.set_postfix(clips=n, skipped=sum(skipped.values()), clips_s=f"{n / (time.perf_counter() - t0):.2f}")
+    written = sum((a.out / s.name).is_file() for s in todo)
+    print(f"wrote {n} latent samples in {written} shard(s) to {a.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    if skipped:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        print(f"skipped {sum(skipped.values())} bad samples ({reasons}); each is named above", file=sys.stderr)
+    if todo and not n:
+        print("python -m lvd.cache_latents: error: no sample could be cached (every one was skipped)", file=sys.stderr)
+        return 1
     return 0
 
 

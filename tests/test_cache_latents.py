@@ -121,10 +121,61 @@ def test_bad_input_is_reported(setup, tmp_path, capsys):
     assert "--buckets: entries must be HEIGHTxWIDTH" in err and "give one" in err and "nope.yaml: no such file" in err
     with pytest.raises(SystemExit, match="bucket 5x15x16: .*multiples of 2"):
         _run(clips, tmp_path / "o", vae_dir, text_dir, "--buckets", "15x16", "--frames", "5")
-    # A clip the VAE cannot take (3 frames is not 1 + 4k) is named with its shard and key.
+    assert _run(clips, tmp_path / "o", vae_dir, text_dir, "--max-side", "0") == 2
+    assert "--max_side must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_clip_the_vae_cannot_take_is_skipped_naming_shard_and_key(setup, tmp_path, caplog):
+    """3 frames is not 1 + 4k: every sample is skipped, named, counted; no shard is written."""
+    import collections
+
     from lvd.cache_latents import cache_shard
 
+    root, vae_dir, text_dir, clips = setup
     vae = CausalVideoVAE.from_pretrained(vae_dir)
-    with pytest.raises(ValueError, match="shard-000000.tar: sample .* does not fit the VAE"):
-        cache_shard(sorted(clips.glob("*.tar"))[0], tmp_path / "x.tar", vae, TextEncoder.from_pretrained(text_dir, device="cpu"),
-                    batch_size=2, device=torch.device("cpu"), dtype=torch.float32, frames=3)
+    skipped = collections.Counter()
+    with caplog.at_level("WARNING", logger="lvd.cache_latents"):
+        n = cache_shard(sorted(clips.glob("*.tar"))[0], tmp_path / "x.tar", vae, TextEncoder.from_pretrained(text_dir, device="cpu"),
+                        batch_size=2, device=torch.device("cpu"), dtype=torch.float32, frames=3, skipped=skipped)
+    assert n == 0 and skipped == {"does not fit the VAE": 3} and not (tmp_path / "x.tar").exists()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("shard-000000.tar" in ln and "shapes_0_0000000" in ln and "does not fit the VAE" in ln for ln in lines) == 1
+
+
+def test_bad_samples_are_skipped_named_and_counted_and_the_rest_cached(setup, tmp_path, caplog, capsys):
+    from data_helpers import json_bytes, write_tar
+
+    from lvd.video_io import encode_video_bytes
+
+    root, vae_dir, text_dir, clips = setup
+    good = [s for p in sorted(clips.glob("*.tar")) for s in read_tar_samples(p)][:2]
+    meta = {"num_frames": 5, "height": 16, "width": 16}
+    members = [(f"{s['__key__']}.{e}", s[e]) for s in good for e in ("json", "mp4", "txt")]
+    bad = {
+        "no_mp4": [("no_mp4.json", json_bytes(meta)), ("no_mp4.txt", b"a red circle")],
+        "garbage": [("garbage.json", json_bytes(meta)), ("garbage.mp4", b"\x00" * 300), ("garbage.txt", b"a red circle")],
+        "oversized": [("oversized.json", json_bytes(meta)),  # json says 5x16x16, the mp4 holds 5x32x32
+                      ("oversized.mp4", encode_video_bytes(torch.zeros(3, 5, 32, 32, dtype=torch.uint8), 8)),
+                      ("oversized.txt", b"a red circle")],
+        "../escape": [(f"../escape.{e}", good[0][e]) for e in ("json", "mp4", "txt")],
+        "latin1": [("latin1.json", good[0]["json"]), ("latin1.mp4", good[0]["mp4"]), ("latin1.txt", b"caf\xe9")],
+    }
+    for extra in bad.values():
+        members += extra
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "shard-000000.tar", members)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="lvd.cache_latents"):
+        assert _run(tmp_path / "in", out, vae_dir, text_dir) == 0
+    got = [s["__key__"] for s in read_tar_samples(out / "shard-000000.tar")]
+    assert got == [s["__key__"] for s in good]
+    lines = [r.getMessage() for r in caplog.records]
+    for key, reason in (("no_mp4", "missing mp4"), ("garbage", "undecodable mp4"), ("oversized", "mp4 larger than its json"),
+                        ("../escape", "unsafe key"), ("latin1", "caption not UTF-8")):
+        assert sum(f"'{key}' in " in ln and "shard-000000.tar" in ln and reason in ln for ln in lines) == 1, (key, lines)
+    err = capsys.readouterr().err
+    assert "skipped 5 bad samples (" in err and "mp4 larger than its json: 1" in err
+    # A ceiling below every clip: each is refused from its json, nothing written, status 1.
+    assert _run(tmp_path / "in", tmp_path / "out2", vae_dir, text_dir, "--max-side", "8") == 1
+    assert "no sample could be cached" in capsys.readouterr().err
+    assert not list((tmp_path / "out2").glob("*.tar"))
