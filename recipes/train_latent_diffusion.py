@@ -12,7 +12,10 @@ Launch lines::
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         recipes/train_latent_diffusion.py --config recipes/configs/kinetics_dit_1024.yaml
 
-Starting the same command again resumes from the newest checkpoint in ``run.dir``. The run folder::
+Starting the same command again resumes from the newest intact checkpoint in ``run.dir`` (a newer one
+whose files do not match the SHA-256 hashes in its ``meta.json`` is skipped with a warning);
+``checkpoint.resume_from=RUN/checkpoints/step_N`` starts from that folder instead, and stops with an
+error if it fails verification. The run folder::
 
     RUN/config.yaml  checkpoints/step_N/  metrics.jsonl  tensorboard/  samples/step_N_k.gif  export/
 
@@ -56,7 +59,7 @@ from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens  # noq
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
 from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
 from lvd.text import TextEmbeddings  # noqa: E402
-from lvd.train.checkpoint import CheckpointConfig  # noqa: E402
+from lvd.train.checkpoint import CheckpointConfig, CheckpointError  # noqa: E402
 from lvd.train.distributed import (  # noqa: E402
     DistributedConfig,
     DistributedError,
@@ -377,4 +380,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="train_latent_diffusion.py", user_errors=(DistributedError,))
+    run_cli(main, prog="train_latent_diffusion.py", user_errors=(DistributedError, CheckpointError))

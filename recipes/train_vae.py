@@ -8,7 +8,10 @@ Launch lines::
     # many GPUs / nodes (DDP; distributed.strategy=fsdp shards the model)
     torchrun --standalone --nproc_per_node 8 recipes/train_vae.py --config recipes/configs/ucf101_vae_256.yaml
 
-Starting the same command again resumes from the newest checkpoint in ``run.dir``. The run folder::
+Starting the same command again resumes from the newest intact checkpoint in ``run.dir`` (a newer one
+whose files do not match the SHA-256 hashes in its ``meta.json`` is skipped with a warning);
+``checkpoint.resume_from=RUN/checkpoints/step_N`` starts from that folder instead, and stops with an
+error if it fails verification. The run folder::
 
     RUN/config.yaml  checkpoints/step_N/  metrics.jsonl  tensorboard/  samples/step_N.gif  export/
 
@@ -44,7 +47,7 @@ from lvd.config import (  # noqa: E402
 )
 from lvd.data.loader import ClipDataConfig, make_clip_loader
 from lvd.inputs import shards_problem
-from lvd.train.checkpoint import CheckpointConfig
+from lvd.train.checkpoint import CheckpointConfig, CheckpointError
 from lvd.train.distributed import DistributedConfig, DistributedError, init_distributed, shutdown, unwrap, wrap_model
 from lvd.train.loop import (
     Aux,
@@ -335,4 +338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="train_vae.py", user_errors=(DistributedError,))
+    run_cli(main, prog="train_vae.py", user_errors=(DistributedError, CheckpointError))

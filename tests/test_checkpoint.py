@@ -1,6 +1,8 @@
 """Resume checkpoints: round trips without pickle, atomic saves, clear errors on bad folders."""
 
+import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -20,10 +22,13 @@ from lvd.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_tree,
+    resume_from_problem,
     rng_state,
     save_checkpoint,
     save_tree,
+    select_checkpoint,
     set_rng_state,
+    verify_checkpoint,
 )
 
 
@@ -165,3 +170,102 @@ def test_missing_and_corrupt_checkpoints_name_the_file(tmp_path):
 def test_refuses_objects_that_would_need_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="pickle"):
         save_tree(tmp_path, "bad", {"fn": object()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification: SHA-256 of every file in meta.json
+# ----------------------------------------------------------------------------------------------
+
+
+def overwrite_middle(path, n=4096):
+    """Overwrite ``n`` bytes in the middle of a file with different bytes: same size, same header."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    n = min(n, len(data) // 4)
+    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def _big_state():
+    return {"w": torch.randn(64, 64), "b": torch.randn(64)}  # ~16 KiB: room for a 4 KiB hole in the tensor data
+
+
+def test_meta_records_the_sha256_of_every_file(tmp_path):
+    step_dir = save_checkpoint(tmp_path, 1, {"model": _big_state(), "trainer": {"step": 1}},
+                               rank_tree={"rng": rng_state()}, config={"a": 1})
+    meta = json.loads((step_dir / "meta.json").read_text())
+    files = sorted(p.name for p in step_dir.iterdir() if p.name != "meta.json")
+    assert sorted(meta["sha256"]) == sorted(meta["files"]) == files
+    for name in files:
+        assert meta["sha256"][name] == hashlib.sha256((step_dir / name).read_bytes()).hexdigest(), name
+    assert verify_checkpoint(step_dir)["verified"] is True
+
+
+def test_same_size_corruption_is_caught_and_named(tmp_path):
+    state = _big_state()
+    step_dir = save_checkpoint(tmp_path, 1, {"model": state})
+    overwrite_middle(step_dir / "model.safetensors")
+    assert load_tree(step_dir, "model").keys() == state.keys()  # safetensors itself reads it without complaint
+    with pytest.raises(CheckpointError, match="model.safetensors.*SHA-256"):
+        verify_checkpoint(step_dir)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(step_dir, ["model"])
+
+
+@pytest.mark.parametrize("damage", ["hash", "missing", "meta"])
+def test_select_skips_a_broken_newest_checkpoint_with_one_warning(tmp_path, caplog, damage):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"model": _big_state(), "optimizer": {"lr": 0.1}}, keep_last=10)
+    newest = tmp_path / "checkpoints" / "step_000003"
+    broken = {"hash": "model.safetensors", "missing": "optimizer.json", "meta": "meta.json"}[damage]
+    if damage == "hash":
+        overwrite_middle(newest / broken)
+    elif damage == "missing":
+        (newest / broken).unlink()
+    else:
+        (newest / broken).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="lvd.train.checkpoint"):
+        step_dir, meta = select_checkpoint(tmp_path)
+    assert step_dir.name == "step_000002" and meta["step"] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert str(newest) in warnings[0] and broken in warnings[0]
+
+
+def test_select_when_every_checkpoint_is_broken_is_an_error(tmp_path):
+    for step in (1, 2):
+        overwrite_middle(save_checkpoint(tmp_path, step, {"model": _big_state()}) / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*all 2 failed verification") as err:
+        select_checkpoint(tmp_path)
+    assert "\n" not in str(err.value)
+    assert select_checkpoint(tmp_path / "fresh") is None  # no checkpoint at all: a fresh start
+
+
+def test_resume_from_names_the_folder_and_never_falls_back(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"model": _big_state()})
+    older = tmp_path / "checkpoints" / "step_000001"
+    assert select_checkpoint(tmp_path, older)[0] == older  # an older one than the newest, by choice
+    overwrite_middle(older / "model.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint.resume_from=.*step_000001.*model.safetensors") as err:
+        select_checkpoint(tmp_path, older)
+    assert "\n" not in str(err.value)
+    assert "no such folder" in resume_from_problem(tmp_path / "nope")
+    assert "no meta.json" in resume_from_problem(tmp_path)
+    assert resume_from_problem(older) is None
+
+
+def test_checkpoint_without_hashes_loads_unverified(tmp_path, caplog):
+    state = _big_state()
+    step_dir = save_checkpoint(tmp_path, 1, {"model": state})
+    meta = json.loads((step_dir / "meta.json").read_text())
+    del meta["sha256"]  # what a save before hashes were recorded wrote
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.INFO, logger="lvd.train.checkpoint"):
+        trees, _, meta = load_checkpoint(select_checkpoint(tmp_path)[0], ["model"])
+    assert meta["verified"] is False and torch.equal(trees["model"]["w"], state["w"])
+    notes = [r for r in caplog.records if "unverified" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO
+    (step_dir / "model.safetensors").write_bytes(b"")  # sizes are still checked
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        verify_checkpoint(step_dir)

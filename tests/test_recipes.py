@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lvd.train import loop
-from lvd.train.checkpoint import latest_checkpoint, load_tree
+from lvd.train.checkpoint import CheckpointError, latest_checkpoint, load_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,64 @@ def _assert_same(a, b, path=""):
         assert a.tolist() == b.tolist(), path
     else:
         assert a == b, path
+
+
+def _assert_same_files(full, resumed, steps=(3, 4)):
+    """Every checkpoint file of two runs byte-identical, rank0's RNG states included. config.yaml names its
+    run.dir and max_steps, so it (and its hash in meta.json) is the one file allowed to differ."""
+    for step in steps:
+        a, b = (run / "checkpoints" / f"step_{step:06d}" for run in (full, resumed))
+        names = sorted(p.name for p in a.iterdir())
+        assert names == sorted(p.name for p in b.iterdir()) and "rank0.safetensors" in names
+        for name in sorted(names, key=lambda n: n == "meta.json"):  # the data files first: they name the culprit
+            if name == "meta.json":
+                ma, mb = (json.loads((d / name).read_text()) for d in (a, b))
+                for m in (ma, mb):
+                    del m["files"]["config.yaml"], m["sha256"]["config.yaml"]
+                assert ma == mb, f"{a.name}/{name}"
+            elif name != "config.yaml":
+                assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a.name}/{name}"
+
+
+# The shipped configs load data with one worker process: torch's DataLoader then draws a base seed from the
+# global generator whenever an iterator starts, which a resume does once more than an uninterrupted run.
+_LOADER_DRAWS = pytest.mark.xfail(strict=True, reason=(
+    "lvd/data/loader.py: ShardLoader's DataLoader has no generator of its own, so starting its iterator after "
+    "the RNG restore draws from the global torch generator (rank0 rng/torch differs)"))
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=_LOADER_DRAWS)])
+def test_vae_recipe_two_steps_then_four_gives_the_same_files(clip_shards, tmp_path, workers):
+    from recipes.train_vae import main
+
+    fast = [f"data.workers={workers}", "eval.shards=", "export.enabled=false", "train.max_steps=4"]
+    assert main(_vae_args(clip_shards, tmp_path / "full", *fast)) == 0
+    assert main(_vae_args(clip_shards, tmp_path / "cut", *fast, "train.max_steps=2")) == 0
+    assert main(_vae_args(clip_shards, tmp_path / "cut", *fast)) == 0
+    _assert_same_files(tmp_path / "full", tmp_path / "cut")
+
+
+def test_vae_recipe_resume_from_errors_are_one_line(clip_shards, tmp_path, capsys):
+    from test_checkpoint import overwrite_middle
+
+    from lvd.config import run_cli
+    from recipes.train_vae import main
+
+    def cli(*extra):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, _vae_args(clip_shards, tmp_path, "eval.shards=", "export.enabled=false", *extra),
+                    prog="train_vae.py", user_errors=(CheckpointError,))
+        return exit_.value.code, capsys.readouterr().err.strip()
+
+    code, err = cli("train.max_steps=1", f"checkpoint.resume_from={tmp_path / 'nope'}")
+    assert code == 2 and err.splitlines()[1:] == [f"  checkpoint.resume_from='{tmp_path / 'nope'}': no such folder"]
+    assert not (tmp_path / "checkpoints").exists()  # reported before anything ran
+    assert cli("train.max_steps=1") == (0, "")
+    step_dir = tmp_path / "checkpoints" / "step_000001"
+    overwrite_middle(step_dir / "model.safetensors")
+    code, err = cli("train.max_steps=2", f"checkpoint.resume_from={step_dir}")
+    assert code == 2 and "model.safetensors" in err and "\n" not in err, err
+    assert latest_checkpoint(tmp_path).name == "step_000001"
 
 
 def test_vae_recipe_resume_is_bit_exact(clip_shards, tmp_path, monkeypatch):
@@ -229,6 +287,17 @@ def test_dit_recipe_resume_is_bit_exact_and_exports_a_pipeline(latent_setup, tmp
     ema = load_tree(latest_checkpoint(run), "ema")
     for k, v in exported.state_dict().items():
         assert torch.equal(v, ema[k]), k
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=_LOADER_DRAWS)])
+def test_dit_recipe_two_steps_then_four_gives_the_same_files(latent_setup, tmp_path, workers):
+    from recipes.train_latent_diffusion import main
+
+    fast = [f"data.workers={workers}", "samples.every=0", "export.enabled=false", "train.max_steps=4"]
+    assert main(_dit_args(latent_setup, tmp_path / "full", *fast)) == 0
+    assert main(_dit_args(latent_setup, tmp_path / "cut", *fast, "train.max_steps=2")) == 0
+    assert main(_dit_args(latent_setup, tmp_path / "cut", *fast)) == 0
+    _assert_same_files(tmp_path / "full", tmp_path / "cut")
 
 
 def test_dit_recipe_rejects_latents_that_do_not_fit(latent_setup, tmp_path):

@@ -1,13 +1,14 @@
 """The generic trainer on toy models: exact resume, NaN skipping, GAN aux step, logging, LR schedule."""
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from lvd.train.checkpoint import CheckpointConfig, latest_checkpoint, load_checkpoint
+from lvd.train.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint, load_checkpoint
 from lvd.train.distributed import DistEnv, DistributedConfig
 from lvd.train.loop import (
     Aux,
@@ -70,7 +71,8 @@ def disc_loss(disc, ctx, step, gen):
     return StepOutput(torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
 
 
-def run(run_dir, max_steps, *, aux=True, accum=2, nan_at=(), max_nan=3, every=1, hooks=(), die_at=None):
+def run(run_dir, max_steps, *, aux=True, accum=2, nan_at=(), max_nan=3, every=1, hooks=(), die_at=None, keep_last=2,
+        resume_from=""):
     torch.manual_seed(0)
     env = DistEnv()
     train = TrainConfig(max_steps=max_steps, seed=7, grad_accum=accum, grad_clip=1.0, ema_decay=0.9,
@@ -86,7 +88,8 @@ def run(run_dir, max_steps, *, aux=True, accum=2, nan_at=(), max_nan=3, every=1,
         return out
 
     trainer = Trainer(run_dir=run_dir, model=model, loss_fn=loss_fn, optim=OptimConfig(lr=1e-2, warmup_steps=2),
-                      train=train, checkpoint=CheckpointConfig(every=every, keep_last=2), env=env, ema=ema,
+                      train=train, checkpoint=CheckpointConfig(every=every, keep_last=keep_last, resume_from=str(resume_from)),
+                      env=env, ema=ema,
                       aux=aux_part, config={"toy": True}, count_fn=lambda b: (len(b["x"]), 6 * len(b["x"])),
                       hooks=hooks)
     loader = ToyLoader(nan_at=nan_at, die_at=die_at)
@@ -118,6 +121,66 @@ def test_resume_is_bit_exact(tmp_path):
     rows_full = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     rows_cut = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows_full] == [r["loss"] for r in rows_cut]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
+    from test_checkpoint import overwrite_middle
+
+    full, _ = run(tmp_path / "full", 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", 5, die_at=6)  # leaves step_2 and step_3
+    overwrite_middle(tmp_path / "cut" / "checkpoints" / "step_000003" / "model.safetensors")
+    with caplog.at_level(logging.WARNING):
+        resumed, _ = run(tmp_path / "cut", 5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "step_000003" in warnings[0] and "model.safetensors" in warnings[0]
+    _assert_same_state(_state(full), _state(resumed))  # steps 3..5 redone from step 2 land where the full run did
+
+
+def test_every_checkpoint_corrupt_stops_before_writing(tmp_path):
+    """A fresh start would silently drop the run's progress (and prune its new saves first): an error instead."""
+    from test_checkpoint import overwrite_middle
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 5, die_at=6)
+    folders = sorted((tmp_path / "checkpoints").iterdir())
+    for folder in folders:
+        overwrite_middle(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*resume_from") as err:
+        run(tmp_path, 5)
+    assert "\n" not in str(err.value)
+    assert sorted((tmp_path / "checkpoints").iterdir()) == folders
+
+
+def test_resume_from_an_older_checkpoint(tmp_path, caplog):
+    full, _ = run(tmp_path, 4, keep_last=10)
+    expected = {k: v.clone() for k, v in _state(full).items()}
+    ckpts = tmp_path / "checkpoints"
+    with caplog.at_level(logging.INFO):
+        resumed, _ = run(tmp_path, 4, keep_last=10, resume_from=ckpts / "step_000002")
+    assert any("resumed from" in r.getMessage() and "step_000002" in r.getMessage() for r in caplog.records)
+    _assert_same_state(expected, _state(resumed))
+    # The old steps 3 and 4 are set aside, not mixed into the new history.
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step_000001", "step_000002", "step_000003", "step_000003.superseded1", "step_000004", "step_000004.superseded1"]
+
+
+def test_resume_from_a_corrupt_checkpoint_is_an_error_not_a_fallback(tmp_path):
+    from test_checkpoint import overwrite_middle
+
+    run(tmp_path, 2, keep_last=10)
+    older = tmp_path / "checkpoints" / "step_000001"
+    overwrite_middle(older / "model.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint.resume_from=.*step_000001.*model.safetensors") as err:
+        run(tmp_path, 4, keep_last=10, resume_from=older)
+    assert "\n" not in str(err.value)
+    assert latest_checkpoint(tmp_path).name == "step_000002"
 
 
 def test_run_folder_layout(tmp_path):

@@ -10,12 +10,18 @@ One step folder describes itself::
       trainer.json                 step, LR schedule, NaN counter
       rank0.json / rank0.safetensors   per-rank state: RNG (torch CPU/CUDA, python, numpy), data-loader position
       config.yaml                  the resolved run config
-      meta.json                    written last: step, world size, file list with sizes
+      meta.json                    written last: step, world size, every file's size and SHA-256
 
 Atomicity: everything is written into ``step_N.tmp/``, fsynced, and only then renamed to ``step_N``
 (``os.replace`` of a directory is atomic on POSIX). A ``kill -9`` at any moment leaves either the
 old set of complete folders or the old set plus the new one; a stale ``*.tmp`` is removed by the next
 save. :func:`latest_checkpoint` only ever looks at complete folders.
+
+Verification: ``meta.json`` records the size and SHA-256 of every other file in the folder, hashed
+from disk after the fsync and before the rename, so a complete folder vouches for its own bytes.
+:func:`verify_checkpoint` checks them all; :func:`select_checkpoint` (what a resume uses) skips a
+newest folder that fails, with one warning, and resumes from the newest intact one. Folders saved
+before hashes were recorded (sizes only) still load, unverified.
 
 Under torchrun every rank writes its own ``rank{r}.*`` files into the same folder (a filesystem all
 ranks share) and rank 0 writes the rest and renames. Export for generation is separate: a diffusers
@@ -24,7 +30,9 @@ ranks share) and rank 0 writes the rest and renames. Export for generation is se
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -45,11 +53,17 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
+    "verify_checkpoint",
+    "select_checkpoint",
+    "set_aside_after",
+    "resume_from_problem",
     "save_tree",
     "load_tree",
     "rng_state",
     "set_rng_state",
 ]
+
+log = logging.getLogger("lvd.train.checkpoint")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META = "meta.json"
@@ -57,10 +71,16 @@ META = "meta.json"
 
 @dataclass
 class CheckpointConfig:
-    """``every``: save resume state every N optimizer steps (and at the last step); ``keep_last``: folders kept."""
+    """``every``: save resume state every N optimizer steps (and at the last step); ``keep_last``: folders kept.
+
+    ``resume_from``: a ``step_N`` folder to start from instead of the run's newest intact checkpoint
+    (this run's or another's); it must pass verification. Every start with it set starts there, so
+    clear it once the run has moved on.
+    """
 
     every: int = 500
     keep_last: int = 3
+    resume_from: str = ""
 
 
 class CheckpointError(RuntimeError):
@@ -242,6 +262,86 @@ def _noop() -> None:
     pass
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(step_dir: str | Path) -> dict:
+    """Check a step folder against its ``meta.json``; return the meta, or raise naming the file that failed.
+
+    Every file the meta lists must exist with its recorded size and (when recorded) SHA-256. The meta
+    gets ``"verified": False`` for a folder saved before hashes were recorded (sizes only).
+    """
+    step_dir = Path(step_dir)
+    meta_path = step_dir / META
+    if not step_dir.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {step_dir}")
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint is incomplete, {meta_path} is missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        sizes, digests = meta.get("files", {}), meta.get("sha256")
+        if not isinstance(sizes, dict) or not isinstance(digests, (dict, type(None))):
+            raise ValueError("'files' and 'sha256' must be mappings")
+        if any(Path(name).name != name for name in [*sizes, *(digests or {})]):
+            raise ValueError("a file name is not a plain name inside the folder")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {meta_path}: {_one_line(e)}") from e
+    for fname, size in sizes.items():
+        p = step_dir / fname
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file missing: {p}")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"corrupt checkpoint file {p}: {p.stat().st_size} bytes, expected {size}")
+    for fname, digest in (digests or {}).items():
+        p = step_dir / fname
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file missing: {p}")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"corrupt checkpoint file {p}: SHA-256 differs from the one in {META}")
+    meta["verified"] = digests is not None
+    return meta
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def select_checkpoint(
+    run_dir: str | Path, resume_from: str | Path | None = None, *, rank: int = 0
+) -> tuple[Path, dict] | None:
+    """The folder a resume starts from and its verified meta, or None when the run has no checkpoint.
+
+    ``resume_from`` names the folder: one that fails verification raises :class:`CheckpointError`.
+    Otherwise the run's newest folder that passes; each newer one that fails is skipped with one
+    warning naming the file. When every folder fails, this raises rather than starting afresh: a
+    fresh start would drop the run's progress, and its saves (lower step numbers) would be pruned
+    before the broken folders. Every rank verifies (each reads every file anyway); rank 0 logs.
+    """
+    if resume_from:
+        try:
+            return Path(resume_from), verify_checkpoint(resume_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint.resume_from={str(resume_from)!r}: {e}") from e
+    found = list_checkpoints(run_dir)
+    for _, step_dir in reversed(found):
+        try:
+            return step_dir, verify_checkpoint(step_dir)
+        except CheckpointError as e:
+            if rank == 0:
+                log.warning("skipping checkpoint %s: %s", step_dir, e)
+    if found:
+        raise CheckpointError(
+            f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}: all {len(found)} failed verification (see the "
+            "warnings above); set checkpoint.resume_from to a good step folder, or move the folder away to start afresh"
+        )
+    return None
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -287,8 +387,10 @@ def save_checkpoint(
     barrier()
     # 3. Rank 0 seals the folder: meta.json last, fsync, then one atomic rename.
     if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        meta = {"step": step, "world_size": world_size, "trees": sorted(trees), "files": files}
+        # Hashed from disk after every rank's fsync: the digest covers the bytes a resume will read.
+        files = sorted(tmp.iterdir())
+        meta = {"step": step, "world_size": world_size, "trees": sorted(trees),
+                "files": {p.name: p.stat().st_size for p in files}, "sha256": {p.name: _sha256(p) for p in files}}
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync(tmp / META)
         if final.exists():  # re-saving the same step (e.g. the final step after a resume)
@@ -301,30 +403,53 @@ def save_checkpoint(
     return final
 
 
+def resume_from_problem(folder: str | Path) -> str | None:
+    """A quick look at ``checkpoint.resume_from`` for config checks (the hashes are checked at resume)."""
+    from lvd.config import named
+
+    key = named("checkpoint.resume_from", folder)
+    if not Path(folder).is_dir():
+        return f"{key}: no such folder"
+    if not (Path(folder) / META).is_file():
+        return f"{key}: not a complete checkpoint folder (no {META}); name a run's checkpoints/step_N folder"
+    return None
+
+
+def set_aside_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Rename the run's checkpoints newer than ``step`` to ``step_N.supersededK``; returns the new names.
+
+    Resuming from a chosen older checkpoint starts a new history after ``step``: the newer folders
+    belong to the old one. Renamed, not deleted, so no later resume picks them up and pruning does
+    not keep them in place of the new saves.
+    """
+    moved = []
+    for s, p in list_checkpoints(run_dir):
+        if s > step:
+            k = 1
+            while p.with_name(f"{p.name}.superseded{k}").exists():
+                k += 1
+            moved.append(p.rename(p.with_name(f"{p.name}.superseded{k}")))
+    if moved:
+        log.warning("resumed from step %d: this run's newer checkpoints are set aside as %s",
+                    step, ", ".join(p.name for p in moved))
+    return moved
+
+
 def load_checkpoint(
-    step_dir: str | Path, names: list[str], *, rank: int = 0, device: str | torch.device = "cpu"
+    step_dir: str | Path, names: list[str], *, rank: int = 0, device: str | torch.device = "cpu",
+    meta: dict | None = None,
 ) -> tuple[dict[str, Any], dict | None, dict]:
     """Read ``names`` trees and this rank's state from a step folder; returns ``(trees, rank_tree, meta)``.
 
-    Checks ``meta.json`` first: every file it lists must exist with its recorded size, so a
-    truncated or half-copied folder fails here with the file's name instead of deep inside torch.
+    Verifies the folder first (:func:`verify_checkpoint`), so a truncated, half-copied or altered
+    folder fails with the file's name instead of deep inside torch; ``meta``, the result of an
+    earlier verification of the same folder, skips hashing it again.
     """
     step_dir = Path(step_dir)
-    meta_path = step_dir / META
-    if not step_dir.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {step_dir}")
-    if not meta_path.is_file():
-        raise CheckpointError(f"checkpoint is incomplete, {meta_path} is missing")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"corrupt checkpoint file {meta_path}: {e}") from e
-    for fname, size in meta.get("files", {}).items():
-        p = step_dir / fname
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint file missing: {p}")
-        if p.stat().st_size != size:
-            raise CheckpointError(f"corrupt checkpoint file {p}: {p.stat().st_size} bytes, expected {size}")
+    if meta is None:
+        meta = verify_checkpoint(step_dir)
+    if not meta.get("verified", True) and rank == 0:
+        log.info("checkpoint %s predates recorded SHA-256 hashes: loading it unverified (sizes checked)", step_dir)
     trees = {name: load_tree(step_dir, name, device=device) for name in names}
     rank_tree = None
     if any((step_dir / f"rank{rank}{ext}").exists() for ext in (".json", ".safetensors")):

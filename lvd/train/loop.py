@@ -21,10 +21,11 @@ One optimizer step (``train.grad_accum`` micro-batches)::
     AdamW step with warm-up + cosine LR, EMA update, log, hooks, checkpoint.
 
 The run folder: ``config.yaml`` (resolved), ``checkpoints/step_N/``, ``metrics.jsonl``,
-``tensorboard/``, ``samples/``. Starting the same command again resumes from the newest checkpoint:
-model, EMA, optimizers, step, RNG (plus a per-step generator seeded from (seed, step, rank)) and the
-loader position are restored, so a killed and resumed run ends bit-for-bit where an uninterrupted
-one does (see tests/test_train_loop.py).
+``tensorboard/``, ``samples/``. Starting the same command again resumes from the newest intact
+checkpoint (one whose files match the SHA-256 hashes in its ``meta.json``; a newer broken one is
+skipped with a warning), or from ``checkpoint.resume_from``: model, EMA, optimizers, step, RNG (plus a
+per-step generator seeded from (seed, step, rank)) and the loader position are restored, so a killed
+and resumed run ends bit-for-bit where an uninterrupted one does (see tests/test_train_loop.py).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ from lvd.train.checkpoint import (
     CheckpointConfig,
     latest_checkpoint,
     load_checkpoint,
+    resume_from_problem,
     rng_state,
     save_checkpoint,
+    select_checkpoint,
+    set_aside_after,
     set_rng_state,
 )
 from lvd.train.distributed import (
@@ -152,6 +156,8 @@ def train_config_problems(train: TrainConfig, checkpoint: CheckpointConfig, opti
         problems.append(f"train.grad_clip={train.grad_clip}: must be >= 0 (0: no clipping)")
     if optim is not None and not (math.isfinite(optim.lr) and optim.lr >= 0):
         problems.append(f"optim.lr={optim.lr}: must be a finite number >= 0")
+    if checkpoint.resume_from:
+        problems += filter(None, [resume_from_problem(checkpoint.resume_from)])
     return problems
 
 
@@ -354,14 +360,20 @@ class Trainer:
         return path
 
     def resume(self, loader: Any = None, step_dir: str | Path | None = None) -> bool:
-        """Load the newest checkpoint of the run (or ``step_dir``); False when there is none."""
-        step_dir = step_dir or latest_checkpoint(self.run_dir)
-        if step_dir is None:
+        """Load ``step_dir``, else ``checkpoint.resume_from``, else the run's newest intact checkpoint.
+
+        False when the run has no checkpoint yet. A named folder that fails verification, or a run
+        whose every checkpoint fails, raises :class:`~lvd.train.checkpoint.CheckpointError`.
+        """
+        explicit = step_dir or self.ckpt_cfg.resume_from or None
+        chosen = select_checkpoint(self.run_dir, explicit, rank=self.env.rank)
+        if chosen is None:
             return False
+        step_dir, meta = chosen
         names = ["model", "optimizer", "trainer"] + (["ema"] if self.ema is not None else [])
         if self.aux is not None:
             names += [self.aux.name, f"{self.aux.name}_optimizer"]
-        trees, rank_tree, _ = load_checkpoint(step_dir, names, rank=self.env.rank)
+        trees, rank_tree, _ = load_checkpoint(step_dir, names, rank=self.env.rank, meta=meta)
         load_model_state_dict(self.model, trees["model"])
         load_optimizer_state_dict(self.model, self.optimizer, trees["optimizer"])
         if self.ema is not None:
@@ -376,6 +388,8 @@ class Trainer:
             if "data" in rank_tree and loader is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(rank_tree["data"])
         if self.env.is_main:
+            if explicit:
+                set_aside_after(self.run_dir, self.step)
             self._drop_metrics_after(self.step)
             log.info("resumed from %s (step %d)", step_dir, self.step)
         return True
@@ -514,13 +528,13 @@ class Trainer:
     def fit(self, loader: Iterable) -> int:
         """Run (or resume) until ``train.max_steps``; returns the final step."""
         cfg = self.train_cfg
+        self.resume(loader)  # first: a checkpoint that fails verification stops the run before it writes anything
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "samples").mkdir(exist_ok=True)
         if self.config is not None and self.env.is_main:
             from lvd.config import save_config
 
             save_config(self.config, self.run_dir / "config.yaml")
-        self.resume(loader)
         barrier()
         bar = None
         if cfg.progress and self.env.is_main:
