@@ -43,6 +43,7 @@ from diffusers.video_processor import VideoProcessor
 import lvd.dit  # noqa: F401
 import lvd.vae  # noqa: F401
 from lvd.assembly import export_pipeline, load_components, load_text_encoder
+from lvd.lora import LVDLoraLoaderMixin
 from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
 from lvd.pipeline_checks import EMBEDDING_ARGS, OUTPUT_TYPES, prompt_problems, size_problems
 from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
@@ -89,7 +90,7 @@ def _sync(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class LVDPipeline(DiffusionPipeline):
+class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
     r"""Text-to-video generation with a latent video DiT.
 
     Example::
@@ -104,6 +105,10 @@ class LVDPipeline(DiffusionPipeline):
         frames = pipe(prompt_embeds=cond.states, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled,
                       negative_prompt_embeds=uncond.states, negative_prompt_attention_mask=uncond.mask,
                       negative_pooled_prompt_embeds=uncond.pooled, generator=g).frames
+
+        pipe.load_lora_weights("runs/orange/export/lora", adapter_name="orange")   # diffusers' LoRA API
+        pipe.set_adapters(["orange"], [0.8])
+        pipe.fuse_lora(lora_scale=0.8); pipe.unfuse_lora()   # unfuse restores the base weights bit for bit
 
     Args:
         transformer: the denoiser, ``forward(latents, timestep, text_states, text_mask, text_pooled)``.

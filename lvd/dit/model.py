@@ -51,6 +51,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange, repeat
 
 from lvd import kernels
+from lvd.dit.lora import LoraAdapterMixin
 from lvd.dit.rope import default_axes_dims, rope_3d
 from lvd.kernels.rms_norm_rope import apply_rope, rms_norm_rope
 
@@ -226,8 +227,9 @@ class VideoDiTBlock(nn.Module):
         return torch.addcmul(x, gate2, self.mlp(norm_modulate(self.norm3, x, shift2, scale2)))
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
-    """Text-to-video diffusion transformer over VAE latents; see the module docstring.
+class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
+    """Text-to-video diffusion transformer over VAE latents; see the module docstring. Takes LoRA adapters through
+    peft (:class:`lvd.dit.lora.LoraAdapterMixin`; :mod:`lvd.lora` chooses targets and saves them).
 
     Args (each is a config.json key):
         in_channels: latent channels C. out_channels: output channels (default C).

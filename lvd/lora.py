@@ -1,0 +1,174 @@
+"""LoRA fine-tuning of the video transformer (Hu et al. 2021, arXiv:2106.09685), the diffusers way.
+
+The adapters are peft's: :func:`add_lora` injects them into a model with diffusers' ``PeftAdapterMixin``
+(``VideoDiT`` has it), freezing every base weight. A saved adapter is the file diffusers' LoRA loaders read,
+``pytorch_lora_weights.safetensors`` with keys ``transformer.<module>.lora_A/B.weight`` and the peft config in its
+metadata (plus ``adapter_config.json`` beside it, for people and for peft), so ``LVDPipeline.load_lora_weights``,
+``set_adapters``, ``fuse_lora`` and ``unfuse_lora`` (:class:`LVDLoraLoaderMixin`) work as on any diffusers
+video pipeline.
+
+Targets are module-name suffixes. The defaults cover every attention projection (self-attention's fused
+q/k/v and output, cross-attention's q, the text key/value projection and output) and both MLP layers;
+``adaLN_modulation`` (the timestep/pooled-text modulation) is available but not a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.loaders import CogVideoXLoraLoaderMixin
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_TARGETS = ("attn.qkv", "attn.text_kv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj",
+                   "mlp.0", "mlp.2")
+OPTIONAL_TARGETS = ("adaLN_modulation",)
+
+
+@dataclass
+class LoraConfig:
+    """``lora:`` in the stage-2 recipe. ``rank`` 0 trains the whole model instead (no adapter)."""
+
+    rank: int = 0
+    alpha: float | None = None  # the update is scaled by alpha / rank; None → alpha = rank (scale 1)
+    dropout: float = 0.0  # on the adapter's input, training only
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not isinstance(self.rank, int) or self.rank < 0:
+            problems.append(f"lora.rank={self.rank!r} must be an integer >= 0 (0 = no adapter)")
+        if self.alpha is not None and not self.alpha > 0:
+            problems.append(f"lora.alpha={self.alpha!r} must be > 0")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        if self.enabled and not self.targets:
+            problems.append("lora.targets is empty")
+        return problems
+
+
+def target_problems(model: torch.nn.Module, targets) -> list[str]:
+    """The targets that match no ``nn.Linear`` of ``model`` (the defaults may miss: a model without
+    cross-attention has no ``cross_attn.*``, one with it no ``attn.text_kv``; at least one must match)."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if list(targets) == list(DEFAULT_TARGETS) and len(unmatched) < len(targets):
+        return []
+    if unmatched:
+        return [f"lora.targets {unmatched} match no Linear layer of {type(model).__name__} "
+                f"(choose from {sorted(set(DEFAULT_TARGETS + OPTIONAL_TARGETS))} or a module name)"]
+    return []
+
+
+def peft_config(cfg: LoraConfig, model: torch.nn.Module):
+    """The ``peft.LoraConfig`` for ``cfg`` on ``model``: B starts at zero, so the adapted model starts equal to
+    the base model."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [t for t in cfg.targets if any(n == t or n.endswith("." + t) for n in linear)]
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
+                          target_modules=targets, init_lora_weights=True)
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig, adapter_name: str = "default") -> list[str]:
+    """Inject a LoRA adapter into ``model`` and freeze everything else; returns the trainable parameter names."""
+    problems = cfg.problems() + target_problems(model, cfg.targets)
+    if problems:
+        raise ValueError("; ".join(problems))
+    model.add_adapter(peft_config(cfg, model), adapter_name=adapter_name)
+    for name, param in model.named_parameters():  # peft freezes the base; say so for every other tensor too
+        param.requires_grad_(".lora_" in name)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors by peft's saved names (``blocks.0.attn.qkv.lora_A.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def save_lora(model: torch.nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the adapter as diffusers' pipeline LoRA file plus ``adapter_config.json``; returns the file.
+
+    The folder is written as ``<folder>.tmp`` and renamed into place, so an interrupted save leaves nothing
+    half-written under ``folder``."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    config = model.peft_config[adapter_name].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    LVDLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=weights,
+                                         transformer_lora_adapter_metadata=config, weight_name=LORA_WEIGHTS)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
+                                      encoding="utf-8")
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder / LORA_WEIGHTS
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The adapter file a user names: the file itself, or a folder holding ``pytorch_lora_weights.safetensors``.
+    Raises ValueError naming the path when there is none, or it is not a LoRA file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    file = path / LORA_WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no LoRA file (expected {LORA_WEIGHTS} or a .safetensors file)")
+    try:
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a safetensors file ({err})") from None
+    if not keys or not all("lora" in k for k in keys):
+        raise ValueError(f"{file}: not a LoRA file (its tensors are not named *lora_A* / *lora_B*)")
+    return file
+
+
+class LVDLoraLoaderMixin(CogVideoXLoraLoaderMixin):
+    """LoRA loading for a pipeline whose one adaptable component is ``transformer``.
+
+    diffusers' single-transformer loader (``load_lora_weights``, ``lora_state_dict``, ``save_lora_weights``,
+    ``fuse_lora``, ``unfuse_lora``, ``set_adapters``, ``unload_lora_weights``) is the same for every such pipeline;
+    CogVideoX's is reused as it is. ``load_lora_weights`` here also accepts the file's path directly and checks
+    it first (:func:`lora_file`), a rank or shape that does not fit the transformer is a ValueError naming
+    the file, and ``unfuse_lora`` restores the transformer's pre-fuse weights bit for bit
+    (:class:`lvd.dit.lora.LoraAdapterMixin`)."""
+
+    def unfuse_lora(self, components: list[str] = ["transformer"], **kwargs) -> None:  # noqa: B006 (diffusers' signature)
+        super().unfuse_lora(components=components, **kwargs)
+        for name in components:  # peft's unmerge subtracts; put the exact pre-fuse weights back
+            restore = getattr(getattr(self, name, None), "restore_weights_before_fuse", None)
+            if restore is not None:
+                restore()
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          hotswap: bool = False, **kwargs) -> None:
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, (str, os.PathLike)):
+            file = lora_file(source)
+            source, kwargs = str(file.parent), {**kwargs, "weight_name": file.name}
+        try:
+            super().load_lora_weights(source, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+        except RuntimeError as err:  # peft's "size mismatch for …" when rank or widths differ
+            where = pretrained_model_name_or_path_or_dict
+            first = str(err).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+            raise ValueError(f"{where}: the adapter does not fit this transformer: {detail}") from None
