@@ -100,12 +100,7 @@ def _assert_same_files(full, resumed, steps=(3, 4)):
 
 # The shipped configs load data with one worker process: torch's DataLoader then draws a base seed from the
 # global generator whenever an iterator starts, which a resume does once more than an uninterrupted run.
-_LOADER_DRAWS = pytest.mark.xfail(strict=True, reason=(
-    "lvd/data/loader.py: ShardLoader's DataLoader has no generator of its own, so starting its iterator after "
-    "the RNG restore draws from the global torch generator (rank0 rng/torch differs)"))
-
-
-@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=_LOADER_DRAWS)])
+@pytest.mark.parametrize("workers", [0, 1])
 def test_vae_recipe_two_steps_then_four_gives_the_same_files(clip_shards, tmp_path, workers):
     from recipes.train_vae import main
 
@@ -289,7 +284,7 @@ def test_dit_recipe_resume_is_bit_exact_and_exports_a_pipeline(latent_setup, tmp
         assert torch.equal(v, ema[k]), k
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=_LOADER_DRAWS)])
+@pytest.mark.parametrize("workers", [0, 1])
 def test_dit_recipe_two_steps_then_four_gives_the_same_files(latent_setup, tmp_path, workers):
     from recipes.train_latent_diffusion import main
 

@@ -398,7 +398,11 @@ class ShardLoader:
             batches = iter(dataset)
         else:
             batches = iter(
-                torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, prefetch_factor=2)
+                # its own generator: starting a DataLoader draws its base seed from the global torch generator
+                # otherwise, and a resumed run starts one after restoring that generator (the streams use
+                # numpy generators of their own, so this value changes no data)
+                torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, prefetch_factor=2,
+                                            generator=torch.Generator().manual_seed(self.seed))
             )
         for batch in batches:
             w = batch.pop("_worker")
