@@ -98,14 +98,14 @@ def _run(cmd: list[str], log_path: Path, threads: int) -> None:
 
 def write_data(out: Path, count: int, seed: int) -> None:
     """``count`` demo clips of dataset ``seed`` as shards (the layout ``python -m lvd.data.shards`` writes)."""
-    from lvd.data.shards import clips_from_shapes, list_synthetic, write_shards
+    from lvd.data.shards import clips_from_shapes, list_synthetic, write_shards, write_summary
 
     cfg = demo_shapes()
     jobs, skips = list_synthetic(count, seed)
     summary = write_shards(jobs, lambda job: clips_from_shapes(job, cfg, seed), out, shard_size=256,
                            workers=2, expected=count, skips=skips, progress=False)
     report = {**summary.to_dict(), "shapes_config": dataclasses.asdict(cfg), "seed": seed, "count": count}
-    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_summary(out, report)  # atomically, last: the stage check below looks for it
     if summary.written != count:
         raise SystemExit(f"{out}: wrote {summary.written} of {count} clips")
 

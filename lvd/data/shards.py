@@ -448,7 +448,7 @@ def _clear(out: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _write_summary(out: Path, report: dict) -> None:
+def write_summary(out: Path, report: dict) -> None:
     """summary.json, atomically (written last: a folder without one holds an unfinished run)."""
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -491,7 +491,7 @@ def _report(a: argparse.Namespace, summary: Summary) -> int:
     report = summary.to_dict()
     if summary.written:
         report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
-        _write_summary(a.out, report)
+        write_summary(a.out, report)
         rate = summary.written / summary.seconds if summary.seconds else 0.0
         print(
             f"wrote {summary.written} clips in {summary.shards} shards ({summary.bytes / 1e6:.1f} MB) to {a.out} "
