@@ -14,17 +14,31 @@ supersampling, so sub-pixel motion stays smooth.
 
 Everything is a function of ``(seed, index)``: ``make_clip(i, seed, cfg)`` is the same clip on any
 machine, in any order, in any worker. Each run of 84 consecutive indices covers every caption once.
+
+The palette can grow and the draw can narrow, so that a fine-tune can teach a concept the base data
+never showed: ``ShapesConfig(colors={"orange": (255, 128, 0)}, only_colors=("orange",))`` draws only
+orange shapes; ``only_shapes`` / ``only_directions`` narrow those too. With N = the number of
+(colour, shape, direction) combinations drawn from, each run of N indices covers each caption once.
+The defaults (no extra colour, no subset) give byte-identical clips and captions to the fixed
+palette of earlier versions (pinned by tests), so cached data and the bundled demo stay valid.
+``parse_colors`` reads the command-line form ``orange=255,128,0``; ``add_synthetic_arguments`` and
+``shapes_config_from_args`` give any CLI the flags ``--colors``, ``--only-colors``,
+``--only-shapes`` and ``--only-directions``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
+import numbers
+import re
 
 import numpy as np
 import torch
 
-__all__ = ["COLORS", "SHAPES", "DIRECTIONS", "ShapesConfig", "all_captions", "render_clip", "make_clip"]
+__all__ = ["COLORS", "SHAPES", "DIRECTIONS", "ShapesConfig", "all_captions", "render_clip", "make_clip",
+           "parse_colors", "color_problems", "add_synthetic_arguments", "shapes_config_from_args"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -39,6 +53,45 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 _SUPERSAMPLE = 4  # sub-samples per pixel side for anti-aliased coverage
 _STEP = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
+_COLOR_NAME = re.compile(r"[a-z][a-z0-9_]*")  # one caption word (the scorer parses captions with \w+)
+_RESERVED = {*SHAPES, *DIRECTIONS, "none", "static"}  # "none"/"static" are answers of lvd.eval.shapes
+
+
+def _rgb_problem(rgb) -> str | None:
+    """Why ``rgb`` is not 3 integers in 0..255 (None if it is)."""
+    if isinstance(rgb, (str, bytes)) or not hasattr(rgb, "__len__") or len(rgb) != 3:
+        return f"RGB must be 3 integers in 0..255, got {rgb!r}"
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= 255 for v in rgb):
+        return f"RGB must be 3 integers in 0..255, got {tuple(rgb)!r}"
+    if not any(rgb):
+        return "RGB (0, 0, 0) is invisible on the black background"
+    return None
+
+
+def color_problems(colors: dict) -> list[str]:
+    """One line per problem with extra colours ``{name: (R, G, B)}``: a name that is not one lowercase word
+    or is reserved (a shape, a direction, "none", "static"), bad RGB, or a built-in name with another RGB."""
+    if not isinstance(colors, dict):
+        return [f"colors must be a dict {{name: (R, G, B)}}, got {colors!r}"]
+    problems = []
+    for name, rgb in colors.items():
+        if not isinstance(name, str) or not _COLOR_NAME.fullmatch(name) or name in _RESERVED:
+            problems.append(f"colour name {name!r} must be one lowercase word (a-z, 0-9, _) and not a shape, "
+                            f"a direction, 'none' or 'static'")
+        elif (problem := _rgb_problem(rgb)) is not None:
+            problems.append(f"colour {name!r}: {problem}")
+        elif name in COLORS and tuple(rgb) != COLORS[name]:
+            problems.append(f"colour {name!r}={tuple(rgb)} clashes with the built-in {name}={COLORS[name]}")
+    return problems
+
+
+def _subset_problems(label: str, chosen, allowed) -> list[str]:
+    """Problems with a subset: empty, or naming something not in ``allowed`` (each unknown name named)."""
+    if chosen is None:
+        return []
+    if len(chosen) == 0:
+        return [f"{label} must name at least one of {list(allowed)}"]
+    return [f"{label}: unknown {v!r}; expected one of {list(allowed)}" for v in chosen if v not in allowed]
 
 
 @dataclasses.dataclass
@@ -52,6 +105,10 @@ class ShapesConfig:
     speed:       fraction of the free length (frame minus shape) the shape crosses over the clip.
     jitter:      start jitter: offset of the path centre from the frame centre, as a fraction
                  of the slack that keeps the whole path inside the frame (0 = always centred).
+    colors:      extra colours ``{name: (R, G, B)}`` (0..255) added after the seven built-in ones;
+                 a built-in name may be repeated only with its own RGB.
+    only_colors, only_shapes, only_directions: draw clips only from these names (None = all). The
+                 order given does not matter: combinations keep the palette / SHAPES / DIRECTIONS order.
     """
 
     size: int = 64
@@ -60,9 +117,25 @@ class ShapesConfig:
     shape_size: tuple[float, float] = (0.2, 0.35)
     speed: tuple[float, float] = (0.4, 0.9)
     jitter: float = 0.5
+    colors: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    only_colors: tuple[str, ...] | None = None
+    only_shapes: tuple[str, ...] | None = None
+    only_directions: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        problems = []
+        problems = color_problems(self.colors)
+        if not problems:  # store RGB as tuples of int (a JSON config gives lists)
+            self.colors = {name: tuple(int(v) for v in rgb) for name, rgb in self.colors.items()}
+        for name in ("only_colors", "only_shapes", "only_directions"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # a bare string would be read letter by letter
+                problems.append(f"{name} must be a list of names, got the string {value!r}")
+            elif value is not None:
+                setattr(self, name, tuple(value))
+        if not problems:
+            problems += _subset_problems("only_colors", self.only_colors, self.palette)
+            problems += _subset_problems("only_shapes", self.only_shapes, SHAPES)
+            problems += _subset_problems("only_directions", self.only_directions, DIRECTIONS)
         if self.size < 8:
             problems.append(f"size must be >= 8 pixels, got {self.size}")
         if self.frames < 1:
@@ -78,10 +151,26 @@ class ShapesConfig:
         if problems:
             raise ValueError("invalid ShapesConfig: " + "; ".join(problems))
 
+    @property
+    def palette(self) -> dict[str, tuple[int, int, int]]:
+        """Every colour this config can render: the built-in COLORS, then the extra ones."""
+        return {**COLORS, **self.colors}
 
-def all_captions() -> list[str]:
-    """The 84 captions, in the order colour x shape x direction."""
-    return [f"a {c} {s} moving {d}" for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
+    def combos(self) -> list[tuple[str, str, str]]:
+        """The (colour, shape, direction) combinations clips are drawn from, colour-major.
+
+        With the defaults this is ``itertools.product(COLORS, SHAPES, DIRECTIONS)``, the order
+        :func:`make_clip` has always permuted, so default clips do not change."""
+        def keep(names, only):
+            return [n for n in names if only is None or n in only]
+
+        return list(itertools.product(keep(self.palette, self.only_colors), keep(SHAPES, self.only_shapes),
+                                      keep(DIRECTIONS, self.only_directions)))
+
+
+def all_captions(cfg: ShapesConfig | None = None) -> list[str]:
+    """Every caption of ``cfg`` (default: the 84 built-in ones), in the order colour x shape x direction."""
+    return [f"a {c} {s} moving {d}" for c, s, d in (cfg or ShapesConfig()).combos()]
 
 
 def _coverage(shape: str, cx: np.ndarray, cy: np.ndarray, side: float, size: int) -> np.ndarray:
@@ -105,7 +194,8 @@ def _coverage(shape: str, cx: np.ndarray, cy: np.ndarray, side: float, size: int
 
 
 def render_clip(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator) -> torch.Tensor:
-    """One clip of ``shape`` in ``color`` moving in ``direction``. -> uint8 (3, T, H, W).
+    """One clip of ``shape`` in ``color`` (any colour of ``cfg.palette``; the ``only_*`` subsets do not
+    apply here) moving in ``direction``. -> uint8 (3, T, H, W).
 
     Size, speed and start are drawn from ``rng`` within the ranges of ``cfg`` (see the module
     docstring for the geometry). Use :func:`make_clip` to get the drawn values back as metadata.
@@ -115,8 +205,9 @@ def render_clip(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: 
 
 
 def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator):
-    if color not in COLORS:
-        raise ValueError(f"unknown color {color!r}; expected one of {list(COLORS)}")
+    palette = cfg.palette
+    if color not in palette:
+        raise ValueError(f"unknown color {color!r}; expected one of {list(palette)}")
     if direction not in _STEP:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
     S, T = cfg.size, cfg.frames
@@ -135,7 +226,7 @@ def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.r
         cx = np.full(T, S / 2 + across)
         cy = S / 2 + dy * (progress + along)
     cover = _coverage(shape, cx, cy, side, S)  # (T, H, W)
-    rgb = np.asarray(COLORS[color], np.float32)
+    rgb = np.asarray(palette[color], np.float32)
     video = np.rint(cover[None] * rgb[:, None, None, None]).astype(np.uint8)  # (3, T, H, W)
     meta = {
         "color": color,
@@ -152,17 +243,95 @@ def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.r
 def make_clip(index: int, seed: int, cfg: ShapesConfig | None = None) -> tuple[torch.Tensor, str, dict]:
     """Clip number ``index`` of the dataset ``seed``. -> (uint8 (3, T, H, W), caption, metadata).
 
-    The caption is chosen so that indices ``84k .. 84k + 83`` cover all 84 captions once, in an
-    order shuffled by ``(seed, k)``; size, speed and start come from ``rng(seed, index)``.
+    With N = ``len(cfg.combos())`` (84 by default), indices ``Nk .. Nk + N - 1`` cover all N captions
+    once, in an order shuffled by ``(seed, k)``; size, speed and start come from ``rng(seed, index)``.
     """
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
     cfg = cfg or ShapesConfig()
-    combos = list(itertools.product(COLORS, SHAPES, DIRECTIONS))
+    combos = cfg.combos()
     block, pos = divmod(index, len(combos))
+    # 84 is a fixed salt of the shuffle (it was the caption count); kept so default clips never change
     order = np.random.default_rng([seed, block, 84]).permutation(len(combos))
     color, shape, direction = combos[order[pos]]
     video, meta = _render(color, shape, direction, cfg, np.random.default_rng([seed, index]))
     caption = f"a {color} {shape} moving {direction}"
     meta.update(index=index, seed=seed, fps=cfg.fps, num_frames=cfg.frames, height=cfg.size, width=cfg.size)
     return video, caption, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: --colors orange=255,128,0 --only-colors orange --only-shapes ... --only-directions ...
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_colors(tokens) -> dict[str, tuple[int, int, int]]:
+    """``["orange=255,128,0", "purple=128,0,255"]`` -> ``{"orange": (255, 128, 0), "purple": (128, 0, 255)}``.
+
+    Raises one ValueError, one line, naming every bad token: not ``NAME=R,G,B``, R/G/B not integers in
+    0..255, a bad name, a built-in name with another RGB, or a name given twice with different RGB."""
+    colors: dict[str, tuple[int, int, int]] = {}
+    problems = []
+    for token in tokens:
+        name, sep, values = str(token).strip().partition("=")
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or len(parts) != 3 or not all(re.fullmatch(r"[0-9]{1,3}", v) for v in parts):
+            problems.append(f"bad colour {token!r}: expected NAME=R,G,B with R, G, B integers in 0..255")
+            continue
+        rgb = tuple(int(v) for v in parts)
+        name = name.strip()
+        bad = color_problems({name: rgb})
+        if bad:
+            problems.append(f"bad colour {token!r}: {bad[0]}")
+        elif name in colors and colors[name] != rgb:
+            problems.append(f"bad colour {token!r}: {name!r} was already given as {colors[name]}")
+        else:
+            colors[name] = rgb
+    if problems:
+        raise ValueError("; ".join(problems))
+    return colors
+
+
+def add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--colors``, ``--only-colors``, ``--only-shapes``, ``--only-directions`` to ``parser``;
+    read them back with :func:`shapes_config_from_args`."""
+    parser.add_argument("--colors", nargs="+", default=None, metavar="NAME=R,G,B",
+                        help="moving shapes: extra colours (R, G, B in 0..255), e.g. orange=255,128,0 "
+                             "purple=128,0,255")
+    parser.add_argument("--only-colors", nargs="+", default=None, metavar="COLOR",
+                        help=f"moving shapes: only these colours ({', '.join(COLORS)} or one of --colors)")
+    parser.add_argument("--only-shapes", nargs="+", default=None, metavar="SHAPE",
+                        help=f"moving shapes: only these shapes ({', '.join(SHAPES)})")
+    parser.add_argument("--only-directions", nargs="+", default=None, metavar="DIRECTION",
+                        help=f"moving shapes: only these directions ({', '.join(DIRECTIONS)})")
+
+
+def synthetic_flags_given(namespace: argparse.Namespace) -> list[str]:
+    """The flags of :func:`add_synthetic_arguments` that were given (for "only for synthetic" errors)."""
+    names = ("colors", "only_colors", "only_shapes", "only_directions")
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(namespace, n, None) is not None]
+
+
+def shapes_config_from_args(namespace: argparse.Namespace, **fields) -> tuple[ShapesConfig | None, list[str]]:
+    """The ShapesConfig of the flags of :func:`add_synthetic_arguments`, plus ``fields`` (size, frames, fps,
+    ...). -> ``(config, [])``, or ``(None, problems)`` with one line per problem, each naming the bad value."""
+    problems = []
+    try:
+        colors = parse_colors(getattr(namespace, "colors", None) or [])
+    except ValueError as e:
+        problems.append(f"--colors: {e}")
+        colors = {}
+    subsets = {
+        "only_colors": [*COLORS, *colors],
+        "only_shapes": SHAPES,
+        "only_directions": DIRECTIONS,
+    }
+    for name, allowed in subsets.items():
+        problems += _subset_problems(f"--{name.replace('_', '-')}", getattr(namespace, name, None), allowed)
+    if problems:
+        return None, problems
+    try:
+        cfg = ShapesConfig(colors=colors, **{n: getattr(namespace, n, None) for n in subsets}, **fields)
+    except ValueError as e:  # size, frames, fps ... from ``fields``
+        return None, [str(e)]
+    return cfg, []
