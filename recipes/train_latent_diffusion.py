@@ -259,24 +259,24 @@ def load_uncond(cfg: DiTRecipeConfig) -> TextEmbeddings | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_pipeline(cfg: DiTRecipeConfig, transformer: VideoDiT, seq_len: int):
+def make_pipeline(cfg: DiTRecipeConfig, transformer: VideoDiT):
     """The LVDPipeline around ``transformer``: the configured VAE and text encoder (at the length the latents were
-    cached with) and the scheduler of the training objective (a dynamic shift resolved at ``seq_len`` tokens)."""
+    cached with) and the scheduler of the training objective. A dynamic shift stays dynamic: the pipeline resolves
+    it at each generated video's token count, as training did per bucket."""
     from lvd.pipeline import LVDPipeline
 
     c = cfg.components
     return LVDPipeline.from_components(transformer=transformer, vae=c.vae, text_encoder=c.text_encoder,
-                                       text_max_length=c.text_max_length or None, diffusion=cfg.diffusion,
-                                       seq_len=seq_len)
+                                       text_max_length=c.text_max_length or None, diffusion=cfg.diffusion)
 
 
-def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: VideoDiT, seq_len: int) -> dict:
+def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: VideoDiT) -> dict:
     """Sample videos into RUN/samples; with ``samples.shapes_eval`` also the shapes scores (logged)."""
     from lvd.video_io import write_video
 
     s = cfg.samples
     model = unwrap(ema_model)
-    pipe = make_pipeline(cfg, model, seq_len)
+    pipe = make_pipeline(cfg, model)
     pipe.to(next(model.parameters()).device)
     for k, prompt in enumerate(s.prompts):
         g = torch.Generator().manual_seed(k)
@@ -298,7 +298,7 @@ def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: Vid
     return {f"eval/{name}": value for name, value in summary["accuracy"].items()}
 
 
-def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env, seq_len: int) -> Path | None:
+def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env) -> Path | None:
     """The pipeline folder when components are configured, else ``export/transformer`` only."""
     out = Path(cfg.export.dir) if cfg.export.dir else run_dir / "export"
     if not (cfg.components.vae and cfg.components.text_encoder):
@@ -310,7 +310,7 @@ def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env,
         plain = unwrap(ema_model)
         fresh = type(plain).from_config(plain.config)
         fresh.load_state_dict(state)
-        export_pipeline(make_pipeline(cfg, fresh, seq_len), out)
+        export_pipeline(make_pipeline(cfg, fresh), out)
     return out if env.is_main else None
 
 
@@ -332,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     first = peek_latents(cfg.data, cfg.train.seed)
     dit = build_dit(cfg.model, first)
     check_batch(dit, first, cfg.data.shards)
-    seq_len = num_tokens(first["latents"].shape, dit.config.patch_size)
     uncond = load_uncond(cfg)
     model, ema = prepare_model(dit, env, cfg.distributed, cfg.train)
     if uncond is not None:
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = cfg.samples.every > 0 and cfg.samples.prompts
     if sampling and cfg.components.vae and cfg.components.text_encoder and env.is_main and env.strategy != "fsdp":
         ema_or_model = ema.model if ema is not None else model
-        hooks.append(Hook(cfg.samples.every, lambda tr, step: write_samples(cfg, run_dir, step, ema_or_model, seq_len)))
+        hooks.append(Hook(cfg.samples.every, lambda tr, step: write_samples(cfg, run_dir, step, ema_or_model)))
     if cfg.samples.shapes_eval > 0 and cfg.samples.every > 0 and not hooks and env.is_main:
         log.warning("samples.shapes_eval needs samples.prompts, components.vae and components.text_encoder (and no FSDP)")
 
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Export the EMA transformer (with the pipeline around it when the components are known)
     if cfg.export.enabled:
-        out = export(cfg, run_dir, ema.model if ema is not None else model, env, seq_len)
+        out = export(cfg, run_dir, ema.model if ema is not None else model, env)
         if env.is_main:
             log.info("exported to %s", out)
     shutdown()

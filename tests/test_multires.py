@@ -72,10 +72,24 @@ def test_stage2_recipe_trains_on_mixed_buckets(mixed, tmp_path):
                  "data.batch_size=2", "data.workers=0", "data.shuffle=6", "diffusion.dynamic_shift=true",
                  "model.overrides={hidden_size: 32, depth: 1, num_heads: 2, patch_size: [1, 2, 2]}",
                  "train.cpu_threads=1", "train.progress=false", "train.log_every=1", "train.max_steps=3",
-                 "checkpoint.every=100", "samples.every=0", "export.enabled=false", "components.text_max_length=8"]) == 0
+                 "checkpoint.every=100", "samples.every=0", "components.text_max_length=8"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+    # the export keeps the shift dynamic, so each generated size gets the shift its token count trained with
+    from lvd.pipeline import LVDPipeline
+    from lvd.sampling import dynamic_shift_mu
+
+    pipe = LVDPipeline.from_pretrained(run / "export")
+    assert pipe.scheduler.config.use_dynamic_shifting
+    mus = {size: dynamic_shift_mu(pipe.scheduler, (1, 4, 3, size[0] // 2, size[1] // 2), pipe.patch_size)
+           for size in ((16, 16), (16, 28))}
+    assert mus[(16, 16)] < mus[(16, 28)]
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe("a red circle moving left", num_frames=9, height=16, width=28, num_inference_steps=2,
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 9, 3, 16, 28) and torch.isfinite(video).all()
 
 
 def test_fit_clip_resizes_and_crops_into_the_nearest_aspect():
