@@ -455,6 +455,30 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
             elif vae_tiling is False and was_tiling:
                 vae.enable_tiling()
 
+    def _denoise(self, latents, cond, uncond, num_inference_steps, generator, callback_on_step_end,
+                 tensor_inputs) -> tuple[torch.Tensor, int]:
+        """Run :func:`lvd.sampling.sample` with the progress bar and ``callback_on_step_end`` (which may replace the
+        latents, change the guidance scale or interrupt); returns the latents and the steps taken."""
+        steps_done = 0
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+
+            def on_step(i: int, t: torch.Tensor, state: dict) -> dict:
+                nonlocal steps_done
+                self._num_timesteps, update = state["num_timesteps"], {}
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {k: state[k] for k in tensor_inputs}) or {}
+                    update = {"latents": outputs["latents"]} if "latents" in outputs else {}
+                    self._guidance_scale = outputs.get("guidance_scale", self._guidance_scale)
+                steps_done += 1
+                progress_bar.update()
+                return {**update, "guidance_scale": self._guidance_scale, "interrupt": self._interrupt}
+
+            latents = sample(transformer_denoiser(self.transformer), latents, self.scheduler, cond=cond, uncond=uncond,
+                             guidance_scale=self._guidance_scale, num_inference_steps=num_inference_steps,
+                             generator=generator, mu=dynamic_shift_mu(self.scheduler, latents.shape, self.patch_size),
+                             callback=on_step)
+        return latents, steps_done
+
     # -- __call__ --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -533,25 +557,9 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
         latents = self.prepare_latents(len(cond), num_frames, height, width, device, generator, latents)
 
         # 4. Denoise (lvd.sampling.sample), reporting each step to the callback and the progress bar
-        start, steps_done = _sync(device), 0
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-
-            def on_step(i: int, t: torch.Tensor, state: dict) -> dict:
-                nonlocal steps_done
-                self._num_timesteps, update = state["num_timesteps"], {}
-                if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
-                    outputs = outputs or {}
-                    update = {"latents": outputs["latents"]} if "latents" in outputs else {}
-                    self._guidance_scale = outputs.get("guidance_scale", self._guidance_scale)
-                steps_done += 1
-                progress_bar.update()
-                return {**update, "guidance_scale": self._guidance_scale, "interrupt": self._interrupt}
-
-            latents = sample(transformer_denoiser(self.transformer), latents, self.scheduler, cond=cond, uncond=uncond,
-                             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                             generator=generator, mu=dynamic_shift_mu(self.scheduler, latents.shape, self.patch_size),
-                             callback=on_step)
+        start = _sync(device)
+        latents, steps_done = self._denoise(latents, cond, uncond, num_inference_steps, generator,
+                                            callback_on_step_end, callback_on_step_end_tensor_inputs)
         timings["denoising"] = _sync(device) - start
         timings["denoising_per_step"] = timings["denoising"] / max(steps_done, 1)
 
