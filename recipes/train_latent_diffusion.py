@@ -57,7 +57,9 @@ from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
 from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
+from lvd.dit.pretrained import load_for_finetuning, transformer_folder  # noqa: E402
 from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
+from lvd.lora import LoraConfig, add_lora, save_lora  # noqa: E402
 from lvd.text import TextEmbeddings  # noqa: E402
 from lvd.train.checkpoint import CheckpointConfig, CheckpointError  # noqa: E402
 from lvd.train.distributed import (  # noqa: E402
@@ -86,11 +88,17 @@ log = logging.getLogger("lvd.recipes.dit")
 @dataclass
 class DiTModelConfig:
     """``preset`` from ``lvd.dit.DIT_PRESETS``; ``overrides`` are VideoDiT arguments on top of it.
-    ``in_channels``, ``text_dim`` and ``pooled_dim`` come from the latent shards."""
+    ``in_channels``, ``text_dim`` and ``pooled_dim`` come from the latent shards.
+
+    ``init_from``: start from a trained transformer instead, a pipeline folder (e.g. ``lvd/assets/shapes-demo``)
+    or a ``transformer/`` folder (:mod:`lvd.dit.pretrained`); its config replaces ``preset``, and
+    ``overrides`` may change only keys that keep every tensor's shape. A run resuming from its own checkpoint
+    takes the checkpoint's weights (a LoRA run still builds its frozen base from here)."""
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    init_from: str = ""
 
 
 @dataclass
@@ -140,6 +148,7 @@ class DiTRecipeConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +172,17 @@ def check_config(cfg: DiTRecipeConfig) -> None:
     if cfg.model.preset not in DIT_PRESETS:
         problems.append(f"model.preset={cfg.model.preset!r}: unknown; choose one of {', '.join(sorted(DIT_PRESETS))}")
     problems += arguments_problems("model.overrides", cfg.model.overrides, VideoDiT.__init__)
+    problems += cfg.lora.problems()
+    if cfg.lora.enabled and not cfg.model.init_from:
+        problems.append(f"lora.rank={cfg.lora.rank} adapts a trained model: set model.init_from (a pipeline or "
+                        "transformer folder)")
+    if cfg.lora.enabled and cfg.distributed.strategy == "fsdp":
+        problems.append("lora with distributed.strategy=fsdp is not supported yet; use ddp (adapters are small)")
+    if cfg.model.init_from:
+        try:
+            transformer_folder(cfg.model.init_from)
+        except ValueError as err:
+            problems.append(f"model.init_from={cfg.model.init_from!r}: {str(err).split(': ', 1)[-1]}")
     c = cfg.components
     problems += filter(None, [
         shards_problem("data.shards", cfg.data.shards, allow_pipe=cfg.data.allow_pipe),
@@ -204,7 +224,16 @@ def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
 
 
 def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
-    """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch)."""
+    """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch), or the trained one
+    ``cfg.init_from`` names."""
+    if cfg.init_from:
+        try:
+            model = load_for_finetuning(cfg.init_from, cfg.overrides)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
     dims = dict(in_channels=first["latents"].shape[1], text_dim=first["text"].states.shape[-1],
                 pooled_dim=first["text"].pooled.shape[-1])
     clash = {k: (cfg.overrides[k], v) for k, v in dims.items() if k in cfg.overrides and cfg.overrides[k] != v}
@@ -299,8 +328,11 @@ def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: Vid
 
 
 def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env) -> Path | None:
-    """The pipeline folder when components are configured, else ``export/transformer`` only."""
+    """The pipeline folder when components are configured, else ``export/transformer`` only; a LoRA run writes
+    its adapter alone, ``export/lora/pytorch_lora_weights.safetensors`` (diffusers' layout)."""
     out = Path(cfg.export.dir) if cfg.export.dir else run_dir / "export"
+    if cfg.lora.enabled:
+        return save_lora(unwrap(ema_model), out / "lora").parent if env.is_main else None
     if not (cfg.components.vae and cfg.components.text_encoder):
         return export_pretrained(ema_model, out / "transformer", env)
     state = model_state_dict(ema_model)  # gathered under FSDP2; every rank takes part
@@ -332,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     first = peek_latents(cfg.data, cfg.train.seed)
     dit = build_dit(cfg.model, first)
     check_batch(dit, first, cfg.data.shards)
+    if cfg.lora.enabled:
+        trainable = add_lora(dit, cfg.lora)
+        log.info("LoRA rank %d: %d adapter tensors, %d parameters train", cfg.lora.rank, len(trainable),
+                 sum(p.numel() for p in dit.parameters() if p.requires_grad))
     uncond = load_uncond(cfg)
     model, ema = prepare_model(dit, env, cfg.distributed, cfg.train)
     if uncond is not None:
@@ -366,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Train (or resume)
     loader = make_latent_loader(cfg.data, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
     trainer = Trainer(run_dir=run_dir, model=model, loss_fn=loss_fn, optim=cfg.optim, train=cfg.train,
-                      checkpoint=cfg.checkpoint, env=env, ema=ema, config=cfg, count_fn=count, hooks=hooks)
+                      checkpoint=cfg.checkpoint, env=env, ema=ema, config=cfg, count_fn=count, hooks=hooks,
+                      save_frozen=not cfg.lora.enabled)
     trainer.fit(loader)
 
     # 6. Export the EMA transformer (with the pipeline around it when the components are known)

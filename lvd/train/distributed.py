@@ -237,14 +237,18 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (every rank passes the same one) into a plain, DDP or FSDP2 model."""
+def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, partial: bool = False) -> None:
+    """Load a full state dict (every rank passes the same one) into a plain, DDP or FSDP2 model.
+
+    ``partial``: ``state`` holds only some of the model's tensors (say, a LoRA run's trainable ones); the rest are
+    kept. Unexpected keys are an error either way."""
     if _sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, state, options=_options(full_state_dict=True))
+        set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=not partial))
         return
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    missing = [] if partial else missing
     if missing or unexpected:
         raise KeyError(f"state dict does not fit {type(unwrap(model)).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

@@ -250,7 +250,8 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         src = unwrap(model)
         for e, p in zip(self.model.parameters(), src.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+            if p.requires_grad:  # frozen tensors (a LoRA run's base) stay equal to the model's
+                e.lerp_(p.detach(), 1.0 - d)
         for e, b in zip(self.model.buffers(), src.buffers()):
             e.copy_(b)
 
@@ -318,6 +319,7 @@ class Trainer:
         config: Any = None,
         count_fn: Callable[[Any], tuple[int, int]] | None = None,
         hooks: Iterable[Hook] = (),
+        save_frozen: bool = True,
     ):
         raise_problems(train_config_problems(train, checkpoint, optim))
         self.run_dir = Path(run_dir)
@@ -326,6 +328,9 @@ class Trainer:
         self.config = config
         self.count_fn = count_fn or (lambda batch: (0, 0))
         self.hooks = [h for h in hooks if h.every > 0]
+        # save_frozen=False: checkpoints hold the trainable tensors only (a LoRA run's adapters; the frozen base is
+        # rebuilt from where it came from, e.g. model.init_from), for the model and its EMA alike
+        self.saved_names = None if save_frozen else {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
         self.optimizer = make_optimizer(model, optim)
         self.aux_optimizer = make_optimizer(aux.model, aux.optim) if aux is not None else None
         self.step = 0  # optimizer steps done (skipped ones included)
@@ -337,10 +342,14 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------
 
+    def _model_tree(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = model_state_dict(model)
+        return state if self.saved_names is None else {k: v for k, v in state.items() if k in self.saved_names}
+
     def _trees(self) -> dict[str, Any]:
-        trees = {"model": model_state_dict(self.model), "optimizer": optimizer_state_dict(self.model, self.optimizer)}
+        trees = {"model": self._model_tree(self.model), "optimizer": optimizer_state_dict(self.model, self.optimizer)}
         if self.ema is not None:
-            trees["ema"] = model_state_dict(self.ema.model)
+            trees["ema"] = self._model_tree(self.ema.model)
         if self.aux is not None:
             trees[self.aux.name] = model_state_dict(self.aux.model)
             trees[f"{self.aux.name}_optimizer"] = optimizer_state_dict(self.aux.model, self.aux_optimizer)
@@ -374,10 +383,11 @@ class Trainer:
         if self.aux is not None:
             names += [self.aux.name, f"{self.aux.name}_optimizer"]
         trees, rank_tree, _ = load_checkpoint(step_dir, names, rank=self.env.rank, meta=meta)
-        load_model_state_dict(self.model, trees["model"])
+        partial = self.saved_names is not None
+        load_model_state_dict(self.model, trees["model"], partial=partial)
         load_optimizer_state_dict(self.model, self.optimizer, trees["optimizer"])
         if self.ema is not None:
-            load_model_state_dict(self.ema.model, trees["ema"])
+            load_model_state_dict(self.ema.model, trees["ema"], partial=partial)
         if self.aux is not None:
             load_model_state_dict(self.aux.model, trees[self.aux.name])
             load_optimizer_state_dict(self.aux.model, self.aux_optimizer, trees[f"{self.aux.name}_optimizer"])
