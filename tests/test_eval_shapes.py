@@ -1,6 +1,8 @@
 """The pixel scorer of lvd.eval.shapes on ground-truth clips from the moving-shapes generator."""
 
 import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,102 @@ def test_cli_generates_scores_and_writes_json(tmp_path, capsys):
     assert "color accuracy" in printed and "direction confusion" in printed
     report = json.loads((tmp_path / "scores.json").read_text())
     assert report["summary"]["clips"] == 2 and [c["caption"] for c in report["clips"]] == all_captions()[:2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Palettes with extra colours (issue 18 item 4)
+# ---------------------------------------------------------------------------------------------
+
+EXTRA = {"orange": (255, 128, 0), "purple": (128, 0, 255)}  # hues 30.1° (red 0°, yellow 60°) and 270.1° (blue, magenta)
+
+
+def test_default_palette_is_the_six_built_in_hues():
+    from lvd.data.synthetic import COLORS
+    from lvd.eval.shapes import HUES, palette_hues
+
+    assert list(palette_hues(None).items()) == list(HUES.items())
+    assert list(palette_hues(COLORS).items()) == list(HUES.items())  # same hues, same tie order; white is separate
+    for video, caption in _ground_truth(seeds=(2,))[::6]:
+        assert score_clip(video, caption, palette=COLORS) == score_clip(video, caption)
+
+
+def test_extra_colours_are_scored_and_their_neighbours_stay_right():
+    """One block of clips per colour (every shape and direction) with orange and purple in the palette: all
+    correct raw, and through H.264 for the colours next to the new hues. (50 clips per colour, raw, H.264 and
+    blurred at 1.5 px, measured 100% for all nine colours.)"""
+    palette = ShapesConfig(colors=EXTRA).palette
+    for color in palette:
+        cfg = ShapesConfig(colors=EXTRA, only_colors=(color,))
+        clips = [make_clip(i, 7, cfg)[:2] for i in range(12)]
+        scores = [score_clip(video, caption, palette) for video, caption in clips]
+        assert [s["color"] for s in scores] == [color] * 12, color
+        assert all(s["direction_ok"] for s in scores)
+        if color in ("red", "orange", "yellow", "blue", "purple", "magenta"):
+            for video, caption in clips[::4]:
+                decoded = decode_video_bytes(encode_video_bytes(video, fps=8))
+                assert score_clip(decoded, caption, palette)["color"] == color, (color, caption)
+
+
+def test_palette_by_hue_and_a_colour_missing_from_the_palette():
+    orange = make_clip(0, 0, ShapesConfig(colors=EXTRA, only_colors=("orange",)))[0]
+    by_hue = {"red": 0.0, "orange": 30, "yellow": 60.0}
+    assert score_clip(orange, palette=by_hue)["color"] == "orange"
+    assert score_clip(orange)["color"] in ("red", "yellow")  # without orange it is a neighbour, never "orange"
+    white = render_clip("white", "circle", "up", ShapesConfig(size=32, frames=5), np.random.default_rng(0))
+    assert score_clip(white, palette=by_hue)["color"] == "white"  # achromatic handling is unchanged
+
+
+@pytest.mark.parametrize("palette,named", [
+    ({"maroon": (100, 0, 0)}, "'maroon'=(100, 0, 0) is too dark"),
+    ({"grey": (200, 200, 200)}, "'grey'=(200, 200, 200) has saturation 0.00"),
+    ({"red": (255, 0, 0), "scarlet": (255, 20, 0)}, "'red' (0.0°) and 'scarlet' (4.7°)"),
+    ({"red": 0.0, "rose": 355.0}, "'red' (0.0°) and 'rose' (355.0°) are 5.0° apart"),
+    ({"orange": (255, 128)}, "(255, 128)"),
+    ({"orange": (255, 128, 256)}, "(255, 128, 256)"),
+    ({"orange": float("nan")}, "'orange': hue must be a finite"),
+    ({"red": (200, 0, 0)}, "clashes with the built-in red"),
+    ({"white": (255, 255, 255)}, "no chromatic colour in ['white']"),
+    ([("orange", (255, 128, 0))], "expected a dict"),
+])
+def test_bad_palette_is_a_value_error_naming_the_colour(palette, named):
+    from lvd.eval.shapes import palette_hues
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        palette_hues(palette)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        score_clip(torch.zeros(3, 2, 16, 16, dtype=torch.uint8), palette=palette)
+
+
+def test_captions_and_report_with_an_extra_colour():
+    palette = ShapesConfig(colors=EXTRA).palette
+    with pytest.raises(ValueError, match="caption"):
+        parse_caption("a orange circle moving left")
+    assert parse_caption("a orange circle moving left", palette)["color"] == "orange"
+    cfg = ShapesConfig(colors=EXTRA, only_colors=("orange", "red"), only_directions=("up",))
+    scores = [score_clip(v, c, palette) for v, c in (make_clip(i, 0, cfg)[:2] for i in range(6))]
+    text = format_report(summarize(scores), colors=list(palette))
+    assert re.search(r"^orange +0 +0 +0 +0 +0 +0 +0 +3 +0$", text, re.M), text  # its row, its column
+    assert re.search(r"^orange\b", format_report(summarize(scores)), re.M)  # an unlisted truth still gets a row
+
+
+def test_cli_scores_an_extra_colour_and_refuses_bad_flags(tmp_path, capsys):
+    from test_pipeline import tiny_components  # tests/ is on sys.path under pytest
+
+    from lvd.eval.shapes import main
+    from lvd.pipeline import LVDPipeline
+
+    for bad, named in ((["--colors", "orange=255,128"], "'orange=255,128'"), (["--only-colors", "orange"], "'orange'"),
+                       (["--colors", "grey=200,200,200"], "'grey'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tmp_path / "absent"), *bad])  # refused before any model is loaded
+        assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+    LVDPipeline(**tiny_components()).save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--colors", "orange=255,128,0", "purple=128,0,255",
+            "--only-colors", "orange", "--only-shapes", "square", "--limit", "2", "--seeds", "0", "--steps", "1",
+            "--size", "16", "--frames", "5", "--json", str(tmp_path / "scores.json")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^ +red .*orange +purple", printed, re.M)  # the palette's columns in the colour table
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert [c["caption"] for c in report["clips"]] == ["a orange square moving left", "a orange square moving right"]

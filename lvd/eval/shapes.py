@@ -6,8 +6,12 @@ The clips are bright shapes on black (:mod:`lvd.data.synthetic`). Per frame, wit
   about V = 0.5, so it leaves the expected area of an anti-aliased edge unchanged while it removes faint
   background noise from generated clips; the hard foreground mask is ``V > 0.5``.
 - **colour**: the dominant hue of the foreground. Each mask pixel votes, weighted by coverage, for the nearest
-  of the six hues (red 0°, yellow 60°, green 120°, cyan 180°, blue 240°, magenta 300°), or for white when its
-  HSV saturation is below 0.35.
+  hue of the palette's chromatic colours (by default the six of ``HUES``: red 0°, yellow 60°, green 120°,
+  cyan 180°, blue 240°, magenta 300°), or for white when its HSV saturation is below 0.35. A palette
+  (``palette=`` of :func:`score_clip`, ``--colors`` of the CLI) maps names to RGB 0–255 or to a hue in degrees,
+  e.g. ``{**COLORS, "orange": (255, 128, 0)}`` adds orange at 30°, between red and yellow; the hue of an RGB
+  is HSV's. A palette colour must be bright enough to be foreground (max channel ≥ 128), chromatic
+  (saturation ≥ 0.35, except white itself) and at least 10° of hue from every other one.
 - **direction**: the coverage-weighted centroid of the last frame minus that of the first (y grows downward);
   the larger axis gives left / right / up / down, or "static" below ``0.03 · size`` pixels.
 - **shape**: the fill ratio ``Σc / (w · h)`` of the foreground in its bounding box, where the soft extents
@@ -25,13 +29,17 @@ The clips are bright shapes on black (:mod:`lvd.data.synthetic`). Per frame, wit
   shape keeps its size, as every true clip does).
 
 ``python -m lvd.eval.shapes --model DIR`` generates every one of the 84 captions with 2 seeds and prints
-per-attribute accuracy and confusion tables. :func:`score_clip` is a pure function usable on any clip.
+per-attribute accuracy and confusion tables. The flags of :func:`lvd.data.synthetic.add_synthetic_arguments`
+extend the palette and choose the captions, as they do for the data: ``--colors orange=255,128,0
+--only-colors orange`` scores the 12 orange captions with orange in the palette (``--limit N`` then keeps the
+first N). :func:`score_clip` is a pure function usable on any clip.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import re
 import sys
 import time
@@ -40,7 +48,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from lvd.data.synthetic import COLORS, DIRECTIONS, SHAPES, all_captions
+from lvd.data.synthetic import (COLORS, DIRECTIONS, SHAPES, add_synthetic_arguments, all_captions, color_problems,
+                                 shapes_config_from_args)
 
 HUES = {"red": 0.0, "yellow": 60.0, "green": 120.0, "cyan": 180.0, "blue": 240.0, "magenta": 300.0}
 FILL_RATIO = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
@@ -51,16 +60,75 @@ _WHITE_SATURATION = 0.35
 _TRIANGLE_OFFSET = 0.06  # centroid below the box centre by more than this fraction of its height → triangle
 _MAX_FOREGROUND = 0.4  # the largest true shape covers 12% of the frame (side 0.35 of it)
 _STATIC_FRACTION = 0.03  # centroid moves less than this fraction of the frame side → "static"
+_MIN_HUE_GAP = 10.0  # degrees between palette hues: anti-aliasing and H.264 chroma move a hue by a few degrees
 ATTRIBUTES = ("color", "shape", "direction")
 
 
-def parse_caption(caption: str) -> dict[str, str]:
-    """"a red circle moving right" → {"color": "red", "shape": "circle", "direction": "right"}."""
+def parse_caption(caption: str, colors=None) -> dict[str, str]:
+    """"a red circle moving right" → {"color": "red", "shape": "circle", "direction": "right"}.
+
+    ``colors``: the colour names allowed (default: the built-in COLORS)."""
+    colors = list(COLORS if colors is None else colors)
     match = _CAPTION.match(caption.strip())
-    if not match or match[1] not in COLORS or match[2] not in SHAPES or match[3] not in DIRECTIONS:
+    if not match or match[1] not in colors or match[2] not in SHAPES or match[3] not in DIRECTIONS:
         raise ValueError(f"caption {caption!r} is not 'a {{color}} {{shape}} moving {{direction}}' with "
-                         f"color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+                         f"color in {colors}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
     return {"color": match[1], "shape": match[2], "direction": match[3]}
+
+
+def _hsv(rgb) -> tuple[float, float, float]:
+    """Hue (degrees), saturation and value (0..1) of one RGB 0..255, with the formula _classify_color uses."""
+    r, g, b = (float(v) / 255.0 for v in rgb)
+    value, chroma = max(r, g, b), max(r, g, b) - min(r, g, b)
+    if chroma == 0:
+        return 0.0, 0.0, value
+    hue = ((g - b) / chroma) % 6 if value == r else (b - r) / chroma + 2 if value == g else (r - g) / chroma + 4
+    return 60.0 * hue, chroma / value, value
+
+
+def palette_hues(palette=None) -> dict[str, float]:
+    """The hue (degrees) of each chromatic colour of ``palette`` (name → RGB 0..255, or name → hue in degrees).
+
+    None gives ``HUES`` (the six built-in hues). White (achromatic) is not in the result: low-saturation pixels
+    always vote "white". Names of ``HUES`` come first in its order, so a palette holding the built-in colours
+    breaks ties exactly as the default does. Raises ValueError naming the entry for bad RGB, a colour too dark to
+    be foreground, an achromatic colour other than white, or two hues closer than 10°."""
+    if palette is None:
+        return dict(HUES)
+    if not isinstance(palette, dict):
+        raise ValueError(f"invalid palette: expected a dict {{name: (R, G, B) or hue}}, got {palette!r}")
+    hues, problems = {}, []
+    for name, value in palette.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if not np.isfinite(value):
+                problems.append(f"colour {name!r}: hue must be a finite number of degrees, got {value!r}")
+            else:
+                hues[name] = float(value) % 360.0
+            continue
+        if bad := color_problems({name: value}):
+            problems += bad
+            continue
+        hue, saturation, brightness = _hsv(value)
+        if brightness <= _MASK_LEVEL:
+            problems.append(f"colour {name!r}={tuple(value)} is too dark to score (max channel must be >= 128)")
+        elif saturation < _WHITE_SATURATION:
+            if name != "white":
+                problems.append(f"colour {name!r}={tuple(value)} has saturation {saturation:.2f} < "
+                                f"{_WHITE_SATURATION}: the scorer cannot tell it from white")
+        else:
+            hues[name] = hue
+    names = [n for n in HUES if n in hues] + [n for n in hues if n not in HUES]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            gap = abs((hues[a] - hues[b] + 180.0) % 360.0 - 180.0)
+            if gap < _MIN_HUE_GAP:
+                problems.append(f"colours {a!r} ({hues[a]:.1f}°) and {b!r} ({hues[b]:.1f}°) are {gap:.1f}° apart; "
+                                f"the scorer needs >= {_MIN_HUE_GAP:g}°")
+    if not hues and not problems:
+        problems.append(f"no chromatic colour in {list(palette)}: pixels would have no hue to vote for")
+    if problems:
+        raise ValueError("invalid palette: " + "; ".join(problems))
+    return {n: hues[n] for n in names}
 
 
 def _as_unit_rgb(video) -> np.ndarray:
@@ -73,8 +141,8 @@ def _as_unit_rgb(video) -> np.ndarray:
     return np.clip((array.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def _classify_color(rgb: np.ndarray, mask: np.ndarray, weight: np.ndarray) -> str:
-    """Dominant hue of the masked pixels: rgb (3, N) in [0, 1]; returns a COLORS name or "none"."""
+def _classify_color(rgb: np.ndarray, mask: np.ndarray, weight: np.ndarray, hues: dict[str, float] = HUES) -> str:
+    """Dominant hue of the masked pixels: rgb (3, N) in [0, 1]; returns a name of ``hues``, "white" or "none"."""
     if not mask.any():
         return "none"
     rgb, weight = rgb[:, mask], weight[mask]  # (3, n), (n,)
@@ -85,9 +153,9 @@ def _classify_color(rgb: np.ndarray, mask: np.ndarray, weight: np.ndarray) -> st
     safe = np.maximum(chroma, 1e-8)
     hue = np.where(value == r, ((g - b) / safe) % 6, np.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = hue * 60.0  # degrees
-    names = list(HUES)
-    centres = np.array([HUES[n] for n in names])
-    distance = np.abs((hue[:, None] - centres[None, :] + 180.0) % 360.0 - 180.0)  # (n, 6) circular
+    names = list(hues)
+    centres = np.array([hues[n] for n in names])
+    distance = np.abs((hue[:, None] - centres[None, :] + 180.0) % 360.0 - 180.0)  # (n, colours) circular
     nearest = distance.argmin(axis=1)
     votes = Counter()
     colored = saturation >= _WHITE_SATURATION
@@ -137,13 +205,17 @@ def _centroid(coverage: np.ndarray) -> tuple[float, float] | None:
     return float((xs * coverage).sum() / total), float((ys * coverage).sum() / total)
 
 
-def score_clip(video, caption: str | None = None) -> dict:
+def score_clip(video, caption: str | None = None, palette=None) -> dict:
     """Pixel analysis of one clip (3, T, H, W) (uint8, or float in [-1, 1]).
+
+    ``palette``: the colours to tell apart, name → RGB 0..255 or hue in degrees (default: the built-in
+    COLORS; see :func:`palette_hues`); a caption may name any of them.
 
     Returns predictions ``color``, ``shape``, ``direction`` (each may be "none"/"static"), the measurements
     ``fill_ratio``, ``centroid_offset``, ``displacement`` (dx, dy) in pixels, ``consistency`` in [0, 1] and ``foreground``
     (mean fraction of pixels in the mask); with a caption, also the truth and ``<attr>_ok`` booleans.
     """
+    hues = palette_hues(palette)  # validates the palette before any work
     rgb = _as_unit_rgb(video)  # (3, T, H, W)
     _, frames, height, width = rgb.shape
     value = rgb.max(axis=0)  # (T, H, W)
@@ -154,7 +226,7 @@ def score_clip(video, caption: str | None = None) -> dict:
     if mask.mean() > _MAX_FOREGROUND:  # not a shape on black (noise, a washed-out frame): credit nothing
         coverage = np.zeros_like(coverage)
         mask = np.zeros_like(mask)
-    color = _classify_color(rgb.reshape(3, -1), mask.reshape(-1), coverage.reshape(-1))
+    color = _classify_color(rgb.reshape(3, -1), mask.reshape(-1), coverage.reshape(-1), hues)
 
     ratios = np.array([_fill_ratio(coverage[t]) for t in range(frames)])
     fill = float(np.nanmedian(ratios)) if np.isfinite(ratios).any() else float("nan")
@@ -189,7 +261,7 @@ def score_clip(video, caption: str | None = None) -> dict:
         "foreground": float((value > _MASK_LEVEL).mean()),
     }
     if caption is not None:
-        truth = parse_caption(caption)
+        truth = parse_caption(caption, COLORS if palette is None else palette)
         result["caption"] = caption
         for attr in ATTRIBUTES:
             result[f"true_{attr}"] = truth[attr]
@@ -211,13 +283,16 @@ def summarize(scores: list[dict]) -> dict:
     return summary
 
 
-def format_report(summary: dict) -> str:
-    """Accuracy lines followed by one confusion table per attribute (rows: truth, columns: prediction)."""
+def format_report(summary: dict, colors=None) -> str:
+    """Accuracy lines followed by one confusion table per attribute (rows: truth, columns: prediction).
+
+    ``colors``: the colour names to list (default: the built-in COLORS); others seen are appended."""
     lines = [f"clips: {summary['clips']}"]
     for attr in ATTRIBUTES:
         lines.append(f"{attr + ' accuracy':<20} {100 * summary['accuracy'][attr]:6.1f} %")
     lines.append(f"{'consistency (mean)':<20} {summary['consistency']:8.3f}")
-    labels = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+    labels = {"color": list(COLORS if colors is None else colors), "shape": list(SHAPES),
+              "direction": list(DIRECTIONS)}
     for attr in ATTRIBUTES:
         table = summary["confusion"][attr]
         predicted = {p for row in table.values() for p in row}
@@ -226,7 +301,7 @@ def format_report(summary: dict) -> str:
         lines.append("")
         lines.append(f"{attr} confusion (rows: caption, columns: measured)")
         lines.append(" " * 10 + "".join(f"{c:>{width}}" for c in columns))
-        for true in labels[attr]:
+        for true in labels[attr] + sorted(set(table) - set(labels[attr])):
             row = table.get(true, {})
             lines.append(f"{true:<10}" + "".join(f"{row.get(c, 0):>{width}}" for c in columns))
     return "\n".join(lines)
@@ -234,11 +309,15 @@ def format_report(summary: dict) -> str:
 
 def evaluate_pipeline(pipe, *, captions: list[str] | None = None, seeds=(0, 1), num_frames: int = 17,
                       height: int = 64, width: int = 64, num_inference_steps: int = 25,
-                      guidance_scale: float = 5.0, batch_size: int = 12, progress: bool = False) -> list[dict]:
+                      guidance_scale: float = 5.0, batch_size: int = 12, progress: bool = False,
+                      palette=None) -> list[dict]:
     """Generate every caption with every seed through ``pipe`` (an :class:`lvd.pipeline.LVDPipeline`) and score
-    each clip. Clip (caption i, seed s) uses ``torch.Generator().manual_seed(1000 · s + i)``, so a score does not
-    depend on the batch size."""
+    each clip against ``palette`` (see :func:`score_clip`). Clip (caption i, seed s) uses
+    ``torch.Generator().manual_seed(1000 · s + i)``, so a score does not depend on the batch size."""
     captions = captions or all_captions()
+    for caption in captions:  # a bad caption or palette fails here, before any generation
+        parse_caption(caption, COLORS if palette is None else palette)
+    palette_hues(palette)
     jobs = [(caption, seed, 1000 * seed + i) for seed in seeds for i, caption in enumerate(captions)]
     scores = []
     for start in range(0, len(jobs), batch_size):
@@ -251,7 +330,7 @@ def evaluate_pipeline(pipe, *, captions: list[str] | None = None, seeds=(0, 1), 
         ).frames  # (B, T, 3, H, W) in [0, 1]
         for (caption, seed, _), clip in zip(chunk, frames):
             video = (clip.permute(1, 0, 2, 3) * 255).round().to(torch.uint8)  # (3, T, H, W)
-            scores.append({**score_clip(video, caption), "seed": seed})
+            scores.append({**score_clip(video, caption, palette), "seed": seed})
         if progress:
             print(f"  {len(scores)}/{len(jobs)} clips", file=sys.stderr, flush=True)
     return scores
@@ -267,10 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N captions (smoke tests)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N captions (after --only-*; smoke tests)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write per-clip scores and the summary here")
+    add_synthetic_arguments(parser)  # --colors (the palette), --only-colors/-shapes/-directions (the captions)
     args = parser.parse_args(argv)
+    cfg, problems = shapes_config_from_args(args)
+    if cfg is not None:
+        try:
+            palette_hues(cfg.palette)
+        except ValueError as e:  # e.g. a colour the scorer cannot tell apart from white or another one
+            problems = [f"--colors: {e}"]
+    if problems:
+        parser.error("\n  ".join(problems))
 
     from lvd.pipeline import LVDPipeline  # the scorer above needs no model; only the CLI loads one
 
@@ -279,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.sampler:
         pipe.set_sampler(args.sampler)
     start = time.perf_counter()
-    captions = all_captions()[: args.limit] if args.limit else None
+    captions = all_captions(cfg)[: args.limit] if args.limit else all_captions(cfg)
     scores = evaluate_pipeline(pipe, captions=captions, seeds=args.seeds, num_frames=args.frames,
                                height=args.size, width=args.size,
                                num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               batch_size=args.batch_size, progress=True)
+                               batch_size=args.batch_size, progress=True, palette=cfg.palette)
     seconds = time.perf_counter() - start
     summary = summarize(scores)
-    print(format_report(summary))
+    print(format_report(summary, colors=list(cfg.palette)))
     print(f"\n{len(scores)} clips in {seconds:.1f} s ({seconds / max(len(scores), 1):.2f} s per clip), "
           f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler or type(pipe.scheduler).__name__}")
     if args.json:
