@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class GenerateArgs:
     offload: bool
     threads: int
     text_encoder: str | None = None
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # (adapter file or folder, scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); 1 is fastest on a CPU shared with busy processes")
     p.add_argument("--offload", action="store_true", help="model CPU offload (accelerate) on a GPU, for large models")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH",
+                   help="a LoRA adapter (its folder or .safetensors file) to apply; repeat for several")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                   help="weight of each --lora, in order (one value: all of them; default 1)")
     p.add_argument("--text-encoder", default=None, metavar="PATH_OR_NAME",
                    help="load the text encoder from here instead of the model folder's text_encoder_id (which may "
                         "only name a packaged encoder, a folder inside the model folder or a cached hub id)")
@@ -188,6 +193,12 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
         problems.append(f"--threads must be >= 0, got {ns.threads}")
     if ns.seed < 0:
         problems.append(f"--seed must be >= 0, got {ns.seed}")
+    scales = ns.lora_scale * len(ns.lora) if len(ns.lora_scale) == 1 else ns.lora_scale or [1.0] * len(ns.lora)
+    if len(scales) != len(ns.lora):
+        problems.append(f"--lora-scale given {len(ns.lora_scale)} times for {len(ns.lora)} --lora: give one, or one "
+                        "per --lora")
+    problems += [f"--lora-scale must be a finite number, got {v}" for v in ns.lora_scale if not math.isfinite(v)]
+    problems += [f"--lora {path}: no such file or folder" for path in ns.lora if not Path(path).exists()]
     if ns.sampler is not None and ns.sampler not in SAMPLERS:
         problems.append(f"--sampler {ns.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
     device = ns.device
@@ -211,7 +222,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
                         negative_prompt=ns.negative_prompt, steps=ns.steps, guidance=ns.guidance, seed=ns.seed,
                         frames=ns.frames, height=ns.height, width=ns.width, fps=ns.fps, sampler=ns.sampler,
                         num_videos=ns.num_videos, batch_size=ns.batch_size, device=device, dtype=dtype,
-                        offload=ns.offload, threads=ns.threads, text_encoder=ns.text_encoder)
+                        offload=ns.offload, threads=ns.threads, text_encoder=ns.text_encoder,
+                        loras=list(zip(map(Path, ns.lora), scales)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,6 +251,13 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
         pipe = LVDPipeline.from_pretrained(str(args.model), **text, **_dtype_kwarg(DTYPES[args.dtype]))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"  - --model {args.model}: could not load the pipeline: {err}") from err
+    for k, (path, _) in enumerate(args.loras):
+        try:
+            pipe.load_lora_weights(path, adapter_name=f"lora_{k}")
+        except ValueError as err:
+            raise UsageError(f"  - --lora: {err}") from err
+    if args.loras:
+        pipe.set_adapters([f"lora_{k}" for k in range(len(args.loras))], [scale for _, scale in args.loras])
     problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]
     if args.sampler is not None:
         try:

@@ -150,6 +150,43 @@ def test_a_text_encoder_outside_the_model_folder_needs_the_users_own_flag(model_
     assert probe_video(tmp_path / "o.mp4").num_frames == 5
 
 
+def test_lora_adapters_apply_with_their_scales(model_dir, tmp_path, capsys):
+    from lvd.lora import LoraConfig, add_lora, save_lora
+
+    pipe = LVDPipeline.from_pretrained(model_dir)
+    add_lora(pipe.transformer, LoraConfig(rank=2))
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.2)
+    save_lora(pipe.transformer, tmp_path / "adapter")
+    prompt = ["--prompt", "a red circle moving right"]
+    paths = {name: tmp_path / f"{name}.mp4" for name in ("base", "lora", "zero", "two")}
+    assert cli(model_dir, *prompt, "--output", str(paths["base"])) == 0
+    assert cli(model_dir, *prompt, "--output", str(paths["lora"]), "--lora", str(tmp_path / "adapter")) == 0
+    assert cli(model_dir, *prompt, "--output", str(paths["zero"]), "--lora", str(tmp_path / "adapter"),
+               "--lora-scale", "0") == 0
+    assert cli(model_dir, *prompt, "--output", str(paths["two"]), "--lora", str(tmp_path / "adapter"),
+               "--lora", str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"), "--lora-scale", "0.5") == 0
+    base, lora = read_video(paths["base"]).int(), read_video(paths["lora"]).int()
+    assert (base - lora).abs().max() > 3
+    assert paths["zero"].read_bytes() == paths["base"].read_bytes()
+    assert (read_video(paths["two"]).int() - lora).abs().max() <= 2  # two halves of one adapter
+
+    capsys.readouterr()
+    out = ["--output", str(tmp_path / "x.mp4")]
+    assert cli(model_dir, *prompt, *out, "--lora", str(tmp_path / "nowhere")) == 2
+    assert "--lora " + str(tmp_path / "nowhere") + ": no such file or folder" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    assert cli(model_dir, *prompt, *out, "--lora", str(junk)) == 2
+    err = capsys.readouterr().err
+    assert "not a safetensors file" in err and "Traceback" not in err
+    assert cli(model_dir, *prompt, *out, "--lora", str(junk), "--lora", str(junk), "--lora-scale", "1",
+               "--lora-scale", "2", "--lora-scale", "3") == 2
+    assert "--lora-scale given 3 times for 2 --lora" in capsys.readouterr().err
+
+
 def test_missing_or_non_pipeline_model_folder_is_refused(tmp_path, capsys, no_sampling):
     out = ["--prompt", "x", "--output", str(tmp_path / "out.mp4")]
     assert generate.main(["--model", str(tmp_path / "nowhere"), *out]) == 2
