@@ -44,7 +44,8 @@ from lvd.data.sources import (  # noqa: F401 (re-exported: these lived here)
     list_synthetic,
     list_ucf101,
 )
-from lvd.data.synthetic import ShapesConfig, make_clip
+from lvd.data.synthetic import (ShapesConfig, add_synthetic_arguments, make_clip, shapes_config_from_args,
+                                synthetic_flags_given)
 from lvd.video_io import VideoReadError, encode_video_bytes, probe_video, read_video
 
 __all__ = [
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"decoding (default {VideoLimits.max_side})")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_synthetic_arguments(p)
     return p
 
 
@@ -406,6 +408,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             problems.append("synthetic needs --count N (N >= 1)")
         if a.seed < 0:
             problems.append(f"--seed must be >= 0, got {a.seed}")
+        problems += shapes_config_from_args(a, size=a.size, frames=a.frames, fps=a.fps)[1]
     else:
         if a.source is None:
             problems.append(f"{a.kind} needs a SOURCE folder")
@@ -413,6 +416,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             problems.append(f"SOURCE '{a.source}' is not a folder")
         if a.count is not None:
             problems.append("--count is only for synthetic")
+        problems += [f"{flag} is only for synthetic" for flag in synthetic_flags_given(a)]
     if a.split_list is not None and (a.kind != "ucf101" or not a.split_list.is_file()):
         problems.append(f"--split-list must be an existing file and KIND ucf101 (got '{a.split_list}', {a.kind})")
     if a.annotations is not None and (a.kind != "kinetics" or not a.annotations.is_file()):
@@ -479,7 +483,7 @@ def _list_jobs(parser: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[
 def _work(a: argparse.Namespace):
     """``(work(job) -> (samples, skips), clips expected)`` for the layout."""
     if a.kind == "synthetic":
-        cfg = ShapesConfig(size=a.size, frames=a.frames, fps=a.fps)
+        cfg, _ = shapes_config_from_args(a, size=a.size, frames=a.frames, fps=a.fps)  # checked in _check_args
         return (lambda job: clips_from_shapes(job, cfg, a.seed)), 1
     opts = ClipOptions(a.frames, a.fps, a.size, crop=not a.no_crop, clips_per_video=a.clips_per_video,
                        max_side=a.max_side)
