@@ -25,6 +25,10 @@ weights, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
 ``components.text_encoder`` (the ones the latents were cached with); without them only
 ``export/transformer/`` is written.
 
+Fine-tuning: ``model.init_from`` starts from a trained pipeline or transformer folder; with ``lora.rank`` > 0
+only peft LoRA adapters train (the checkpoints hold only them) and ``export/lora/`` is the adapter alone, in
+diffusers' layout (``recipes/configs/shapes_lora.yaml``; :mod:`lvd.lora`).
+
 The model's ``in_channels``, ``text_dim`` and ``pooled_dim`` are read from the latent shards, so a
 preset fits any VAE and text encoder. Classifier-free guidance dropout replaces a caption by the
 empty-prompt embedding, read from the file ``lvd.cache_latents`` writes beside the shards
