@@ -1,5 +1,6 @@
 """Every shipped YAML in recipes/configs parses into its recipe's schema and its model builds on the meta device."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,22 +11,35 @@ from lvd.config import ConfigError, load_config
 from recipes.train_latent_diffusion import DiTRecipeConfig, build_dit
 from recipes.train_vae import VAERecipeConfig, build_vae
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 SHARED_KEYS = ("run.dir", "data.shards", "train.max_steps", "train.seed", "checkpoint.every")
 
 
 def _schema(path: Path):
-    return DiTRecipeConfig if "_dit" in path.stem else VAERecipeConfig
+    return DiTRecipeConfig if "_dit" in path.stem or "lora" in path.stem else VAERecipeConfig
 
 
 def test_the_expected_configs_ship():
     names = {p.name for p in CONFIGS}
     for name in ("shapes_vae.yaml", "ucf101_vae_256.yaml", "kinetics_vae_512.yaml", "shapes_dit.yaml",
-                 "ucf101_dit_256.yaml", "kinetics_dit_512.yaml", "kinetics_dit_1024.yaml"):
+                 "ucf101_dit_256.yaml", "kinetics_dit_512.yaml", "kinetics_dit_1024.yaml", "shapes_lora.yaml"):
         assert name in names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_the_lora_config_adapts_the_bundled_demo():
+    """shapes_lora.yaml starts from the demo folder (run from the repository root) and adapts it."""
+    from lvd.lora import add_lora
+
+    cfg = load_config(DiTRecipeConfig, ROOT / "recipes/configs/shapes_lora.yaml")
+    assert cfg.lora.enabled and not cfg.lora.problems()
+    model = build_dit(replace(cfg.model, init_from=str(ROOT / cfg.model.init_from)), None)
+    trainable = add_lora(model, cfg.lora)
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable and adapter * 4 < 1_000_000  # fp32 adapter file well under 1 MB
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem != "shapes_lora"], ids=lambda p: p.stem)
 def test_config_parses_and_model_builds_on_meta(path):
     cfg = load_config(_schema(path), path)
     for key in SHARED_KEYS:  # both recipes are driven by the same keys
