@@ -261,6 +261,19 @@ def loss_png(metrics: dict[str, Path], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_stage(timings: dict, name: str, done: bool, fn) -> bool:
+    """Run one stage unless ``done``, printing its start and its seconds (kept in ``timings[name]``); True if it ran."""
+    if done:
+        print(f"[{name}] done already, skipped", flush=True)
+        return False
+    print(f"[{name}] {time.strftime('%H:%M:%S')} start", flush=True)
+    start = time.perf_counter()
+    fn()
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] {timings[name]:.0f} s", flush=True)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -290,15 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
 
     def stage(name: str, done: bool, fn) -> None:
-        if done:
-            print(f"[{name}] done already, skipped", flush=True)
-            return
-        print(f"[{name}] {time.strftime('%H:%M:%S')} start", flush=True)
-        start = time.perf_counter()
-        fn()
-        timings[name] = round(time.perf_counter() - start, 1) + timings.get(f"{name}_partial", 0.0)
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-        print(f"[{name}] {timings[name]:.0f} s", flush=True)
+        if run_stage(timings, name, done, fn):
+            timings[name] += timings.get(f"{name}_partial", 0.0)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
     data, vae_run, latents, dit_run = work / "data", work / "vae", work / "latents", work / "dit"
     threads = [f"train.cpu_threads={a.threads}"] if a.threads else []

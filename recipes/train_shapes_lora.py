@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.train_shapes_demo import TEXT_ENCODER, TEXT_TOKENS, _run, demo_shapes  # noqa: E402
+from recipes.train_shapes_demo import TEXT_ENCODER, TEXT_TOKENS, _run, demo_shapes, run_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,14 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
 
     def stage(label: str, done: bool, fn) -> None:
-        if done:
-            print(f"[{label}] done already, skipped", flush=True)
-            return
-        print(f"[{label}] {time.strftime('%H:%M:%S')} start", flush=True)
-        start = time.perf_counter()
-        fn()
-        timings[label] = round(time.perf_counter() - start, 1)
-        print(f"[{label}] {timings[label]:.0f} s", flush=True)
+        run_stage(timings, label, done, fn)
 
     data, latents, run = work / "data", work / "latents", work / "lora"
     seen = tuple(d for d in DIRECTIONS if d != a.held_out)
