@@ -131,6 +131,25 @@ def test_cli_generates_scores_and_writes_json(tmp_path, capsys):
     assert report["summary"]["clips"] == 2 and [c["caption"] for c in report["clips"]] == all_captions()[:2]
 
 
+def test_cli_scores_with_a_lora_adapter(model_dir, tmp_path, capsys):
+    """--lora applies an adapter before scoring (a zero-initialised one scores like the base); a bad file exits 2."""
+    from lvd.eval.shapes import main
+    from lvd.lora import LoraConfig, add_lora, save_lora
+    from lvd.pipeline import LVDPipeline
+
+    pipe = LVDPipeline.from_pretrained(model_dir)
+    add_lora(pipe.transformer, LoraConfig(rank=2))
+    save_lora(pipe.transformer, tmp_path / "adapter")
+    argv = ["--model", str(model_dir), "--limit", "2", "--seeds", "0", "--steps", "1", "--size", "16", "--frames", "5"]
+    for extra, name in (([], "base"), (["--lora", str(tmp_path / "adapter")], "lora")):
+        assert main([*argv, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+    base, lora = (json.loads((tmp_path / f"{n}.json").read_text())["clips"] for n in ("base", "lora"))
+    assert [c["displacement"] for c in base] == [c["displacement"] for c in lora]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--lora", str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2 and "--lora:" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Palettes with extra colours (issue 18 item 4)
 # ---------------------------------------------------------------------------------------------

@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N captions (after --only-*; smoke tests)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lora", default=None, metavar="PATH", help="apply this LoRA adapter (folder or file)")
     parser.add_argument("--json", default=None, help="also write per-clip scores and the summary here")
     add_synthetic_arguments(parser)  # --colors (the palette), --only-colors/-shapes/-directions (the captions)
     args = parser.parse_args(argv)
@@ -365,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = LVDPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        try:
+            pipe.load_lora_weights(args.lora)
+        except ValueError as e:
+            parser.error(f"--lora: {e}")
     if args.sampler:
         pipe.set_sampler(args.sampler)
     start = time.perf_counter()
