@@ -68,6 +68,22 @@ def evaluate(model: Path, lora: Path | None, captions: list[str], seeds, palette
     return summarize(scores)
 
 
+def matmul_gflops(threads: int) -> float:
+    """This CPU's fp32 matmul rate now (2048² by 2048²), to read the timings against: shared machines vary."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return round(5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from lvd.data.synthetic import COLORS, DIRECTIONS, SHAPES, all_captions, parse_colors
 
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_color_after": evaluate(a.model, lora, held_out, seeds, palette, a.threads)["accuracy"],
         "original_84_with_adapter": evaluate(a.model, lora, all_captions(), (0, 1), palette, a.threads)["accuracy"],
         "fine_tuning_seconds": round(sum(v for k, v in timings.items() if k != "data"), 1) if "lora" in timings else None,
-        "stage_seconds": timings, "threads": a.threads, "adapter_bytes": (lora / "pytorch_lora_weights.safetensors").stat().st_size,
+        "stage_seconds": timings, "threads": a.threads, "cpu_fp32_matmul_gflops": matmul_gflops(a.threads), "adapter_bytes": (lora / "pytorch_lora_weights.safetensors").stat().st_size,
         "train_overrides": train_cmd[train_cmd.index("--config") + 2:],
     }
     a.results.mkdir(parents=True, exist_ok=True)
