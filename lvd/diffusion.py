@@ -20,6 +20,13 @@ conditioning (states, mask and pooled vector) is replaced by the **empty-prompt 
 ``uncond``. At sampling the unconditional branch must use the same thing:
 :func:`null_text_embeddings` (what ``LVDPipeline`` does when there is no negative prompt).
 
+Clean first frames (image-to-video, video continuation; :class:`ConditioningConfig`, YAML key ``conditioning``):
+with probability ``prob`` a training sample keeps its first k latent frames clean (k drawn from ``frames``;
+k = 1 is an image, since the causal VAE encodes frame 0 alone). Those frames get no noise (x_t = x₀ there, for
+every objective), the model is told k (``model(..., clean_frames=k)``, see :class:`lvd.dit.VideoDiT`), and the
+loss is the mean over the noisy frames only: the clean ones have nothing to predict. Sampling keeps them clean
+the same way (:func:`lvd.sampling.sample`'s ``clean_latents``).
+
 The objective travels with an export as the scheduler config (:func:`scheduler_config`) that goes in
 ``scheduler/``; :func:`diffusion_config_from_scheduler` reads it back.
 """
@@ -27,7 +34,7 @@ The objective travels with an export as the scheduler config (:func:`scheduler_c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +96,28 @@ class DiffusionConfig:
             )
         if problems:
             raise ValueError("; ".join(problems))
+
+
+@dataclass
+class ConditioningConfig:
+    """Clean first latent frames during training (YAML key ``conditioning``): with probability ``prob`` a sample
+    keeps its first k latent frames clean, k drawn uniformly from ``frames`` (1 = an image); 0 turns it off."""
+
+    prob: float = 0.0
+    frames: list[int] = field(default_factory=lambda: [1, 2])
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.prob <= 1.0:
+            problems.append(f"conditioning.prob={self.prob} must be in [0, 1]")
+        if not self.frames or any(not isinstance(k, int) or k < 1 for k in self.frames):
+            problems.append(f"conditioning.frames={self.frames} must be a non-empty list of latent frame counts >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0
 
 
 def num_tokens(latent_shape, patch_size=(1, 1, 1)) -> int:
@@ -187,12 +216,18 @@ class DiffusionObjective:
     DDPM schedule of eps / v is built here, once, not on every step.
     """
 
-    def __init__(self, cfg: DiffusionConfig, *, patch_size: tuple[int, int, int] | None = None):
+    def __init__(self, cfg: DiffusionConfig, *, patch_size: tuple[int, int, int] | None = None,
+                 conditioning: ConditioningConfig | None = None):
         if cfg.objective == "flow" and cfg.dynamic_shift and patch_size is None:
             raise ValueError("diffusion.dynamic_shift needs the denoiser's patch_size (the token count sets the shift)")
         self.cfg = cfg
         self.patch_size = tuple(patch_size) if patch_size is not None else None
         self.scheduler = ddpm_scheduler(cfg) if cfg.objective != "flow" else None
+        self.conditioning = conditioning if conditioning is not None and conditioning.enabled else None
+        pt = self.patch_size[0] if self.patch_size is not None else 1
+        if self.conditioning is not None and any(k % pt for k in self.conditioning.frames):
+            raise ValueError(f"conditioning.frames={self.conditioning.frames} must be multiples of the denoiser's "
+                             f"temporal patch {pt} (a patch is either clean or noisy)")
 
     def __call__(self, model, latents: torch.Tensor, text: TextEmbeddings, *, uncond: TextEmbeddings | None = None,
                  generator: torch.Generator | None = None):
@@ -244,17 +279,45 @@ class DiffusionObjective:
             metrics = {"timestep": timesteps.float().mean()}
 
         # 3. Predict and compare
-        pred = model(noisy, timesteps.to(latents.dtype), **text.as_dict())
-        loss = F.mse_loss(pred.float(), target.float())
+        if self.conditioning is None:
+            pred = model(noisy, timesteps.to(latents.dtype), **text.as_dict())
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            clean_frames, clean = self._draw_clean_frames(latents.shape, generator, device)
+            noisy = torch.where(clean, latents, noisy)  # clean frames: x_t = x₀, whatever the noise level
+            pred = model(noisy, timesteps.to(latents.dtype), **text.as_dict(), clean_frames=clean_frames)
+            loss = masked_mse(pred.float(), target.float(), ~clean)
+            metrics["clean_frames"] = clean_frames.float().mean()
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}, "cfg_dropped": drop.float().mean()}
         return loss, metrics
+
+    def _draw_clean_frames(self, shape, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, k clean latent frames (0 with probability 1 − prob, else drawn from ``frames``): returns k
+        (B,) long and the mask of clean frames (B, 1, T, 1, 1) bool."""
+        cond, (b, _, t) = self.conditioning, shape[:3]
+        if max(cond.frames) >= t:
+            raise ValueError(f"conditioning.frames={cond.frames}: k={max(cond.frames)} clean latent frames leave no "
+                             f"frame to denoise in latents of {t} frames")
+        rand_device = generator.device if generator is not None else device
+        keep = torch.rand(b, generator=generator, device=rand_device) < cond.prob
+        pick = torch.randint(len(cond.frames), (b,), generator=generator, device=rand_device)
+        k = torch.where(keep, torch.tensor(cond.frames, device=rand_device)[pick], 0).to(device)  # (B,)
+        clean = torch.arange(t, device=device)[None] < k[:, None]  # (B, T)
+        return k, clean[:, None, :, None, None]
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the elements where ``keep`` (broadcast to ``pred``'s shape) is True."""
+    weight = keep.to(pred.dtype).expand_as(pred)
+    return ((pred - target).square() * weight).sum() / weight.sum().clamp(min=1)
 
 
 def training_loss(model, latents: torch.Tensor, text: TextEmbeddings, cfg: DiffusionConfig, *,
                   patch_size: tuple[int, int, int] | None = None, uncond: TextEmbeddings | None = None,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, conditioning: ConditioningConfig | None = None):
     """One loss of :class:`DiffusionObjective` for a one-off call; a training loop builds the objective once."""
-    return DiffusionObjective(cfg, patch_size=patch_size)(model, latents, text, uncond=uncond, generator=generator)
+    objective = DiffusionObjective(cfg, patch_size=patch_size, conditioning=conditioning)
+    return objective(model, latents, text, uncond=uncond, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------------

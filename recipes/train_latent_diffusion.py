@@ -29,6 +29,13 @@ Fine-tuning: ``model.init_from`` starts from a trained pipeline or transformer f
 only peft LoRA adapters train (the checkpoints hold only them) and ``export/lora/`` is the adapter alone, in
 diffusers' layout (``recipes/configs/shapes_lora.yaml``; :mod:`lvd.lora`).
 
+Image-to-video and continuation: ``conditioning: {prob: 0.2, frames: [1, 2]}`` keeps the first k clean latent
+frames of a share ``prob`` of the samples (k from ``frames``; 1 = an image), with no noise and no loss there
+(:class:`lvd.diffusion.ConditioningConfig`). The model is then built with ``clean_frame_conditioning`` (a
+zero-initialised clean-token embedding, :class:`lvd.dit.VideoDiT`); with ``model.init_from`` a model without it
+gets it added, so the fine-tune starts as the trained text-to-video model. ``prob: 0`` (the default) trains
+exactly as before.
+
 The model's ``in_channels``, ``text_dim`` and ``pooled_dim`` are read from the latent shards, so a
 preset fits any VAE and text encoder. Classifier-free guidance dropout replaces a caption by the
 empty-prompt embedding, read from the file ``lvd.cache_latents`` writes beside the shards
@@ -59,7 +66,7 @@ from lvd.config import (  # noqa: E402
 )
 from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
-from lvd.diffusion import DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
+from lvd.diffusion import ConditioningConfig, DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
 from lvd.dit.pretrained import load_for_finetuning, transformer_folder  # noqa: E402
 from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
@@ -145,6 +152,7 @@ class DiTRecipeConfig:
     data: LatentDataConfig = field(default_factory=lambda: LatentDataConfig(shards="data/latents"))
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -182,6 +190,9 @@ def check_config(cfg: DiTRecipeConfig) -> None:
                         "transformer folder)")
     if cfg.lora.enabled and cfg.distributed.strategy == "fsdp":
         problems.append("lora with distributed.strategy=fsdp is not supported yet; use ddp (adapters are small)")
+    if cfg.conditioning.enabled and cfg.model.overrides.get("clean_frame_conditioning", True) is not True:
+        problems.append(f"conditioning.prob={cfg.conditioning.prob} trains with clean frames: the model needs "
+                        "clean_frame_conditioning, drop model.overrides.clean_frame_conditioning=false")
     if cfg.model.init_from:
         try:
             transformer_folder(cfg.model.init_from)
@@ -227,14 +238,17 @@ def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
     raise ConfigError(f"data.shards={cfg.shards!r} gave no latent batch (fewer samples than data.batch_size?)")
 
 
-def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
+def build_dit(cfg: DiTModelConfig, first: dict, clean_frames: bool = False) -> VideoDiT:
     """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch), or the trained one
-    ``cfg.init_from`` names."""
+    ``cfg.init_from`` names; ``clean_frames``: with ``clean_frame_conditioning`` (see :func:`with_clean_frames`)."""
     if cfg.init_from:
+        overrides = {k: v for k, v in cfg.overrides.items() if k != "clean_frame_conditioning"}
         try:
-            model = load_for_finetuning(cfg.init_from, cfg.overrides)
+            model = load_for_finetuning(cfg.init_from, overrides)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if clean_frames:
+            model = with_clean_frames(model)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         return model
@@ -244,13 +258,27 @@ def build_dit(cfg: DiTModelConfig, first: dict) -> VideoDiT:
     if clash:
         raise ConfigError("model.overrides disagree with the latent shards: " + ", ".join(
             f"{k}={a} but the shards have {b}" for k, (a, b) in clash.items()))
-    model = VideoDiT.from_preset(cfg.preset, **{**cfg.overrides, **dims})
+    extra = {"clean_frame_conditioning": True} if clean_frames else {}
+    model = VideoDiT.from_preset(cfg.preset, **{**cfg.overrides, **dims, **extra})
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
 
 
-def check_batch(model: VideoDiT, batch: dict, shards: str) -> None:
+def with_clean_frames(model: VideoDiT) -> VideoDiT:
+    """``model`` with ``clean_frame_conditioning``: a trained model without it gets a zero clean-token embedding
+    added (its other weights as they are), so it starts out giving exactly the outputs it gave before."""
+    if model.config.get("clean_frame_conditioning", False):
+        return model
+    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}  # keys diffusers would drop
+    fresh = VideoDiT.from_config({**config, "clean_frame_conditioning": True})
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or missing != ["clean_embed"]:
+        raise ConfigError(f"model.init_from: adding clean_frame_conditioning: missing {missing}, unexpected {unexpected}")
+    return fresh.to(dtype=model.dtype)
+
+
+def check_batch(model: VideoDiT, batch: dict, shards: str, conditioning: ConditioningConfig | None = None) -> None:
     """Raise a ValueError naming the samples when latents or text do not fit the model."""
     c = model.config
     lat, states, pooled = batch["latents"], batch["text"].states, batch["text"].pooled
@@ -264,6 +292,11 @@ def check_batch(model: VideoDiT, batch: dict, shards: str) -> None:
         problems.append(f"text_states width {states.shape[-1]} != model text_dim {c.text_dim}")
     if pooled.shape[-1] != c.pooled_dim:
         problems.append(f"text_pooled width {pooled.shape[-1]} != model pooled_dim {c.pooled_dim}")
+    if conditioning is not None and conditioning.enabled and lat.ndim == 5 and max(conditioning.frames) >= lat.shape[2]:
+        problems.append(f"conditioning.frames={conditioning.frames}: {max(conditioning.frames)} clean latent frames "
+                        f"leave none to denoise in latents of {lat.shape[2]} frames")
+    if conditioning is not None and conditioning.enabled and any(k % pt for k in conditioning.frames):
+        problems.append(f"conditioning.frames={conditioning.frames} must be multiples of the temporal patch {pt}")
     if problems:
         keys = ", ".join(batch["key"][:3])
         raise ConfigError(f"latent shards '{shards}' do not fit the model (samples {keys}): " + "; ".join(problems))
@@ -366,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. The model, sized from the data; the empty prompt for CFG dropout
     first = peek_latents(cfg.data, cfg.train.seed)
-    dit = build_dit(cfg.model, first)
-    check_batch(dit, first, cfg.data.shards)
+    dit = build_dit(cfg.model, first, clean_frames=cfg.conditioning.enabled)
+    check_batch(dit, first, cfg.data.shards, cfg.conditioning)
+    if cfg.lora.enabled and cfg.conditioning.enabled:
+        log.warning("conditioning with lora: only the adapters train, so the clean-token embedding stays as %s",
+                    "trained" if (cfg.model.init_from and dit.clean_embed.any()) else "initialised (zero)")
     if cfg.lora.enabled:
         trainable = add_lora(dit, cfg.lora)
         log.info("LoRA rank %d: %d adapter tensors, %d parameters train", cfg.lora.rank, len(trainable),
@@ -378,10 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         uncond = uncond.to(env.device)
 
     # 3. The loss of one micro-batch
-    objective = DiffusionObjective(cfg.diffusion, patch_size=dit.config.patch_size)
+    objective = DiffusionObjective(cfg.diffusion, patch_size=dit.config.patch_size, conditioning=cfg.conditioning)
 
     def loss_fn(model, batch, step, gen):
-        check_batch(unwrap(model), batch, cfg.data.shards)
+        check_batch(unwrap(model), batch, cfg.data.shards, cfg.conditioning)
         latents = batch["latents"].to(env.device, non_blocking=True)  # (B, C, T', H', W')
         text = batch["text"].to(env.device, non_blocking=True)  # TextEmbeddings: (B, L, D), (B, L), (B, Dp)
         loss, metrics = objective(model, latents, text, uncond=uncond, generator=gen)

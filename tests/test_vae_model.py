@@ -161,3 +161,17 @@ def test_bad_latents_and_config_raise_clear_errors():
         CausalVideoVAE.from_preset("huge")
     with pytest.raises(ValueError, match="block_type"):
         CausalVideoVAE.from_preset("tiny", block_type="unet")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_encoding_a_prefix_gives_the_first_latent_frames_of_the_whole_clip(layout):
+    """Image-to-video and continuation rely on it: the first 1 + 4(k − 1) frames alone encode to the first k latent
+    frames of the whole clip (an image, k = 1, to latent frame 0)."""
+    vae = tiny(layout)
+    x = clip(1, 13, 16, 16)
+    with torch.no_grad():
+        whole = vae.encode(x)  # (1, 16, 4, 4, 4)
+        for k in (1, 2, 3):
+            prefix = vae.encode(x[:, :, : 1 + 4 * (k - 1)])
+            assert prefix.shape[2] == k
+            torch.testing.assert_close(prefix, whole[:, :, :k], rtol=1e-5, atol=1e-5)

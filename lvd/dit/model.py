@@ -244,6 +244,12 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
             recipes/train_shapes_demo.py) learns where a path starts and which way it runs much sooner with it.
         text_attention: "cross" (a cross-attention sublayer per block) or "concat" (text keys and values
             appended to the self-attention's); see the module docstring.
+        clean_frame_conditioning: learn image-to-video and continuation: ``forward(..., clean_frames=k)`` says
+            that the first k latent frames are clean (given, not noised), and a learned vector ``clean_embed``
+            is added to those frames' patch tokens. That is a 0/1 "clean" mask channel through ``patch_embed``
+            written as one vector. It starts at zero, so a model fine-tuned with it on starts out as the
+            text-to-video model; off (the default), the parameter does not exist, so older configs and
+            checkpoints load unchanged and give the same outputs bit for bit.
     """
 
     _supports_gradient_checkpointing = True
@@ -269,6 +275,7 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
         norm_eps: float = 1e-6,
         abs_pos_embed: bool = False,
         text_attention: str = "cross",
+        clean_frame_conditioning: bool = False,
     ):
         super().__init__()
         problems = []
@@ -293,6 +300,8 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
         pt, ph, pw = self.patch
 
         self.patch_embed = nn.Linear(in_channels * pt * ph * pw, hidden_size)
+        # added to the tokens of the clean latent frames; zero: no clean frames are seen as none
+        self.clean_embed = nn.Parameter(torch.zeros(hidden_size)) if clean_frame_conditioning else None
         self.time_proj = Timesteps(timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(timestep_freq_dim, hidden_size)
         self.pooled_embed = TimestepEmbedding(pooled_dim, hidden_size)  # Linear-SiLU-Linear
@@ -349,14 +358,20 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
         text_states: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         text_pooled: torch.Tensor | None = None,
+        clean_frames: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """latents (B, C, T, H, W), timestep (B,) on 0..1000, text_states (B, L, D_text),
-        text_mask (B, L) bool (True = real token), text_pooled (B, D_pooled) -> (B, C_out, T, H, W)."""
+        text_mask (B, L) bool (True = real token), text_pooled (B, D_pooled) -> (B, C_out, T, H, W).
+
+        ``clean_frames``: k (an int for every sample, or (B,) ints) = the first k latent frames are clean; needs
+        ``clean_frame_conditioning`` and k divisible by the temporal patch pt. 0 (the default) adds nothing."""
         # 1. Patchify
         grid = self.check_latents(latents.shape)
         pt, ph, pw = self.patch
         x = rearrange(latents, "b c (t p) (h q) (w r) -> b (t h w) (c p q r)", p=pt, q=ph, r=pw)  # (B, N, C·pt·ph·pw)
         x = self.patch_embed(x)  # (B, N, D)
+        if not (isinstance(clean_frames, int) and clean_frames == 0):
+            x = self._mark_clean(x, clean_frames, grid)
         if self.config.abs_pos_embed:
             x = x + sincos_pos_embed_3d(grid, x.shape[-1], device=x.device).to(x.dtype)
         rope = rope_3d(grid, self.axes_dims, theta=self.config.rope_theta, device=x.device)  # (N, Dh/2, 2)
@@ -383,6 +398,22 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
         x = self.proj_out(norm_modulate(self.norm_out, x, shift, scale))  # (B, N, C_out·pt·ph·pw)
         t, h, w = grid
         return rearrange(x, "b (t h w) (c p q r) -> b c (t p) (h q) (w r)", t=t, h=h, w=w, p=pt, q=ph, r=pw)
+
+
+    def _mark_clean(self, x: torch.Tensor, clean_frames: int | torch.Tensor, grid) -> torch.Tensor:
+        """``x`` (B, N, D) with ``clean_embed`` added to the tokens of the first ``clean_frames`` latent frames."""
+        if self.clean_embed is None:
+            raise ValueError("VideoDiT: clean_frames given, but this model was built without clean_frame_conditioning "
+                             "(it was not trained to take clean latent frames)")
+        b, (t, h, w), pt = x.shape[0], grid, self.patch[0]
+        k = torch.as_tensor(clean_frames, device=x.device).reshape(-1).expand(b)  # (B,) latent frames
+        if not torch.compiler.is_compiling() and x.device.type != "meta":  # no data-dependent check when tracing
+            if bool(((k < 0) | (k > t * pt) | (k % pt != 0)).any()):
+                raise ValueError(f"VideoDiT: clean_frames={k.tolist()} must be in [0, {t * pt}] (the latent frames) "
+                                 f"and divisible by the temporal patch {pt}")
+        token_frame = torch.arange(t, device=x.device).repeat_interleave(h * w)  # (N,) patch frame of each token
+        clean = (token_frame[None] < (k // pt)[:, None]).to(x.dtype)  # (B, N) 1 = clean token
+        return x + clean[..., None] * self.clean_embed.to(x.dtype)
 
 
 def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, device=None) -> torch.Tensor:
