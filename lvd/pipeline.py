@@ -43,9 +43,10 @@ from diffusers.video_processor import VideoProcessor
 import lvd.dit  # noqa: F401
 import lvd.vae  # noqa: F401
 from lvd.assembly import export_pipeline, load_components, load_text_encoder
+from lvd.conditioning_frames import ConditioningFramesMixin
 from lvd.lora import LVDLoraLoaderMixin
 from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
-from lvd.pipeline_checks import EMBEDDING_ARGS, OUTPUT_TYPES, prompt_problems, size_problems
+from lvd.pipeline_checks import EMBEDDING_ARGS, OUTPUT_TYPES, clean_frame_problems, prompt_problems, size_problems
 from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
 from lvd.text import TextEmbeddings, encode_text, load_text_model, recorded_text_encoder
 from lvd.vae import VideoVAE, as_video_vae
@@ -90,8 +91,9 @@ def _sync(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
-    r"""Text-to-video generation with a latent video DiT.
+class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin):
+    r"""Text-to-video generation with a latent video DiT; image-to-video and continuation from clean first frames
+    (``image=``, ``video=``, :meth:`extend`; :mod:`lvd.conditioning_frames`).
 
     Example::
 
@@ -109,6 +111,9 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
         pipe.load_lora_weights("runs/orange/export/lora", adapter_name="orange")   # diffusers' LoRA API
         pipe.set_adapters(["orange"], [0.8])
         pipe.fuse_lora(lora_scale=0.8); pipe.unfuse_lora()   # unfuse restores the base weights bit for bit
+
+        frames = pipe("a red circle moving right", image=PIL.Image.open("first.png")).frames   # starts at the image
+        longer = pipe.extend(frames[0], "a red circle moving right", num_frames=33).frames     # (1, 33, H, W, 3)
 
     Args:
         transformer: the denoiser, ``forward(latents, timestep, text_states, text_mask, text_pooled)``.
@@ -292,9 +297,10 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
 
     def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                      num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, guidance_scale=1.0,
-                     latents=None, embeds: dict | None = None) -> None:
+                     latents=None, embeds: dict | None = None, clean: tuple[str, tuple] | None = None) -> None:
         """Validate every argument and raise one ValueError listing all problems. ``embeds`` holds the given
-        ``prompt_embeds``-style arguments by their diffusers names (:data:`EMBEDDING_ARGS`)."""
+        ``prompt_embeds``-style arguments by their diffusers names (:data:`EMBEDDING_ARGS`); ``clean`` is
+        ("image" or "video", (T, H, W)) of the given first frames."""
         problems = self.prompt_problems(prompt, negative_prompt, guidance_scale, embeds or {})
         if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
             problems.append(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
@@ -315,6 +321,9 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
                 problems.append("the pipeline has no vae to size the latents: pass latents= (B, C', T', H', W')")
         elif self.transformer is not None:
             problems += self.size_problems(num_frames, height, width)
+        if clean is not None and self.transformer is not None:
+            problems += clean_frame_problems(clean[0], clean[1], self.video_vae, self.patch_size[0], num_frames,
+                                             height, width)
         if problems:
             raise ValueError("LVDPipeline: " + "; ".join(problems))
 
@@ -456,7 +465,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
                 vae.enable_tiling()
 
     def _denoise(self, latents, cond, uncond, num_inference_steps, generator, callback_on_step_end,
-                 tensor_inputs) -> tuple[torch.Tensor, int]:
+                 tensor_inputs, clean_latents=None) -> tuple[torch.Tensor, int]:
         """Run :func:`lvd.sampling.sample` with the progress bar and ``callback_on_step_end`` (which may replace the
         latents, change the guidance scale or interrupt); returns the latents and the steps taken."""
         steps_done = 0
@@ -476,7 +485,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
             latents = sample(transformer_denoiser(self.transformer), latents, self.scheduler, cond=cond, uncond=uncond,
                              guidance_scale=self._guidance_scale, num_inference_steps=num_inference_steps,
                              generator=generator, mu=dynamic_shift_mu(self.scheduler, latents.shape, self.patch_size),
-                             callback=on_step)
+                             callback=on_step, clean_latents=clean_latents)
         return latents, steps_done
 
     # -- __call__ --------------------------------------------------------------------------------
@@ -487,8 +496,8 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int = 17,
-        height: int = 64,
-        width: int = 64,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         num_videos_per_prompt: int = 1,
@@ -506,6 +515,8 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
         vae_tiling: bool | None = None,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        image: Any = None,
+        video: Any = None,
     ) -> LVDPipelineOutput | tuple:
         r"""Generate videos.
 
@@ -513,7 +524,8 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
             prompt: one prompt or a list; "" is allowed (the unconditional video). Or give ``prompt_embeds``.
             negative_prompt: text to steer away from (replaces the unconditional half of CFG); one or one per prompt.
             num_frames: 1 + k·(VAE temporal factor), e.g. 17. Other counts are refused, never rounded.
-            height, width: multiples of (VAE spatial factor × transformer patch size).
+            height, width: multiples of (VAE spatial factor × transformer patch size); default 64, or the size of
+                ``image`` / ``video``, which must match them when they are given.
             num_inference_steps: denoising steps (> 0).
             guidance_scale: CFG weight w; w ≤ 1 runs the conditional branch only (w = 1 is exactly that).
             num_videos_per_prompt: videos per prompt; the batch is prompt-major.
@@ -531,6 +543,10 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
                 ``pipe._guidance_scale``; raising it above 1 needs CFG from the start). Set
                 ``pipe._interrupt = True`` inside it to stop early.
             callback_on_step_end_tensor_inputs: tensors passed in callback_kwargs ("latents", "noise_pred").
+            image: the first frame (PIL, (H, W, 3) uint8 / [0, 1] array, or (3, H, W) tensor in [−1, 1]; see
+                :mod:`lvd.conditioning_frames`), encoded into one clean latent frame that every video starts from.
+            video: the first frames instead, 1 + r·(k − 1) of them ((T, H, W, 3) array or (3, T, H, W) tensor):
+                k clean latent frames. The output's first frames are their VAE reconstruction.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -540,9 +556,12 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
 
         # 1. Check inputs
+        what, frames = self._conditioning_frames(image, video)  # (3, T, H, W) in [-1, 1] or None
+        height = height if height is not None else frames.shape[2] if frames is not None else 64
+        width = width if width is not None else frames.shape[3] if frames is not None else 64
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                           num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
-                          latents, embeds)
+                          latents, embeds, None if frames is None else (what, tuple(frames.shape[1:])))
         self._guidance_scale, self._interrupt = guidance_scale, False
         device = self._execution_device
         timings: dict[str, float] = {}
@@ -553,13 +572,14 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin):
                                        num_videos_per_prompt, max_sequence_length, device)
         timings["text_encoding"] = _sync(device) - start
 
-        # 3. Prepare latents: (B, C', T', H', W') float32
+        # 3. Prepare latents: (B, C', T', H', W') float32, and the clean first latent frames (1, C', k, H', W')
         latents = self.prepare_latents(len(cond), num_frames, height, width, device, generator, latents)
+        clean = self.encode_clean_frames(frames) if frames is not None else None
 
         # 4. Denoise (lvd.sampling.sample), reporting each step to the callback and the progress bar
         start = _sync(device)
         latents, steps_done = self._denoise(latents, cond, uncond, num_inference_steps, generator,
-                                            callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                            callback_on_step_end, callback_on_step_end_tensor_inputs, clean)
         timings["denoising"] = _sync(device) - start
         timings["denoising_per_step"] = timings["denoising"] / max(steps_done, 1)
 

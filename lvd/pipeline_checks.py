@@ -1,4 +1,5 @@
-"""What :class:`lvd.pipeline.LVDPipeline` checks before it generates: the text arguments and the video size.
+"""What :class:`lvd.pipeline.LVDPipeline` checks before it generates: the text arguments, the video size and the
+given first frames (``image=`` / ``video=``).
 
 Plain functions over the facts they need, so the CLI and the pipeline report the same messages."""
 
@@ -86,4 +87,29 @@ def size_problems(vae: VideoVAE, patch_size: tuple[int, int, int], num_frames: i
             vae.check_input(num_frames, height, width)
         except ValueError as err:
             problems.append(str(err))
+    return problems
+
+
+def clean_frame_problems(what: str, shape: tuple[int, int, int], vae: VideoVAE | None, patch_t: int,
+                         num_frames: int, height: int, width: int) -> list[str]:
+    """Why clean frames of ``shape`` (T, H, W), given as ``what`` ("image" or "video"), cannot start a video of
+    (num_frames, height, width), as messages; [] when they can."""
+    if vae is None:
+        return [f"{what}= needs a vae to encode it"]
+    t, h, w = shape
+    r, problems = vae.temporal_compression, []
+    if (h, w) != (height, width):
+        problems.append(f"the {what} is {w}x{h} (width x height) but the video is {width}x{height}; resize it, or "
+                        "leave height and width out to take its size")
+    if (t - 1) % r:
+        problems.append(f"video= has {t} frames; the VAE encodes 1 + {r}·j frames into 1 + j latent frames, nearest: "
+                        f"{' or '.join(map(str, nearest_frame_counts(t, r)))}")
+        return problems
+    k = 1 + (t - 1) // r
+    if k % patch_t:
+        problems.append(f"the {what} gives {k} clean latent frame(s), not a multiple of the transformer's temporal "
+                        f"patch {patch_t}")
+    if isinstance(num_frames, int) and num_frames >= 1 and 1 + (num_frames - 1) // r <= k:
+        problems.append(f"num_frames={num_frames} leaves nothing to generate after the {what}'s {t} frame(s): ask "
+                        f"for more than {t}")
     return problems

@@ -14,6 +14,11 @@ weight ``w`` on the model output, both halves in one batch of 2B::
     p̂          = p_u + w · (p_c − p_u)                 (w ≤ 1: p̂ = denoise_fn(x_i, t_i, cond), one batch of B)
     x_{i+1}    = scheduler.step(p̂, t_i, x_i)
 
+Clean first frames (image-to-video, continuation): with ``clean_latents`` (the first k latent frames, given),
+``x_i[:, :, :k]`` is set to them before every model call (after the scheduler's input scaling, so the model
+sees exactly the clean latents it was trained with) and after every step, for every sampler, and the
+denoiser is told k (``denoise_fn(x, t, text, clean_frames=k)``). The loop stays one pure function.
+
 For rectified flow the Euler step is ``x_{i+1} = x_i + (σ_{i+1} − σ_i) · p̂`` with ``t = 1000 σ``; DDIM,
 DPM-Solver++(2M) and UniPC are the diffusers schedulers' own updates. ``uncond`` is exactly what CFG
 dropout trained with (:func:`lvd.diffusion.null_text_embeddings`) unless a negative prompt replaces it.
@@ -39,8 +44,9 @@ from lvd.text import TextEmbeddings
 __all__ = ["DenoiseFn", "StepCallback", "dynamic_shift_mu", "sample", "sampler_scheduler", "scheduler_objective",
            "transformer_denoiser"]
 
-#: ``denoise_fn(x (N, C, T, H, W) float32, timestep (N,) float32 in [0, 1000], text with N rows) -> (N, C, T, H, W)``
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor]
+#: ``denoise_fn(x (N, C, T, H, W) float32, timestep (N,) float32 in [0, 1000], text with N rows) -> (N, C, T, H, W)``;
+#: with clean latent frames it is also given ``clean_frames=k`` (a keyword, only then).
+DenoiseFn = Callable[..., torch.Tensor]
 #: ``callback(i, t, state) -> dict | None`` after step i; see :func:`sample`.
 StepCallback = Callable[[int, torch.Tensor, dict], "dict | None"]
 
@@ -74,11 +80,15 @@ def dynamic_shift_mu(scheduler: SchedulerMixin, latent_shape, patch_size=(1, 1, 
 
 def transformer_denoiser(transformer: torch.nn.Module) -> DenoiseFn:
     """The ``denoise_fn`` of a :class:`lvd.dit.VideoDiT` (or any model called as ``model(x, t, states, mask,
-    pooled)``): the latents go in the model's dtype, the prediction comes back as float32."""
+    pooled)``): the latents go in the model's dtype, the prediction comes back as float32. ``clean_frames`` goes
+    to a model built with ``clean_frame_conditioning`` and is left out for any other (such a model was never told
+    which frames are clean; the sampler still keeps them clean)."""
     dtype = next(transformer.parameters()).dtype
+    takes_clean = bool(getattr(transformer, "config", {}).get("clean_frame_conditioning", False))
 
-    def denoise(x: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
-        return transformer(x.to(dtype), timestep, text.states, text.mask, text.pooled).float()
+    def denoise(x: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, clean_frames: int = 0) -> torch.Tensor:
+        extra = {"clean_frames": clean_frames} if clean_frames and takes_clean else {}
+        return transformer(x.to(dtype), timestep, text.states, text.mask, text.pooled, **extra).float()
 
     return denoise
 
@@ -86,6 +96,27 @@ def transformer_denoiser(transformer: torch.nn.Module) -> DenoiseFn:
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+
+
+def _clean_prefix(clean_latents: torch.Tensor | None, latents: torch.Tensor):
+    """``(k, keep_clean)``: the clean latent frame count and a function that writes the clean frames into
+    latents of B or 2B (CFG) rows; the identity when there are none."""
+    k = 0 if clean_latents is None else clean_latents.shape[2]
+    if clean_latents is not None and (clean_latents.ndim != 5 or not 0 < k < latents.shape[2]
+                                      or clean_latents.shape[0] not in (1, latents.shape[0])
+                                      or clean_latents.shape[3:] != latents.shape[3:]
+                                      or clean_latents.shape[1] != latents.shape[1]):
+        raise ValueError(f"sample: clean_latents {tuple(clean_latents.shape)} must be (B or 1, C', k, H', W') with "
+                         f"0 < k < T' for latents {tuple(latents.shape)}")
+
+    def keep_clean(x: torch.Tensor) -> torch.Tensor:
+        if not k:
+            return x
+        prefix = clean_latents.to(x)
+        prefix = prefix.repeat(x.shape[0] // prefix.shape[0], 1, 1, 1, 1)  # (1 or B rows) → the B or 2B of x
+        return torch.cat([prefix, x[:, :, k:]], dim=2)
+
+    return k, keep_clean
 
 
 def sample(
@@ -100,6 +131,7 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     mu: float | None = None,
     callback: StepCallback | None = None,
+    clean_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (B, C', T', H', W') float32 from the scheduler's first timestep to its last.
 
@@ -115,9 +147,12 @@ def sample(
         callback: ``callback(i, t, state)`` after step i with ``state = {"latents", "noise_pred",
             "num_timesteps"}``; it may return a dict with ``"latents"`` (replaces the latents),
             ``"guidance_scale"`` (w for the following steps) and ``"interrupt"`` (True stops after this step).
+        clean_latents: (B or 1, C', k, H', W'), the first k latent frames, kept exactly (see the module docstring);
+            ``denoise_fn`` then gets ``clean_frames=k``. k must be below T'.
 
-    Returns the denoised latents (B, C', T', H', W') float32.
+    Returns the denoised latents (B, C', T', H', W') float32; with ``clean_latents`` the first k frames are them.
     """
+    k, keep_clean = _clean_prefix(clean_latents, latents)
     if guidance_scale > 1 and uncond is None:
         raise ValueError(f"sample: guidance_scale={guidance_scale} > 1 needs uncond (the unconditional text)")
     if scheduler.config.get("use_dynamic_shifting", False) and mu is None:
@@ -129,6 +164,8 @@ def sample(
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generator if not isinstance(generator, list) else None
     both = TextEmbeddings.cat([uncond, cond]) if uncond is not None else None  # (2B, …) = [uncond; cond]
+    clean_kwargs = {"clean_frames": k} if k else {}
+    latents = keep_clean(latents)
 
     for i, t in enumerate(timesteps):
         guided = guidance_scale > 1
@@ -136,18 +173,18 @@ def sample(
             raise ValueError(f"sample: step {i} has guidance_scale={guidance_scale} > 1 but no uncond was given")
         model_input = torch.cat([latents, latents]) if guided else latents  # (2B or B, C', T', H', W')
         if hasattr(scheduler, "scale_model_input"):
-            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = keep_clean(scheduler.scale_model_input(model_input, t))
         timestep = t.to(device=latents.device, dtype=torch.float32).expand(model_input.shape[0])  # (2B or B,)
-        noise_pred = denoise_fn(model_input, timestep, both if guided else cond)
+        noise_pred = denoise_fn(model_input, timestep, both if guided else cond, **clean_kwargs)
         if guided:
             pred_uncond, pred_cond = noise_pred.chunk(2)
             noise_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        latents = keep_clean(scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0])
 
         if callback is not None:
             state = {"latents": latents, "noise_pred": noise_pred, "num_timesteps": len(timesteps)}
             update = callback(i, t, state) or {}
-            latents = update.get("latents", latents)
+            latents = keep_clean(update.get("latents", latents))
             guidance_scale = update.get("guidance_scale", guidance_scale)
             if update.get("interrupt", False):
                 break
