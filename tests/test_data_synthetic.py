@@ -224,3 +224,24 @@ def test_cli_flags_give_the_config_or_one_line_per_problem():
     assert "--only-colors" in problems[1] and "'teal'" in problems[1] and "'hexagon'" in problems[2]
     cfg, problems = shapes_config_from_args(_flags([]), size=4)  # the fields are checked by ShapesConfig
     assert cfg is None and len(problems) == 1 and "size must be >= 8" in problems[0]
+
+
+def test_random_rgb_recolours_a_fraction_and_keeps_every_geometry():
+    """random_rgb (VAE training data): that fraction of clips take a random colour; each clip's shape, path and
+    size stay those of the same clip without it, and the default draws nothing (PINNED above)."""
+    plain, mixed = ShapesConfig(size=32, frames=5), ShapesConfig(size=32, frames=5, random_rgb=0.5)
+    recoloured = 0
+    for index in range(40):
+        a_video, a_caption, a_meta = make_clip(index, 3, plain)
+        b_video, b_caption, b_meta = make_clip(index, 3, mixed)
+        assert a_meta["start_xy"] == b_meta["start_xy"] and a_meta["shape_size_px"] == b_meta["shape_size_px"]
+        assert torch.equal(a_video.amax(0) > 0, b_video.amax(0) > 0)  # the same pixels are covered
+        if "rgb" in b_meta:
+            recoloured += 1
+            assert b_caption.startswith("a colored ") and b_caption.endswith(a_caption.split(" ", 2)[2])
+            assert max(b_meta["rgb"]) >= 0.6 * 255 - 1
+        else:
+            assert torch.equal(a_video, b_video) and a_caption == b_caption
+    assert 10 <= recoloured <= 30
+    with pytest.raises(ValueError, match="random_rgb must be in"):
+        ShapesConfig(random_rgb=1.5)

@@ -29,6 +29,7 @@ palette of earlier versions (pinned by tests), so cached data and the bundled de
 from __future__ import annotations
 
 import argparse
+import colorsys
 import dataclasses
 import itertools
 import numbers
@@ -109,6 +110,10 @@ class ShapesConfig:
                  a built-in name may be repeated only with its own RGB.
     only_colors, only_shapes, only_directions: draw clips only from these names (None = all). The
                  order given does not matter: combinations keep the palette / SHAPES / DIRECTIONS order.
+    random_rgb:  fraction of clips drawn in a random colour (hue uniform, saturation 0.5–1, value 0.6–1)
+                 instead of their palette colour, caption "a colored SHAPE moving DIRECTION". For a VAE's
+                 training data: a VAE that saw only the palette decodes every other colour onto it
+                 (benchmarks/vae_color_roundtrip.py), and a model can draw only what its VAE decodes.
     """
 
     size: int = 64
@@ -121,6 +126,7 @@ class ShapesConfig:
     only_colors: tuple[str, ...] | None = None
     only_shapes: tuple[str, ...] | None = None
     only_directions: tuple[str, ...] | None = None
+    random_rgb: float = 0.0
 
     def __post_init__(self):
         problems = color_problems(self.colors)
@@ -148,6 +154,8 @@ class ShapesConfig:
                 problems.append(f"{name} must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
         if not 0 <= self.jitter <= 1:
             problems.append(f"jitter must be in [0, 1], got {self.jitter}")
+        if not 0 <= self.random_rgb <= 1:
+            problems.append(f"random_rgb must be in [0, 1], got {self.random_rgb}")
         if problems:
             raise ValueError("invalid ShapesConfig: " + "; ".join(problems))
 
@@ -204,9 +212,9 @@ def render_clip(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: 
     return video
 
 
-def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator):
+def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator, rgb=None):
     palette = cfg.palette
-    if color not in palette:
+    if rgb is None and color not in palette:
         raise ValueError(f"unknown color {color!r}; expected one of {list(palette)}")
     if direction not in _STEP:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
@@ -226,7 +234,7 @@ def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.r
         cx = np.full(T, S / 2 + across)
         cy = S / 2 + dy * (progress + along)
     cover = _coverage(shape, cx, cy, side, S)  # (T, H, W)
-    rgb = np.asarray(palette[color], np.float32)
+    rgb = np.asarray(palette[color] if rgb is None else rgb, np.float32)
     video = np.rint(cover[None] * rgb[:, None, None, None]).astype(np.uint8)  # (3, T, H, W)
     meta = {
         "color": color,
@@ -254,7 +262,16 @@ def make_clip(index: int, seed: int, cfg: ShapesConfig | None = None) -> tuple[t
     # 84 is a fixed salt of the shuffle (it was the caption count); kept so default clips never change
     order = np.random.default_rng([seed, block, 84]).permutation(len(combos))
     color, shape, direction = combos[order[pos]]
-    video, meta = _render(color, shape, direction, cfg, np.random.default_rng([seed, index]))
+    rgb = None
+    if cfg.random_rgb > 0:  # its own stream: the geometry of every clip stays what it is without random colours
+        colour_rng = np.random.default_rng([seed, index, 1])
+        if colour_rng.random() < cfg.random_rgb:
+            hsv = colour_rng.uniform(0, 1), colour_rng.uniform(0.5, 1), colour_rng.uniform(0.6, 1)
+            rgb = [round(c * 255) for c in colorsys.hsv_to_rgb(*hsv)]
+            color = "colored"
+    video, meta = _render(color, shape, direction, cfg, np.random.default_rng([seed, index]), rgb)
+    if rgb is not None:
+        meta["rgb"] = rgb
     caption = f"a {color} {shape} moving {direction}"
     meta.update(index=index, seed=seed, fps=cfg.fps, num_frames=cfg.frames, height=cfg.size, width=cfg.size)
     return video, caption, meta
@@ -293,7 +310,7 @@ def parse_colors(tokens) -> dict[str, tuple[int, int, int]]:
 
 
 def add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--colors``, ``--only-colors``, ``--only-shapes``, ``--only-directions`` to ``parser``;
+    """Add ``--colors``, ``--only-colors``, ``--only-shapes``, ``--only-directions``, ``--random-rgb`` to ``parser``;
     read them back with :func:`shapes_config_from_args`."""
     parser.add_argument("--colors", nargs="+", default=None, metavar="NAME=R,G,B",
                         help="moving shapes: extra colours (R, G, B in 0..255), e.g. orange=255,128,0 "
@@ -304,11 +321,13 @@ def add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"moving shapes: only these shapes ({', '.join(SHAPES)})")
     parser.add_argument("--only-directions", nargs="+", default=None, metavar="DIRECTION",
                         help=f"moving shapes: only these directions ({', '.join(DIRECTIONS)})")
+    parser.add_argument("--random-rgb", type=float, default=None, metavar="P",
+                        help="moving shapes: this fraction of clips in a random colour (VAE training data)")
 
 
 def synthetic_flags_given(namespace: argparse.Namespace) -> list[str]:
     """The flags of :func:`add_synthetic_arguments` that were given (for "only for synthetic" errors)."""
-    names = ("colors", "only_colors", "only_shapes", "only_directions")
+    names = ("colors", "only_colors", "only_shapes", "only_directions", "random_rgb")
     return [f"--{n.replace('_', '-')}" for n in names if getattr(namespace, n, None) is not None]
 
 
@@ -331,7 +350,9 @@ def shapes_config_from_args(namespace: argparse.Namespace, **fields) -> tuple[Sh
     if problems:
         return None, problems
     try:
-        cfg = ShapesConfig(colors=colors, **{n: getattr(namespace, n, None) for n in subsets}, **fields)
+        random_rgb = getattr(namespace, "random_rgb", None) or 0.0
+        cfg = ShapesConfig(colors=colors, random_rgb=random_rgb, **{n: getattr(namespace, n, None) for n in subsets},
+                           **fields)
     except ValueError as e:  # size, frames, fps ... from ``fields``
         return None, [str(e)]
     return cfg, []
