@@ -43,7 +43,7 @@ def as_video_frames(value, what: str = "image") -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.ndim not in (3, 4) or value.shape[-1] != 3:
             raise ValueError(f"{what}: a numpy array must be (H, W, 3) or (T, H, W, 3), got {value.shape}")
-        frames = torch.from_numpy(np.ascontiguousarray(value))
+        frames = torch.from_numpy(np.array(value))  # a copy: PIL's arrays are read-only
         frames = frames[None] if frames.ndim == 3 else frames
         frames = frames.permute(3, 0, 1, 2)  # (3, T, H, W)
         if frames.dtype == torch.uint8:

@@ -3,6 +3,14 @@
     python -m lvd.generate --prompt "a red circle moving right" --output out.mp4
     python -m lvd.generate --model runs/shapes/export --prompts-file prompts.txt --num-videos 2 --output out/clip.gif
     python -m lvd.generate --text "a blue square moving up" --output_path out.mp4     # the first design's names
+    python -m lvd.generate --prompt "a red circle moving right" --image first.png --output out.mp4
+    python -m lvd.generate --prompt "a red circle moving right" --video clip.mp4 --frames 33 --output longer.mp4
+
+``--image`` starts every video at that picture (image-to-video; its size is the video's unless --height/--width
+say otherwise, and then they must match). ``--video`` continues the clip: ``--frames`` is then the total length
+(any count above the clip's), made by windows of ``--window-frames`` frames, each conditioned on the last
+``--context-frames`` frames so far (:meth:`lvd.pipeline.LVDPipeline.extend`); the file starts with the clip's
+own frames. Both work best with a model trained with clean frames (the stage-2 recipe's ``conditioning``).
 
 Every argument is checked before any sampling, and all problems are reported at once (exit status 2): among
 them a non-finite --guidance, an output folder that cannot be created, a non-UTF-8 --prompts-file, and sizes
@@ -25,10 +33,12 @@ from pathlib import Path
 
 import torch
 
+from lvd.conditioning_frames import as_video_frames
 from lvd.config import UserError, folder_problem, run_cli
 from lvd.diffusion import SAMPLERS
 from lvd.pipeline import LVDPipeline
-from lvd.video_io import write_video
+from lvd.pipeline_checks import clean_frame_problems
+from lvd.video_io import VideoReadError, read_video, write_video
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shapes-demo"
 OUTPUT_SUFFIXES = (".mp4", ".gif")
@@ -62,6 +72,10 @@ class GenerateArgs:
     threads: int
     text_encoder: str | None = None
     loras: list[tuple[Path, float]] = field(default_factory=list)  # (adapter file or folder, scale)
+    image: torch.Tensor | None = None  # --image as (3, 1, H, W) in [-1, 1]
+    video: torch.Tensor | None = None  # --video as (3, T, H, W) in [-1, 1]
+    window_frames: int = 17
+    context_frames: int = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="video k uses seed + k")
     p.add_argument("--frames", type=int, default=17, help="frames: 1 + k × the VAE's temporal factor")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=None, help="default: 64, or the size of --image / --video")
+    p.add_argument("--width", type=int, default=None, help="default: 64, or the size of --image / --video")
+    p.add_argument("--image", default=None, metavar="PNG", help="start every video at this image (image-to-video)")
+    p.add_argument("--video", default=None, metavar="MP4",
+                   help="continue this clip; --frames is then the total length (any count above the clip's)")
+    p.add_argument("--window-frames", type=int, default=17, help="with --video: frames generated per window")
+    p.add_argument("--context-frames", type=int, default=5,
+                   help="with --video: the last frames each window continues from (1 + 4·j for a 4× VAE)")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)}; default: the saved scheduler")
     p.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
@@ -158,6 +178,59 @@ def _model_problem(model: Path) -> str | None:
     return f"--model {model} is not a pipeline folder: it has no model_index.json ({PIPELINE_LAYOUT})"
 
 
+def _read_frames(flag: str, path: str) -> torch.Tensor:
+    """The file ``path`` as frames (3, T, H, W) in [-1, 1]: an image (T = 1) for --image, a video for --video;
+    UsageError (one line) when it cannot be read."""
+    if flag == "--image":
+        import PIL.Image
+
+        try:
+            with PIL.Image.open(path) as img:
+                return as_video_frames(img.convert("RGB"), "--image")
+        except (OSError, ValueError) as err:  # missing, unreadable, not an image (PIL.UnidentifiedImageError)
+            raise UsageError(f"--image {path}: cannot read it as an image ({str(err).splitlines()[0]})") from None
+    try:
+        return as_video_frames(read_video(path), "--video")
+    except (VideoReadError, ValueError) as err:
+        raise UsageError(f"--video {path}: cannot read it as a video ({str(err).splitlines()[0]})") from None
+
+
+def _conditioning_inputs(ns: argparse.Namespace, problems: list[str]):
+    """Read --image / --video, take --height/--width from them unless given (then they must match), and check
+    the lengths of a continuation; appends to ``problems``. Returns (image, video), each frames or None."""
+    image = video = None
+    if ns.image is not None and ns.video is not None:
+        problems.append("give --image or --video, not both")
+        ns.image = ns.video = None  # nothing more to check about them
+    flag, path = ("--image", ns.image) if ns.image is not None else ("--video", ns.video)
+    if path is not None:
+        try:
+            frames = _read_frames(flag, path)
+        except UsageError as err:
+            problems.append(str(err))
+            frames = None
+        if frames is not None:
+            h, w = frames.shape[2:]
+            height, width = h if ns.height is None else ns.height, w if ns.width is None else ns.width
+            if (height, width) != (h, w):
+                problems.append(f"{flag} {path} is {w}x{h} (width x height) but --width/--height ask for "
+                                f"{width}x{height}; resize it or leave them out")
+            if flag == "--video" and frames.shape[1] < ns.context_frames:
+                problems.append(f"--video {path} has {frames.shape[1]} frames; continuing it needs at least "
+                                f"--context-frames {ns.context_frames}")
+            if flag == "--video" and ns.frames <= frames.shape[1]:
+                problems.append(f"--frames {ns.frames} is the total length with --video: it must be more than the "
+                                f"video's {frames.shape[1]} frames")
+            if flag == "--video" and not 1 <= ns.context_frames < ns.window_frames:
+                problems.append(f"--context-frames {ns.context_frames} must be at least 1 and fewer than "
+                                f"--window-frames {ns.window_frames}")
+            ns.height, ns.width = height, width
+            image, video = (frames, None) if flag == "--image" else (None, frames)
+    ns.height = 64 if ns.height is None else ns.height
+    ns.width = 64 if ns.width is None else ns.width
+    return image, video
+
+
 def parse_args(argv: list[str] | None = None) -> GenerateArgs:
     """Parse and check everything that does not need the model; raise UsageError listing every problem."""
     ns = build_parser().parse_args(argv)
@@ -214,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
     if dtype == "auto":  # fp32 on a CPU (bf16 matmul runs at ~0.3 GFLOP/s there), bf16 where the GPU has it
         dtype = "float32" if not device.startswith("cuda") else (
             "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    image, video = _conditioning_inputs(ns, problems)
     problems += filter(None, [_memory_problem(ns, len(prompts) * ns.num_videos), _writable_problem(Path(ns.output)),
                               _model_problem(Path(ns.model))])
     if problems:
@@ -223,7 +297,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
                         frames=ns.frames, height=ns.height, width=ns.width, fps=ns.fps, sampler=ns.sampler,
                         num_videos=ns.num_videos, batch_size=ns.batch_size, device=device, dtype=dtype,
                         offload=ns.offload, threads=ns.threads, text_encoder=ns.text_encoder,
-                        loras=list(zip(map(Path, ns.lora), scales)))
+                        loras=list(zip(map(Path, ns.lora), scales)), image=image, video=video,
+                        window_frames=ns.window_frames, context_frames=ns.context_frames)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +333,14 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
             raise UsageError(f"  - --lora: {err}") from err
     if args.loras:
         pipe.set_adapters([f"lora_{k}" for k in range(len(args.loras))], [scale for _, scale in args.loras])
-    problems = [f"--frames/--height/--width: {p}" for p in pipe.size_problems(args.frames, args.height, args.width)]
+    frames = args.window_frames if args.video is not None else args.frames  # --video: --frames is the total
+    flags = "--window-frames/--height/--width" if args.video is not None else "--frames/--height/--width"
+    problems = [f"{flags}: {p}" for p in pipe.size_problems(frames, args.height, args.width)]
+    if args.image is not None or args.video is not None:
+        given = args.image if args.image is not None else args.video[:, -args.context_frames:]
+        what, flag = ("image", "--image") if args.image is not None else ("video", "--context-frames")
+        problems += [f"{flag}: {p}" for p in clean_frame_problems(what, tuple(given.shape[1:]), pipe.video_vae,
+                                                                   pipe.patch_size[0], frames, args.height, args.width)]
     if args.sampler is not None:
         try:
             pipe.set_sampler(args.sampler)
@@ -290,20 +372,18 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
     jobs = [(prompt, n) for prompt in args.prompts for n in range(args.num_videos)]  # prompt-major
     paths = output_paths(args.output, len(jobs))
     timings = {"text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0, "writing": 0.0}
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = range(start, min(start + args.batch_size, len(jobs)))
+    batch_size = 1 if args.video is not None else args.batch_size  # a continuation is one video at a time
+    for start in range(0, len(jobs), batch_size):
+        chunk = range(start, min(start + batch_size, len(jobs)))
         generators = [torch.Generator().manual_seed(args.seed + k) for k in chunk]
-        result = pipe(
-            [jobs[k][0] for k in chunk],
-            negative_prompt=args.negative_prompt,
-            num_frames=args.frames,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            generator=generators,
-            output_type="pt",
-        )
+        common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, generator=generators, output_type="pt")
+        if args.video is not None:
+            result = pipe.extend(args.video, jobs[start][0], num_frames=args.frames, window_frames=args.window_frames,
+                                 context_frames=args.context_frames, **common)
+        else:
+            result = pipe([jobs[k][0] for k in chunk], num_frames=args.frames, height=args.height, width=args.width,
+                          image=args.image, **common)
         for key in ("text_encoding", "denoising", "decoding"):
             timings[key] += result.timings[key]
         began = time.perf_counter()
@@ -313,7 +393,7 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
             print(f"wrote {paths[k]}  ({args.frames} frames, {args.width}x{args.height}, {args.fps:g} fps)  "
                   f"prompt: {jobs[k][0]!r}")
         timings["writing"] += time.perf_counter() - began
-    timings["denoising_per_step"] = timings["denoising"] / (args.steps * -(-len(jobs) // args.batch_size))
+    timings["denoising_per_step"] = timings["denoising"] / (args.steps * -(-len(jobs) // batch_size))
     return paths, timings
 
 
