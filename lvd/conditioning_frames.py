@@ -69,23 +69,28 @@ class ConditioningFramesMixin:
     """The image / video conditioning of :class:`lvd.pipeline.LVDPipeline`: ``__call__(image=…, video=…)``
     and :meth:`extend`."""
 
-    def _conditioning_frames(self, image, video) -> tuple[str, torch.Tensor] | tuple[None, None]:
-        """``("image" | "video", frames (3, T, H, W) in [−1, 1])``, or (None, None) without either."""
+    def _conditioning_frames(self, image, video, height: int | None, width: int | None):
+        """``("image" | "video", frames (3, T, H, W) in [−1, 1], height, width)``, or ``(None, None, height,
+        width)`` without either; a height or width not given is the frames' (64 without frames)."""
         if image is not None and video is not None:
             raise ValueError("LVDPipeline: give image= or video=, not both")
         if image is None and video is None:
-            return None, None
+            return None, None, 64 if height is None else height, 64 if width is None else width
         what = "image" if image is not None else "video"
         frames = as_video_frames(image if image is not None else video, what)
         if what == "image" and frames.shape[1] != 1:
             raise ValueError(f"LVDPipeline: image= is one frame, got {frames.shape[1]}; pass a clip as video=")
-        return what, frames
+        h, w = frames.shape[2:]
+        return what, frames, h if height is None else height, w if width is None else width
 
     def encode_clean_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (3, T, H, W) in [−1, 1], T = 1 + r·(k − 1) → clean latents (1, C', k, H', W') float32 on the
         execution device (the VAE posterior's mean, normalised as the training latents are)."""
         vae = self.video_vae
-        if not getattr(self.transformer, "config", {}).get("clean_frame_conditioning", False):
+        warned = self.__dict__.setdefault("_clean_frames_warned", set())  # once per transformer, not per window
+        if not getattr(self.transformer, "config", {}).get("clean_frame_conditioning", False) and (
+                id(self.transformer) not in warned):
+            warned.add(id(self.transformer))
             log.warning("LVDPipeline: the transformer was not trained with clean frames (clean_frame_conditioning is "
                         "off); the given frames are kept, but the rest of the video may not follow them")
         vae_module = self.vae

@@ -556,9 +556,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
 
         # 1. Check inputs
-        what, frames = self._conditioning_frames(image, video)  # (3, T, H, W) in [-1, 1] or None
-        height = height if height is not None else frames.shape[2] if frames is not None else 64
-        width = width if width is not None else frames.shape[3] if frames is not None else 64
+        what, frames, height, width = self._conditioning_frames(image, video, height, width)  # frames in [-1, 1]
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                           num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
                           latents, embeds, None if frames is None else (what, tuple(frames.shape[1:])))
