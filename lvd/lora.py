@@ -7,16 +7,17 @@ metadata (plus ``adapter_config.json`` beside it, for people and for peft), so `
 ``set_adapters``, ``fuse_lora`` and ``unfuse_lora`` (:class:`LVDLoraLoaderMixin`) work as on any diffusers
 video pipeline.
 
-Targets are module-name suffixes. The defaults cover every attention projection (self-attention's fused
-q/k/v and output, cross-attention's q, the text key/value projection and output) and both MLP layers;
-``adaLN_modulation`` (the timestep/pooled-text modulation) is available but not a default.
+Targets are module-name suffixes, with defaults per model class (:data:`DEFAULT_TARGETS`). For ``VideoDiT``
+they cover every attention projection (self-attention's fused q/k/v and output, cross-attention's q, the text
+key/value projection and output) and both MLP layers; ``adaLN_modulation`` (the timestep/pooled-text
+modulation) is available but not a default. For Wan: every attention projection and both feed-forward layers.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,9 +25,13 @@ from diffusers.loaders import CogVideoXLoraLoaderMixin
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-DEFAULT_TARGETS = ("attn.qkv", "attn.text_kv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj",
-                   "mlp.0", "mlp.2")
-OPTIONAL_TARGETS = ("adaLN_modulation",)
+DEFAULT_TARGETS = {
+    "VideoDiT": ("attn.qkv", "attn.text_kv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj",
+                 "mlp.0", "mlp.2"),
+    "WanTransformer3DModel": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                              "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"),
+}
+OPTIONAL_TARGETS = {"VideoDiT": ("adaLN_modulation",)}
 
 
 @dataclass
@@ -36,7 +41,7 @@ class LoraConfig:
     rank: int = 0
     alpha: float | None = None  # the update is scaled by alpha / rank; None → alpha = rank (scale 1)
     dropout: float = 0.0  # on the adapter's input, training only
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[str] | None = None  # module-name suffixes; None: DEFAULT_TARGETS of the model's class
 
     @property
     def enabled(self) -> bool:
@@ -50,21 +55,40 @@ class LoraConfig:
             problems.append(f"lora.alpha={self.alpha!r} must be > 0")
         if not 0 <= self.dropout < 1:
             problems.append(f"lora.dropout={self.dropout!r} must be in [0, 1)")
-        if self.enabled and not self.targets:
-            problems.append("lora.targets is empty")
+        if self.enabled and self.targets is not None and not self.targets:
+            problems.append("lora.targets is empty (leave it out for the model's defaults)")
         return problems
 
 
-def target_problems(model: torch.nn.Module, targets) -> list[str]:
-    """The targets that match no ``nn.Linear`` of ``model`` (the defaults may miss: a model without
-    cross-attention has no ``cross_attn.*``, one with it no ``attn.text_kv``; at least one must match)."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
-    if list(targets) == list(DEFAULT_TARGETS) and len(unmatched) < len(targets):
+def targets_for(model: torch.nn.Module, targets=None) -> list[str]:
+    """``targets``, or the defaults of ``model``'s class (ValueError for a class without defaults)."""
+    if targets is not None:
+        return list(targets)
+    name = type(model).__name__
+    if name not in DEFAULT_TARGETS:
+        raise ValueError(f"lora.targets: no default targets for {name}; list its Linear layers' names")
+    return list(DEFAULT_TARGETS[name])
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def target_problems(model: torch.nn.Module, targets=None) -> list[str]:
+    """The targets that match no ``nn.Linear`` of ``model``. The defaults may miss some (a model without
+    cross-attention has no ``cross_attn.*``, one with it no ``attn.text_kv``); at least one must match."""
+    try:
+        chosen = targets_for(model, targets)
+    except ValueError as err:
+        return [str(err)]
+    linear = _linear_names(model)
+    unmatched = [t for t in chosen if not any(n == t or n.endswith("." + t) for n in linear)]
+    if targets is None and len(unmatched) < len(chosen):
         return []
     if unmatched:
-        return [f"lora.targets {unmatched} match no Linear layer of {type(model).__name__} "
-                f"(choose from {sorted(set(DEFAULT_TARGETS + OPTIONAL_TARGETS))} or a module name)"]
+        name = type(model).__name__
+        known = sorted(set(DEFAULT_TARGETS.get(name, ())) | set(OPTIONAL_TARGETS.get(name, ())))
+        return [f"lora.targets {unmatched} match no Linear layer of {name} (choose from {known} or a module name)"]
     return []
 
 
@@ -73,8 +97,8 @@ def peft_config(cfg: LoraConfig, model: torch.nn.Module):
     the base model."""
     from peft import LoraConfig as PeftLoraConfig
 
-    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    targets = [t for t in cfg.targets if any(n == t or n.endswith("." + t) for n in linear)]
+    linear = _linear_names(model)
+    targets = [t for t in targets_for(model, cfg.targets) if any(n == t or n.endswith("." + t) for n in linear)]
     return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
                           target_modules=targets, init_lora_weights=True)
 

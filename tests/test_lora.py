@@ -129,5 +129,35 @@ def test_config_and_targets_are_checked(model_dir):
     assert "lora.dropout=1.0" in LoraConfig(rank=2, dropout=1.0).problems()[0]
     with pytest.raises(ValueError, match=r"lora.targets \['to_q'\] match no Linear"):
         add_lora(pipe.transformer, LoraConfig(rank=2, targets=["to_q"]))
-    assert "attn.text_kv" in DEFAULT_TARGETS  # concat-text models; cross-attention models lack it, which is fine
+    assert "attn.text_kv" in DEFAULT_TARGETS["VideoDiT"]  # concat-text models; cross-attention models lack it, which is fine
     add_lora(pipe.transformer, LoraConfig(rank=2, targets=["adaLN_modulation"]))
+
+
+def test_a_wan_transformer_takes_lvds_call_and_adapters(tmp_path):
+    """DiffusersTransformer: a tiny random Wan transformer behind lvd's denoiser call; padding tokens are zeroed
+    as Wan's pipeline does; its default LoRA targets adapt it and save in diffusers' layout."""
+    from diffusers import WanTransformer3DModel
+
+    from lvd.dit.diffusers_transformer import DiffusersTransformer
+
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                rope_max_seq_len=32)
+    wan.save_pretrained(tmp_path / "transformer")
+    model = DiffusersTransformer.from_pretrained("WanTransformer3DModel", tmp_path / "transformer")
+    assert model.config.patch_size == (1, 2, 2) and model.config.text_dim == 16 and model.config.pooled_dim is None
+    x, t = torch.randn(2, 4, 3, 8, 8), torch.tensor([500.0, 20.0])
+    states, mask = torch.randn(2, 6, 16), torch.tensor([[1] * 6, [1] * 3 + [0] * 3], dtype=torch.bool)
+    out = model(x, t, states, mask, None)
+    assert out.shape == x.shape
+    zeroed = states.clone()
+    zeroed[1, 3:] = 0
+    torch.testing.assert_close(out, model.model(hidden_states=x, timestep=t, encoder_hidden_states=zeroed,
+                                                return_dict=False)[0])
+    trainable = add_lora(model.model, LoraConfig(rank=2))
+    assert any("attn2.to_k" in n for n in trainable) and any("ffn.net.2" in n for n in trainable)
+    torch.testing.assert_close(model(x, t, states, mask, None), out)  # zero-initialised B
+    file = save_lora(model.model, tmp_path / "lora")
+    assert all(k.startswith("transformer.blocks.0.") for k in load_file(file))
+    with pytest.raises(ValueError, match="not supported"):
+        DiffusersTransformer(torch.nn.Linear(2, 2))
