@@ -242,12 +242,14 @@ def build_dit(cfg: DiTModelConfig, first: dict, clean_frames: bool = False) -> V
     """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch), or the trained one
     ``cfg.init_from`` names; ``clean_frames``: with ``clean_frame_conditioning`` (see :func:`with_clean_frames`)."""
     if cfg.init_from:
+        # the flag goes through with_clean_frames: load_for_finetuning would add no clean_embed for it (diffusers'
+        # from_config drops a key the saved config.json lacks, as an older model's does)
         overrides = {k: v for k, v in cfg.overrides.items() if k != "clean_frame_conditioning"}
         try:
             model = load_for_finetuning(cfg.init_from, overrides)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if clean_frames:
+        if clean_frames or cfg.overrides.get("clean_frame_conditioning") is True:
             model = with_clean_frames(model)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()

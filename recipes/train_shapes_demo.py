@@ -63,17 +63,27 @@ VAE_DEMO = ["model.overrides={latent_channels: 8}"]
 # the DiT found the axis of motion but not its sign: direction 54.2% after 4,000 steps (left/right and up/down
 # swapped in 27% of clips), and 17% against 100% with it in the periodic evaluation at step 1,000.
 DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]", "optim.lr=1e-3"]
+# Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
+# `generate --video` and LVDPipeline.extend use for this model, --context-frames 9) and learn to continue them.
+CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
 DIT_STEPS = 6_000
+# A third of the DiT's clips are windows of a motion twice as long, starting at frame 0, 8 or 16 (ShapesConfig.
+# long_motion): a continued clip's last 9 frames show the shape mid-path, and the model has to have seen that.
+LONG_MOTION = 1 / 3
+# The VAE trains on its own clips, 30% in random colours (ShapesConfig.random_rgb): one that saw only the seven
+# palette colours decodes every other colour onto them (benchmarks/vae_color_roundtrip.py), and then no fine-tune
+# of the DiT can teach the demo a new colour (recipes/train_shapes_lora.py).
+VAE_RANDOM_RGB = 0.3
 
 
-def demo_shapes():
+def demo_shapes(**fields):
     """The demo's generator ranges: the path's centre sits within ±3.4 px of the frame centre across the
     motion and ±1.1 px along it (``jitter`` 0.15), shapes span 30–40% of the frame, and they cross 60–90% of
     the free length. Wide start ranges (the generator's default 0.5 jitter) leave a small DiT drawing one
     diffuse blob for every direction."""
     from lvd.data.synthetic import ShapesConfig
 
-    return ShapesConfig(size=64, frames=17, fps=8.0, shape_size=(0.30, 0.40), speed=(0.6, 0.9), jitter=0.15)
+    return ShapesConfig(size=64, frames=17, fps=8.0, shape_size=(0.30, 0.40), speed=(0.6, 0.9), jitter=0.15, **fields)
 
 
 def _run(cmd: list[str], log_path: Path, threads: int) -> None:
@@ -96,11 +106,12 @@ def _run(cmd: list[str], log_path: Path, threads: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_data(out: Path, count: int, seed: int) -> None:
-    """``count`` demo clips of dataset ``seed`` as shards (the layout ``python -m lvd.data.shards`` writes)."""
+def write_data(out: Path, count: int, seed: int, **fields) -> None:
+    """``count`` demo clips of dataset ``seed`` as shards (the layout ``python -m lvd.data.shards`` writes);
+    ``fields`` change :func:`demo_shapes` (``long_motion``, ``random_rgb``)."""
     from lvd.data.shards import clips_from_shapes, list_synthetic, write_shards, write_summary
 
-    cfg = demo_shapes()
+    cfg = demo_shapes(**fields)
     jobs, skips = list_synthetic(count, seed)
     summary = write_shards(jobs, lambda job: clips_from_shapes(job, cfg, seed), out, shard_size=256,
                            workers=2, expected=count, skips=skips, progress=False)
@@ -284,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/demo"), help="data, runs and logs (default runs/demo)")
     p.add_argument("--out", type=Path, default=REPO / "lvd/assets/shapes-demo", help="pipeline folder to write")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks/results", help="where the JSON results go")
-    p.add_argument("--train-clips", type=int, default=1024)
+    p.add_argument("--train-clips", type=int, default=1536, help="the DiT's clips (default 1536)")
+    p.add_argument("--vae-clips", type=int, default=1024, help="the VAE's clips (default 1024)")
     p.add_argument("--val-clips", type=int, default=32)
     p.add_argument("--vae-steps", type=int, default=None, help="default: shapes_vae.yaml's train.max_steps")
     p.add_argument("--dit-steps", type=int, default=DIT_STEPS, help=f"DiT steps (default {DIT_STEPS})")
@@ -312,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Data: train and held-out shards
     stage("data", (data / "val/summary.json").is_file(), lambda: (
-        write_data(data / "train", a.train_clips, seed=0), write_data(data / "val", a.val_clips, seed=12345)))
+        write_data(data / "train", a.train_clips, seed=0, long_motion=LONG_MOTION),
+        write_data(data / "vae_train", a.vae_clips, seed=1, random_rgb=VAE_RANDOM_RGB),
+        write_data(data / "val", a.val_clips, seed=12345)))
 
     # 2. VAE on 5-frame windows; then held-out PSNR on whole clips
     vae_cmd = [py, "recipes/train_vae.py", "--config", "recipes/configs/shapes_vae.yaml", f"run.dir={vae_run}",
-               f"data.shards={data / 'train'}", f"eval.shards={data / 'val'}", *VAE_DEMO, *threads, *a.vae_set]
+               f"data.shards={data / 'vae_train'}", f"eval.shards={data / 'val'}", *VAE_DEMO, *threads, *a.vae_set]
     if a.vae_steps:
         vae_cmd.append(f"train.max_steps={a.vae_steps}")
     stage("vae", (vae_run / "export/config.json").is_file(), lambda: _run(vae_cmd, logs / "vae.log", a.threads))
@@ -338,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. DiT
     dit_cmd = [py, "recipes/train_latent_diffusion.py", "--config", "recipes/configs/shapes_dit.yaml",
                f"run.dir={dit_run}", f"data.shards={latents}", f"components.vae={vae_run / 'export'}",
-               f"components.text_encoder={TEXT_ENCODER}", *DIT_DEMO, *threads, *a.dit_set]
+               f"components.text_encoder={TEXT_ENCODER}", *DIT_DEMO, *CONDITIONING, *threads, *a.dit_set]
     if a.dit_steps:
         dit_cmd.append(f"train.max_steps={a.dit_steps}")
     stage("dit", (dit_run / "export/model_index.json").is_file(), lambda: _run(dit_cmd, logs / "dit.log", a.threads))

@@ -245,3 +245,28 @@ def test_random_rgb_recolours_a_fraction_and_keeps_every_geometry():
     assert 10 <= recoloured <= 30
     with pytest.raises(ValueError, match="random_rgb must be in"):
         ShapesConfig(random_rgb=1.5)
+
+
+def test_long_motion_windows_are_frames_of_the_same_path_twice_as_long():
+    """long_motion (continuation training data): that fraction of clips are frames s..s+T-1 (s = 0, (T-1)/2 or T-1)
+    of the clip the same index draws with 2(T-1)+1 frames, so they may start mid-path at half the speed; the others
+    are byte-identical to the clips without it."""
+    plain, mixed = ShapesConfig(size=32, frames=9), ShapesConfig(size=32, frames=9, long_motion=0.5)
+    long = ShapesConfig(size=32, frames=17)
+    starts = []
+    for index in range(40):
+        a_video, a_caption, _ = make_clip(index, 3, plain)
+        b_video, b_caption, b_meta = make_clip(index, 3, mixed)
+        assert a_caption == b_caption
+        if "window_start" in b_meta:
+            s = b_meta["window_start"]
+            starts.append(s)
+            assert torch.equal(b_video, make_clip(index, 3, long)[0][:, s:s + 9]) and b_meta["motion_frames"] == 17
+            steps = np.linalg.norm(np.diff(centroid(b_video), axis=0), axis=1)
+            assert abs(steps.mean() - b_meta["speed_px_per_frame"]) < 0.05 and np.ptp(steps) < 0.35
+        else:
+            assert torch.equal(a_video, b_video)
+    assert 10 <= len(starts) <= 30 and set(starts) == {0, 4, 8}
+    for bad, named in [({"long_motion": -0.1}, "long_motion must be in"), ({"long_motion": 0.5, "frames": 8}, "odd")]:
+        with pytest.raises(ValueError, match=named):
+            ShapesConfig(**bad)

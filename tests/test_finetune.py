@@ -41,6 +41,21 @@ def test_full_finetuning_starts_from_the_trained_weights(latent_setup, base_run,
                           "optim.lr=0", "train.max_steps=1", "model.overrides={}")) == 0
 
 
+def test_init_from_a_model_without_clean_frames_adds_a_zero_embedding(latent_setup, base_run, tmp_path):  # noqa: F811
+    """Asking for clean_frame_conditioning (by conditioning.prob or by the override) on a model saved without it
+    adds the clean-token embedding, zero, and keeps every trained weight."""
+    from recipes.train_latent_diffusion import main
+
+    for name, extra in {"prob": "conditioning.prob=0.5", "flag": "model.overrides.clean_frame_conditioning=true"}.items():
+        run = tmp_path / name
+        assert main(_dit_args(latent_setup, run, *FAST, f"model.init_from={base_run}", "optim.lr=0",
+                              "train.max_steps=1", "conditioning.frames=[1]", extra)) == 0
+        ours, theirs = _weights(run / "export"), _weights(base_run)
+        assert set(ours) - set(theirs) == {"clean_embed"} and not ours["clean_embed"].any(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+        assert json.loads((run / "export/transformer/config.json").read_text())["clean_frame_conditioning"], name
+
+
 def test_init_from_problems_are_one_line_errors(latent_setup, base_run, tmp_path, capsys):  # noqa: F811
     from recipes.train_latent_diffusion import main
     from lvd.config import run_cli

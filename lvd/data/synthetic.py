@@ -114,6 +114,11 @@ class ShapesConfig:
                  instead of their palette colour, caption "a colored SHAPE moving DIRECTION". For a VAE's
                  training data: a VAE that saw only the palette decodes every other colour onto it
                  (benchmarks/vae_color_roundtrip.py), and a model can draw only what its VAE decodes.
+    long_motion: fraction of clips that are a window of a motion twice as long: the shape moves over
+                 ``2 * (frames - 1) + 1`` frames (half the speed per frame) and the clip shows the frames
+                 from 0, ``(frames - 1) / 2`` or ``frames - 1`` on (drawn evenly), so a clip may start with
+                 the shape mid-path and already moving. For continuation training: a model continuing a clip
+                 sees its last frames, mid-motion, as the clean start of a new window.
     """
 
     size: int = 64
@@ -127,6 +132,7 @@ class ShapesConfig:
     only_shapes: tuple[str, ...] | None = None
     only_directions: tuple[str, ...] | None = None
     random_rgb: float = 0.0
+    long_motion: float = 0.0
 
     def __post_init__(self):
         problems = color_problems(self.colors)
@@ -156,6 +162,10 @@ class ShapesConfig:
             problems.append(f"jitter must be in [0, 1], got {self.jitter}")
         if not 0 <= self.random_rgb <= 1:
             problems.append(f"random_rgb must be in [0, 1], got {self.random_rgb}")
+        if not 0 <= self.long_motion <= 1:
+            problems.append(f"long_motion must be in [0, 1], got {self.long_motion}")
+        if self.long_motion and (self.frames < 3 or (self.frames - 1) % 2):
+            problems.append(f"long_motion needs an odd frames >= 3 (windows start at (frames - 1) / 2), got {self.frames}")
         if problems:
             raise ValueError("invalid ShapesConfig: " + "; ".join(problems))
 
@@ -212,7 +222,10 @@ def render_clip(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: 
     return video
 
 
-def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator, rgb=None):
+def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator, rgb=None,
+            window: int | None = None):
+    """``window``: show frames ``window .. window + frames - 1`` of a motion over ``2 * (frames - 1) + 1``
+    frames (see ``ShapesConfig.long_motion``); None: the motion spans the clip."""
     palette = cfg.palette
     if rgb is None and color not in palette:
         raise ValueError(f"unknown color {color!r}; expected one of {list(palette)}")
@@ -227,6 +240,8 @@ def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.r
     dx, dy = _STEP[direction]
     t = np.arange(T, dtype=np.float64)
     progress = (t / (T - 1) - 0.5) * travel if T > 1 else np.zeros(1)  # -L/2 .. L/2, constant speed
+    if window is not None:  # the same path over twice the frames, seen from frame ``window``
+        progress = ((t + window) / (2 * (T - 1)) - 0.5) * travel
     if dx:  # horizontal motion
         cx = S / 2 + dx * (progress + along)
         cy = np.full(T, S / 2 + across)
@@ -245,6 +260,9 @@ def _render(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.r
         "start_xy": [round(float(cx[0]), 3), round(float(cy[0]), 3)],
         "end_xy": [round(float(cx[-1]), 3), round(float(cy[-1]), 3)],
     }
+    if window is not None:
+        meta.update(speed_px_per_frame=round(travel / (2 * (T - 1)), 4), motion_frames=2 * (T - 1) + 1,
+                    window_start=window)
     return torch.from_numpy(video), meta
 
 
@@ -269,7 +287,12 @@ def make_clip(index: int, seed: int, cfg: ShapesConfig | None = None) -> tuple[t
             hsv = colour_rng.uniform(0, 1), colour_rng.uniform(0.5, 1), colour_rng.uniform(0.6, 1)
             rgb = [round(c * 255) for c in colorsys.hsv_to_rgb(*hsv)]
             color = "colored"
-    video, meta = _render(color, shape, direction, cfg, np.random.default_rng([seed, index]), rgb)
+    window = None
+    if cfg.long_motion > 0:  # its own stream too
+        motion_rng = np.random.default_rng([seed, index, 2])
+        if motion_rng.random() < cfg.long_motion:
+            window = int(motion_rng.integers(3)) * (cfg.frames - 1) // 2
+    video, meta = _render(color, shape, direction, cfg, np.random.default_rng([seed, index]), rgb, window)
     if rgb is not None:
         meta["rgb"] = rgb
     caption = f"a {color} {shape} moving {direction}"
