@@ -77,13 +77,10 @@ VAE_RANDOM_RGB = 0.3
 
 
 def demo_shapes(**fields):
-    """The demo's generator ranges: the path's centre sits within ±3.4 px of the frame centre across the
-    motion and ±1.1 px along it (``jitter`` 0.15), shapes span 30–40% of the frame, and they cross 60–90% of
-    the free length. Wide start ranges (the generator's default 0.5 jitter) leave a small DiT drawing one
-    diffuse blob for every direction."""
-    from lvd.data.synthetic import ShapesConfig
+    """:func:`lvd.data.synthetic.demo_config`: the demo's generator ranges, ``fields`` changed."""
+    from lvd.data.synthetic import demo_config
 
-    return ShapesConfig(size=64, frames=17, fps=8.0, shape_size=(0.30, 0.40), speed=(0.6, 0.9), jitter=0.15, **fields)
+    return demo_config(**fields)
 
 
 def _run(cmd: list[str], log_path: Path, threads: int) -> None:

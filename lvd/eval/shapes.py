@@ -62,6 +62,7 @@ _MAX_FOREGROUND = 0.4  # the largest true shape covers 12% of the frame (side 0.
 _STATIC_FRACTION = 0.03  # centroid moves less than this fraction of the frame side → "static"
 _MIN_HUE_GAP = 10.0  # degrees between palette hues: anti-aliasing and H.264 chroma move a hue by a few degrees
 ATTRIBUTES = ("color", "shape", "direction")
+MODES = ("t2v", "i2v", "continuation")
 
 
 def parse_caption(caption: str, colors=None) -> dict[str, str]:
@@ -196,6 +197,19 @@ def _classify_shape(ratio: float, offset: float) -> str:
     return "circle"
 
 
+def _coverage(value: np.ndarray) -> np.ndarray:
+    """V = max(R, G, B) in [0, 1] → coverage in [0, 1] by the ramp of the module docstring."""
+    lo, hi = _RAMP
+    return np.clip((value - lo) / (hi - lo), 0.0, 1.0)
+
+
+def frame_centres(video) -> np.ndarray:
+    """Coverage-weighted (x, y) centre of the shape in each frame of a clip (3, T, H, W) (uint8, or float in
+    [-1, 1]) → (T, 2) in pixels, NaN for a frame with no foreground."""
+    coverage = _coverage(_as_unit_rgb(video).max(axis=0))
+    return np.array([_centroid(c) or (np.nan, np.nan) for c in coverage], dtype=np.float64).reshape(-1, 2)
+
+
 def _centroid(coverage: np.ndarray) -> tuple[float, float] | None:
     """Coverage-weighted (x, y) centre of one frame (H, W), or None if the frame is empty."""
     total = coverage.sum()
@@ -219,8 +233,7 @@ def score_clip(video, caption: str | None = None, palette=None) -> dict:
     rgb = _as_unit_rgb(video)  # (3, T, H, W)
     _, frames, height, width = rgb.shape
     value = rgb.max(axis=0)  # (T, H, W)
-    lo, hi = _RAMP
-    coverage = np.clip((value - lo) / (hi - lo), 0.0, 1.0)  # (T, H, W)
+    coverage = _coverage(value)  # (T, H, W)
     mask = value > _MASK_LEVEL  # (T, H, W)
 
     if mask.mean() > _MAX_FOREGROUND:  # not a shape on black (noise, a washed-out frame): credit nothing
@@ -351,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lora", default=None, metavar="PATH", help="apply this LoRA adapter (folder or file)")
     parser.add_argument("--json", default=None, help="also write per-clip scores and the summary here")
+    parser.add_argument("--modes", nargs="+", default=["t2v"], choices=MODES,
+                        help="t2v (text-to-video, default), i2v (from a reference's first frame) and/or continuation "
+                             "(17 frames of a reference continued to 33); see lvd.eval.shapes_i2v")
+    parser.add_argument("--context-frames", type=int, default=9,
+                        help="continuation: frames kept clean at the start of each new window (default 9)")
     add_synthetic_arguments(parser)  # --colors (the palette), --only-colors/-shapes/-directions (the captions)
     args = parser.parse_args(argv)
     cfg, problems = shapes_config_from_args(args)
@@ -373,21 +391,50 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--lora: {e}")
     if args.sampler:
         pipe.set_sampler(args.sampler)
-    start = time.perf_counter()
     captions = all_captions(cfg)[: args.limit] if args.limit else all_captions(cfg)
-    scores = evaluate_pipeline(pipe, captions=captions, seeds=args.seeds, num_frames=args.frames,
-                               height=args.size, width=args.size,
-                               num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               batch_size=args.batch_size, progress=True, palette=cfg.palette)
-    seconds = time.perf_counter() - start
-    summary = summarize(scores)
-    print(format_report(summary, colors=list(cfg.palette)))
-    print(f"\n{len(scores)} clips in {seconds:.1f} s ({seconds / max(len(scores), 1):.2f} s per clip), "
-          f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler or type(pipe.scheduler).__name__}")
+    result: dict = {"args": vars(args)}
+    if "t2v" in args.modes:
+        start = time.perf_counter()
+        scores = evaluate_pipeline(pipe, captions=captions, seeds=args.seeds, num_frames=args.frames,
+                                   height=args.size, width=args.size,
+                                   num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                   batch_size=args.batch_size, progress=True, palette=cfg.palette)
+        seconds = time.perf_counter() - start
+        summary = summarize(scores)
+        print(format_report(summary, colors=list(cfg.palette)))
+        print(f"\n{len(scores)} clips in {seconds:.1f} s ({seconds / max(len(scores), 1):.2f} s per clip), "
+              f"{args.steps} steps, guidance {args.guidance}, sampler {args.sampler or type(pipe.scheduler).__name__}")
+        result.update(summary=summary, clips=scores, seconds=seconds)
+    result.update(_clean_frame_modes(pipe, args, captions, cfg.colors))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"summary": summary, "clips": scores, "seconds": seconds, "args": vars(args)}, f, indent=1)
+            json.dump(result, f, indent=1)
     return 0
+
+
+def _clean_frame_modes(pipe, args, captions: list[str], colors: dict) -> dict:
+    """The i2v and continuation modes asked for: {mode: {"summary", "clips", "seconds"}}, reports printed."""
+    from lvd.eval import shapes_i2v
+
+    common = {"seeds": args.seeds, "size": args.size, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+              "progress": True, "colors": colors}
+    runs = {
+        "i2v": (lambda: shapes_i2v.evaluate_image_to_video(pipe, captions, num_frames=args.frames, **common),
+                shapes_i2v.summarize_image_to_video),
+        "continuation": (lambda: shapes_i2v.evaluate_continuation(pipe, captions, context=args.context_frames,
+                                                                  **common), shapes_i2v.summarize_continuation),
+    }
+    out = {}
+    for mode, (evaluate, summarize_mode) in runs.items():
+        if mode not in args.modes:
+            continue
+        start = time.perf_counter()
+        scores = evaluate()
+        seconds = time.perf_counter() - start
+        summary = summarize_mode(scores)
+        print("\n" + shapes_i2v.format_i2v_report(mode, summary) + f"\n  {seconds:.1f} s")
+        out[mode] = {"summary": summary, "clips": scores, "seconds": seconds}
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""lvd.eval.shapes_i2v: the image-to-video and continuation measurements, checked with stand-in pipelines whose
+answers are known (the reference itself, a frozen clip, a clip that jumps at the seam), and the CLI's modes end to
+end on a tiny random pipeline."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from lvd.data.synthetic import all_captions
+from lvd.eval import shapes_i2v
+from lvd.eval.shapes import frame_centres
+
+CAPTIONS = all_captions()[:4]  # red circle: left, right, up, down
+
+
+def _np(video: torch.Tensor) -> np.ndarray:
+    """uint8 (3, T, H, W) → a pipeline's "np" output (1, T, H, W, 3) in [0, 1]."""
+    return (video.permute(1, 2, 3, 0).float() / 255).numpy()[None]
+
+
+class Oracle:
+    """Answers with the reference clip itself (or a frozen / jumping version of it)."""
+
+    def __init__(self, kind="exact"):
+        self.kind = kind
+
+    def __call__(self, caption, image, num_frames, **kwargs):
+        i = CAPTIONS.index(caption)
+        video = shapes_i2v.reference_clip(caption, i, 0, frames=num_frames)
+        assert torch.equal(video[:, 0], image)
+        if self.kind == "frozen":
+            video = video[:, :1].expand_as(video)
+        return SimpleNamespace(frames=_np(video))
+
+    def extend(self, video, caption, num_frames, window_frames, context_frames, **kwargs):
+        i = CAPTIONS.index(caption)
+        full = shapes_i2v.reference_clip(caption, i, 0, frames=num_frames)
+        assert torch.equal(full[:, :video.shape[1]], video) and (window_frames, context_frames) == (17, 9)
+        if self.kind == "jump":  # the generated part is pushed 3 px along the motion
+            move = frame_centres(full)[-1] - frame_centres(full)[0]
+            dx, dy = np.rint(move / np.abs(move).max()).astype(int)  # (±1, 0) or (0, ±1)
+            full = full.clone()
+            full[:, video.shape[1]:] = torch.roll(full[:, video.shape[1]:], shifts=(3 * dy, 3 * dx), dims=(2, 3))
+        return SimpleNamespace(frames=_np(full))
+
+
+def test_references_start_where_the_motion_can_run_and_are_deterministic():
+    for i, caption in enumerate(CAPTIONS):
+        clip = shapes_i2v.reference_clip(caption, i, 0, frames=33)
+        assert torch.equal(clip, shapes_i2v.reference_clip(caption, i, 0, frames=33))
+        centres = frame_centres(clip)
+        assert np.isfinite(centres).all()  # the shape stays in the frame all 33 frames
+        move = centres[-1] - centres[0]
+        axis = 0 if caption.endswith(("left", "right")) else 1
+        assert abs(move[axis]) > 15 and abs(move[1 - axis]) < 0.5
+
+
+def test_the_reference_itself_meets_every_target():
+    i2v = shapes_i2v.summarize_image_to_video(shapes_i2v.evaluate_image_to_video(Oracle(), CAPTIONS))
+    assert i2v["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 1.0}
+    assert i2v["psnr_first_db"]["min"] == float("inf") and i2v["centre_error_px"]["max"] == 0.0
+    cont = shapes_i2v.summarize_continuation(shapes_i2v.evaluate_continuation(Oracle(), CAPTIONS))
+    assert cont["accuracy"]["direction"] == 1.0 and cont["given_frames_kept"] == 1.0
+    assert cont["seam_excess_px"]["max"] < 0.3 and cont["later_seams_excess_px"]["share_within_1.5"] == 1.0
+    assert 0.5 < cont["median_step_px"] < 1.5  # the demo's speed range over 33 frames
+
+
+def test_a_frozen_clip_and_a_jump_at_the_seam_fail():
+    frozen = shapes_i2v.summarize_image_to_video(shapes_i2v.evaluate_image_to_video(Oracle("frozen"), CAPTIONS))
+    assert frozen["accuracy"]["direction"] == 0.0 and frozen["psnr_first_db"]["min"] == float("inf")
+    jump = shapes_i2v.evaluate_continuation(Oracle("jump"), CAPTIONS)
+    assert all(2.3 < s["seam_excess_px"] < 3.7 and s["given_kept"] for s in jump)
+    assert shapes_i2v.summarize_continuation(jump)["seam_excess_px"]["share_within_1.5"] == 0.0
+
+
+def test_cli_modes_write_their_sections(model_dir, tmp_path, capsys):
+    """--modes i2v continuation on a tiny random pipeline (1 caption, 1 step): both sections, the given frames kept."""
+    from lvd.eval.shapes import main
+
+    out = tmp_path / "i2v.json"
+    assert main(["--model", str(model_dir), "--limit", "1", "--seeds", "0", "--steps", "1", "--size", "32",
+                 "--modes", "i2v", "continuation", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "summary" not in report and report["i2v"]["summary"]["clips"] == 1
+    assert report["continuation"]["clips"][0]["given_kept"] is True
+    assert report["i2v"]["clips"][0]["psnr_first_db"] > 0
+    assert "continuation: 1 clips" in capsys.readouterr().out
