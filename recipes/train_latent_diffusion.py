@@ -68,6 +68,8 @@ from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
 from lvd.diffusion import ConditioningConfig, DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
+from lvd.dit.diffusers_transformer import SUPPORTED as DIFFUSERS_CLASSES  # noqa: E402
+from lvd.dit.diffusers_transformer import DiffusersTransformer  # noqa: E402
 from lvd.dit.pretrained import load_for_finetuning, transformer_folder  # noqa: E402
 from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
 from lvd.lora import LoraConfig, add_lora, save_lora  # noqa: E402
@@ -104,12 +106,18 @@ class DiTModelConfig:
     ``init_from``: start from a trained transformer instead, a pipeline folder (e.g. ``lvd/assets/shapes-demo``)
     or a ``transformer/`` folder (:mod:`lvd.dit.pretrained`); its config replaces ``preset``, and
     ``overrides`` may change only keys that keep every tensor's shape. A run resuming from its own checkpoint
-    takes the checkpoint's weights (a LoRA run still builds its frozen base from here)."""
+    takes the checkpoint's weights (a LoRA run still builds its frozen base from here).
+
+    ``diffusers_class``: train a diffusers video transformer instead (``WanTransformer3DModel``), loaded from
+    ``init_from`` (its ``transformer/`` folder or a pipeline folder holding one) and called through
+    :class:`lvd.dit.diffusers_transformer.DiffusersTransformer`; full fine-tuning or LoRA, no clean-frame
+    conditioning, no samples during training, and the export is its ``transformer/`` folder (or the adapter)."""
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
     init_from: str = ""
+    diffusers_class: str = ""
 
 
 @dataclass
@@ -190,6 +198,7 @@ def check_config(cfg: DiTRecipeConfig) -> None:
                         "transformer folder)")
     if cfg.lora.enabled and cfg.distributed.strategy == "fsdp":
         problems.append("lora with distributed.strategy=fsdp is not supported yet; use ddp (adapters are small)")
+    problems += _diffusers_class_problems(cfg)
     if cfg.conditioning.enabled and cfg.model.overrides.get("clean_frame_conditioning", True) is not True:
         problems.append(f"conditioning.prob={cfg.conditioning.prob} trains with clean frames: the model needs "
                         "clean_frame_conditioning, drop model.overrides.clean_frame_conditioning=false")
@@ -208,6 +217,27 @@ def check_config(cfg: DiTRecipeConfig) -> None:
         folder_problem("export.dir", cfg.export.dir) if cfg.export.enabled and cfg.export.dir else None,
     ])
     raise_problems(problems)
+
+
+def _diffusers_class_problems(cfg: DiTRecipeConfig) -> list[str]:
+    """What a diffusers transformer (model.diffusers_class) cannot do in this recipe."""
+    name = cfg.model.diffusers_class
+    if not name:
+        return []
+    if name not in DIFFUSERS_CLASSES:
+        return [f"model.diffusers_class={name!r}: not supported; choose one of {', '.join(DIFFUSERS_CLASSES)}"]
+    problems = []
+    if not cfg.model.init_from:
+        problems.append(f"model.diffusers_class={name} trains a saved model: set model.init_from (its folder)")
+    if cfg.model.overrides:
+        problems.append(f"model.overrides={cfg.model.overrides} are VideoDiT arguments; a {name} keeps its saved config")
+    if cfg.conditioning.enabled:
+        problems.append(f"conditioning.prob={cfg.conditioning.prob}: clean-frame conditioning needs lvd's VideoDiT")
+    if cfg.samples.every > 0 and cfg.samples.prompts:
+        problems.append(f"samples.every={cfg.samples.every}: LVDPipeline samples with VideoDiT only; set samples.every=0")
+    if cfg.distributed.strategy == "fsdp":
+        problems.append(f"model.diffusers_class={name} with distributed.strategy=fsdp is not supported; use ddp")
+    return problems
 
 
 def _uncond_path(cfg: DiTRecipeConfig) -> Path:
@@ -240,7 +270,13 @@ def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
 
 def build_dit(cfg: DiTModelConfig, first: dict, clean_frames: bool = False) -> VideoDiT:
     """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch), or the trained one
-    ``cfg.init_from`` names; ``clean_frames``: with ``clean_frame_conditioning`` (see :func:`with_clean_frames`)."""
+    ``cfg.init_from`` names; ``clean_frames``: with ``clean_frame_conditioning`` (see :func:`with_clean_frames`).
+    With ``cfg.diffusers_class`` the saved diffusers transformer, wrapped to take lvd's denoiser call."""
+    if cfg.diffusers_class:
+        model = DiffusersTransformer.from_pretrained(cfg.diffusers_class, transformer_folder(cfg.init_from))
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
     if cfg.init_from:
         # the flag goes through with_clean_frames: load_for_finetuning would add no clean_embed for it (diffusers'
         # from_config drops a key the saved config.json lacks, as an older model's does)
@@ -292,7 +328,7 @@ def check_batch(model: VideoDiT, batch: dict, shards: str, conditioning: Conditi
         problems.append(f"latent T'xH'xW' {tuple(lat.shape[2:])} is not divisible by patch_size {tuple(c.patch_size)}")
     if states.shape[-1] != c.text_dim:
         problems.append(f"text_states width {states.shape[-1]} != model text_dim {c.text_dim}")
-    if pooled.shape[-1] != c.pooled_dim:
+    if c.pooled_dim is not None and pooled.shape[-1] != c.pooled_dim:  # None: the model takes no pooled vector
         problems.append(f"text_pooled width {pooled.shape[-1]} != model pooled_dim {c.pooled_dim}")
     if conditioning is not None and conditioning.enabled and lat.ndim == 5 and max(conditioning.frames) >= lat.shape[2]:
         problems.append(f"conditioning.frames={conditioning.frames}: {max(conditioning.frames)} clean latent frames "
@@ -366,13 +402,18 @@ def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: Vid
     return {f"eval/{name}": value for name, value in summary["accuracy"].items()}
 
 
+def adapted(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the LoRA adapters: a wrapped diffusers transformer's own model, else ``model``."""
+    return model.model if isinstance(model, DiffusersTransformer) else model
+
+
 def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env) -> Path | None:
     """The pipeline folder when components are configured, else ``export/transformer`` only; a LoRA run writes
     its adapter alone, ``export/lora/pytorch_lora_weights.safetensors`` (diffusers' layout)."""
     out = Path(cfg.export.dir) if cfg.export.dir else run_dir / "export"
     if cfg.lora.enabled:
-        return save_lora(unwrap(ema_model), out / "lora").parent if env.is_main else None
-    if not (cfg.components.vae and cfg.components.text_encoder):
+        return save_lora(adapted(unwrap(ema_model)), out / "lora").parent if env.is_main else None
+    if cfg.model.diffusers_class or not (cfg.components.vae and cfg.components.text_encoder):
         return export_pretrained(ema_model, out / "transformer", env)
     state = model_state_dict(ema_model)  # gathered under FSDP2; every rank takes part
     if env.is_main:
@@ -407,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("conditioning with lora: only the adapters train, so the clean-token embedding stays as %s",
                     "trained" if (cfg.model.init_from and dit.clean_embed.any()) else "initialised (zero)")
     if cfg.lora.enabled:
-        trainable = add_lora(dit, cfg.lora)
+        trainable = add_lora(adapted(dit), cfg.lora)
         log.info("LoRA rank %d: %d adapter tensors, %d parameters train", cfg.lora.rank, len(trainable),
                  sum(p.numel() for p in dit.parameters() if p.requires_grad))
     uncond = load_uncond(cfg)

@@ -112,3 +112,63 @@ def test_lora_two_steps_then_four_gives_the_same_files(latent_setup, base_run, t
     assert main(_dit_args(latent_setup, tmp_path / "cut", *FAST, *lora, "train.max_steps=2")) == 0
     assert main(_dit_args(latent_setup, tmp_path / "cut", *FAST, *lora)) == 0
     _assert_same_files(tmp_path / "full", tmp_path / "cut")
+
+
+def _tiny_wan(latent_setup, folder):  # noqa: F811
+    """A tiny random WanTransformer3DModel sized for the test latents, saved as a transformer folder."""
+    from diffusers import WanTransformer3DModel
+
+    from lvd.config import parse_args
+    from recipes.train_latent_diffusion import DiTRecipeConfig, peek_latents
+
+    first = peek_latents(parse_args(DiTRecipeConfig, _dit_args(latent_setup, folder / "unused")).data, seed=0)
+    channels, width = first["latents"].shape[1], first["text"].states.shape[-1]
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                in_channels=channels, out_channels=channels, text_dim=width, freq_dim=16, ffn_dim=32,
+                                num_layers=1, rope_max_seq_len=32)
+    wan.save_pretrained(folder / "transformer")
+    return folder / "transformer"
+
+
+def test_a_wan_transformer_trains_in_the_recipe_fully_and_with_lora(latent_setup, tmp_path):  # noqa: F811
+    """model.diffusers_class=WanTransformer3DModel: full fine-tuning exports a folder diffusers loads, with changed
+    weights; LoRA trains only the adapter and exports it in diffusers' layout, which Wan itself loads."""
+    from diffusers import WanTransformer3DModel
+
+    from recipes.train_latent_diffusion import main
+
+    wan_dir = _tiny_wan(latent_setup, tmp_path / "wan")
+    wan = ["model.diffusers_class=WanTransformer3DModel", f"model.init_from={wan_dir}", "model.overrides={}",
+           "samples.every=0", "train.max_steps=2", "optim.lr=1e-3"]
+    assert main(_dit_args(latent_setup, tmp_path / "full", *wan)) == 0
+    trained = WanTransformer3DModel.from_pretrained(tmp_path / "full/export/transformer")
+    before = WanTransformer3DModel.from_pretrained(wan_dir).state_dict()
+    assert trained.state_dict().keys() == before.keys()
+    assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+
+    assert main(_dit_args(latent_setup, tmp_path / "lora", *wan, "lora.rank=2")) == 0
+    file = tmp_path / "lora/export/lora" / LORA_WEIGHTS
+    adapter = load_file(file)
+    assert adapter and all(k.startswith("transformer.blocks.0.") and ".lora_" in k for k in adapter)
+    step = sorted((tmp_path / "lora/checkpoints").iterdir())[-1]
+    saved = load_file(step / "model.safetensors")
+    assert saved and all(".lora_" in k for k in saved)  # the frozen base is not in the checkpoint
+    base = WanTransformer3DModel.from_pretrained(wan_dir)
+    base.load_lora_adapter(str(file), prefix="transformer", adapter_name="ours")
+    assert "ours" in base.peft_config
+
+
+def test_diffusers_class_problems_are_one_line_errors(latent_setup, tmp_path, capsys):  # noqa: F811
+    from lvd.config import run_cli
+    from recipes.train_latent_diffusion import main
+
+    for extra, named in [(["model.diffusers_class=FluxTransformer2DModel"], "not supported"),
+                         (["model.diffusers_class=WanTransformer3DModel"], "set model.init_from"),
+                         (["model.diffusers_class=WanTransformer3DModel", f"model.init_from={tmp_path}",
+                           "conditioning.prob=0.5"], "conditioning.prob=0.5")]:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, prog="train_latent_diffusion.py",
+                    argv=_dit_args(latent_setup, tmp_path / "bad", *FAST, *extra))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and named in err and "Traceback" not in err, err

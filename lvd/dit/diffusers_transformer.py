@@ -53,6 +53,13 @@ class DiffusersTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
+        """The wrapped model's own folder (config.json + weights), loadable by its diffusers class."""
+        self.model.save_pretrained(folder, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.enable_gradient_checkpointing()
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor,
                 text_mask: torch.Tensor | None = None, text_pooled: torch.Tensor | None = None) -> torch.Tensor:
         if text_mask is not None:  # padding tokens carry zeros, as Wan's own pipeline feeds them
