@@ -22,6 +22,7 @@ every step, but was never taught to continue it, so the rest follows it only loo
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import PIL.Image
@@ -103,7 +104,7 @@ class ConditioningFramesMixin:
 
     @torch.no_grad()
     def extend(self, video, prompt: str | None = None, num_frames: int = 33, *, window_frames: int = 17,
-               context_frames: int = 5, output_type: str = "np", vae_tiling: bool | None = None, **kwargs):
+               context_frames: int = 9, output_type: str = "np", vae_tiling: bool | None = None, **kwargs):
         """Continue ``video`` to ``num_frames`` frames in all, by overlapping windows.
 
         Each window is a ``window_frames`` video generated with ``video=`` the last ``context_frames`` frames of
@@ -129,15 +130,21 @@ class ConditioningFramesMixin:
             problems.append(f"window_frames={window_frames} must be more than context_frames={context_frames}")
         if problems:
             raise ValueError("LVDPipeline.extend: " + "; ".join(problems))
-        pieces, timings = [frames], {}
+        pieces, timings = [frames], {"text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0}
+        windows = 0
         while have < num_frames:
             out = self(prompt, video=frames[:, -context_frames:], num_frames=window_frames, height=frames.shape[2],
                        width=frames.shape[3], output_type="latent", **kwargs)
+            start = time.perf_counter()
             new = self.decode_latents(out.frames, vae_tiling)[0, :, context_frames:].float().cpu()  # [−1, 1]
+            timings["decoding"] += time.perf_counter() - start
             pieces.append(new)
             frames = torch.cat([frames[:, -context_frames:], new], dim=1)
             have += new.shape[1]
-            timings = {key: timings.get(key, 0.0) + value for key, value in out.timings.items()}
+            windows += 1
+            for key in ("text_encoding", "denoising"):
+                timings[key] += out.timings.get(key, 0.0)
+        timings["windows"] = windows  # the denoising loop ran once per window
         result = torch.cat(pieces, dim=1)[:, :num_frames]  # (3, num_frames, H, W)
         result = self.video_processor.postprocess_video(result[None], output_type=output_type)
         return LVDPipelineOutput(frames=result, timings=timings)

@@ -101,10 +101,12 @@ class DiffusionConfig:
 @dataclass
 class ConditioningConfig:
     """Clean first latent frames during training (YAML key ``conditioning``): with probability ``prob`` a sample
-    keeps its first k latent frames clean, k drawn uniformly from ``frames`` (1 = an image); 0 turns it off."""
+    keeps its first k latent frames clean, k drawn uniformly from ``frames`` (1 = an image); 0 turns it off.
+    The default k = 3 matches the 9 frames (1 + 4·2) that ``LVDPipeline.extend`` and ``generate --video``
+    continue from by default: with a 4× VAE, enough frames to carry the speed as well as the place."""
 
     prob: float = 0.0
-    frames: list[int] = field(default_factory=lambda: [1, 2])
+    frames: list[int] = field(default_factory=lambda: [1, 3])
 
     def __post_init__(self):
         problems = []

@@ -75,7 +75,7 @@ class GenerateArgs:
     image: torch.Tensor | None = None  # --image as (3, 1, H, W) in [-1, 1]
     video: torch.Tensor | None = None  # --video as (3, T, H, W) in [-1, 1]
     window_frames: int = 17
-    context_frames: int = 5
+    context_frames: int = 9
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, metavar="MP4",
                    help="continue this clip; --frames is then the total length (any count above the clip's)")
     p.add_argument("--window-frames", type=int, default=17, help="with --video: frames generated per window")
-    p.add_argument("--context-frames", type=int, default=5,
+    p.add_argument("--context-frames", type=int, default=9,
                    help="with --video: the last frames each window continues from (1 + 4·j for a 4× VAE)")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)}; default: the saved scheduler")
@@ -373,6 +373,7 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
     paths = output_paths(args.output, len(jobs))
     timings = {"text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0, "writing": 0.0}
     batch_size = 1 if args.video is not None else args.batch_size  # a continuation is one video at a time
+    loops = 0  # denoising loops run (one per batch, or per continuation window)
     for start in range(0, len(jobs), batch_size):
         chunk = range(start, min(start + batch_size, len(jobs)))
         generators = [torch.Generator().manual_seed(args.seed + k) for k in chunk]
@@ -386,6 +387,7 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
                           image=args.image, **common)
         for key in ("text_encoding", "denoising", "decoding"):
             timings[key] += result.timings[key]
+        loops += result.timings.get("windows", 1)  # a continuation denoises once per window
         began = time.perf_counter()
         for k, frames in zip(chunk, result.frames):  # frames (T, 3, H, W) in [0, 1]
             video = (frames.float().permute(1, 0, 2, 3) * 255).round().to(torch.uint8).cpu()  # (3, T, H, W)
@@ -393,7 +395,8 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
             print(f"wrote {paths[k]}  ({args.frames} frames, {args.width}x{args.height}, {args.fps:g} fps)  "
                   f"prompt: {jobs[k][0]!r}")
         timings["writing"] += time.perf_counter() - began
-    timings["denoising_per_step"] = timings["denoising"] / (args.steps * -(-len(jobs) // batch_size))
+    timings["denoising_per_step"] = timings["denoising"] / (args.steps * max(loops, 1))
+    timings["loops"] = loops
     return paths, timings
 
 
@@ -409,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m lvd.generate: cannot start:\n{err}", file=sys.stderr)
         return 2
     _, timings = generate(args, pipe)
+    windows = f" x {timings['loops']} windows" if args.video is not None else ""
     print(f"timings: loading {loading:.2f} s | text encoding {timings['text_encoding']:.2f} s | "
-          f"denoising {timings['denoising']:.2f} s ({timings['denoising_per_step']:.3f} s/step, {args.steps} steps) | "
+          f"denoising {timings['denoising']:.2f} s ({timings['denoising_per_step']:.3f} s/step, {args.steps} steps"
+          f"{windows}) | "
           f"decoding {timings['decoding']:.2f} s | writing {timings['writing']:.2f} s")
     return 0
 

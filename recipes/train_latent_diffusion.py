@@ -29,7 +29,7 @@ Fine-tuning: ``model.init_from`` starts from a trained pipeline or transformer f
 only peft LoRA adapters train (the checkpoints hold only them) and ``export/lora/`` is the adapter alone, in
 diffusers' layout (``recipes/configs/shapes_lora.yaml``; :mod:`lvd.lora`).
 
-Image-to-video and continuation: ``conditioning: {prob: 0.2, frames: [1, 2]}`` keeps the first k clean latent
+Image-to-video and continuation: ``conditioning: {prob: 0.2, frames: [1, 3]}`` keeps the first k clean latent
 frames of a share ``prob`` of the samples (k from ``frames``; 1 = an image), with no noise and no loss there
 (:class:`lvd.diffusion.ConditioningConfig`). The model is then built with ``clean_frame_conditioning`` (a
 zero-initialised clean-token embedding, :class:`lvd.dit.VideoDiT`); with ``model.init_from`` a model without it

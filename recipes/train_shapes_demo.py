@@ -64,7 +64,7 @@ VAE_DEMO = ["model.overrides={latent_channels: 8}"]
 # swapped in 27% of clips), and 17% against 100% with it in the periodic evaluation at step 1,000.
 DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]", "optim.lr=1e-3"]
 # Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
-# `generate --video` and LVDPipeline.extend use for this model, --context-frames 9) and learn to continue them.
+# `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them.
 CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
 DIT_STEPS = 6_000
 # A third of the DiT's clips are windows of a motion twice as long, starting at frame 0, 8 or 16 (ShapesConfig.

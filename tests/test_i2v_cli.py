@@ -37,7 +37,8 @@ def test_image_to_video_takes_its_size_from_the_image(model_dir, tmp_path, capsy
 def test_video_continuation_writes_the_total_length_starting_with_the_clip(model_dir, tmp_path):
     clip = _clip(tmp_path / "clip.mp4", frames=6)
     out = tmp_path / "longer.mp4"
-    assert cli(model_dir, "--video", str(clip), "--frames", "14", "--window-frames", "9", "--output", str(out)) == 0
+    assert cli(model_dir, "--video", str(clip), "--frames", "14", "--window-frames", "9", "--context-frames", "5",
+               "--output", str(out)) == 0
     assert probe_video(out).num_frames == 14
     given, written = read_video(clip).float(), read_video(out).float()
     assert (given - written[:, :6]).abs().mean() < 6  # the clip's own frames (through two lossy encodes)
@@ -59,7 +60,7 @@ def no_sampling(monkeypatch):
      "is 16x16 (width x height) but --width/--height ask for 16x32"),
     (lambda d: ["--image", str(_png(d / "a.png")), "--frames", "1"], "num_frames=1 leaves nothing to generate"),
     (lambda d: ["--video", str(_clip(d / "c.mp4", frames=3)), "--frames", "9"],
-     "has 3 frames; continuing it needs at least --context-frames 5"),
+     "has 3 frames; continuing it needs at least --context-frames 9"),
     (lambda d: ["--video", str(_clip(d / "c.mp4", frames=5)), "--frames", "5"],
      "--frames 5 is the total length with --video: it must be more than the video's 5 frames"),
     (lambda d: ["--video", str(d / "notes.png")], "notes.png: cannot read it as a video"),
@@ -67,7 +68,7 @@ def no_sampling(monkeypatch):
     (lambda d: ["--video", str(_clip(d / "c.mp4")), "--frames", "9", "--context-frames", "4"],
      "--context-frames: video= has 4 frames; the VAE encodes 1 + 4·j frames"),
     (lambda d: ["--video", str(_clip(d / "c.mp4")), "--frames", "9", "--window-frames", "5"],
-     "--context-frames 5 must be at least 1 and fewer than --window-frames 5"),
+     "--context-frames 9 must be at least 1 and fewer than --window-frames 5"),
 ])
 def test_bad_first_frames_are_one_line_errors_with_status_2(model_dir, tmp_path, capsys, no_sampling, setup, message):
     (tmp_path / "notes.png").write_text("not an image")

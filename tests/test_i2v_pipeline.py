@@ -96,10 +96,11 @@ def test_video_gives_its_latent_frames_and_the_model_is_told(pipe, monkeypatch):
 
 def test_extend_keeps_the_clip_and_continues_it_to_the_total_length(pipe):
     clip = torch.from_numpy(np.stack([_image(s) for s in range(6)])).permute(3, 0, 1, 2)  # (3, 6, H, W) uint8
-    out = pipe.extend(clip, PROMPT, num_frames=20, window_frames=9, num_inference_steps=2,
+    out = pipe.extend(clip, PROMPT, num_frames=20, window_frames=9, context_frames=5, num_inference_steps=2,
                       generator=torch.Generator().manual_seed(0))
     frames = out.frames  # "np": (1, 20, H, W, 3) in [0, 1]
     assert frames.shape == (1, 20, SIZE, SIZE, 3) and out.timings["denoising"] > 0
+    assert out.timings["windows"] == 4 and out.timings["decoding"] > 0  # 6 → 10 → 14 → 18 → 22, cut at 20
     np.testing.assert_allclose(frames[0, :6], clip.permute(1, 2, 3, 0).numpy() / 255, atol=1e-6)
     with pytest.raises(ValueError, match="more than the video's 6"):
         pipe.extend(clip, PROMPT, num_frames=6)
