@@ -28,6 +28,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from lvd.pipeline_output import LVDPipelineOutput, onload
+
 
 log = logging.getLogger("lvd.pipeline")
 
@@ -95,9 +97,7 @@ class ConditioningFramesMixin:
             log.warning("LVDPipeline: the transformer was not trained with clean frames (clean_frame_conditioning is "
                         "off); the given frames are kept, but the rest of the video may not follow them")
         vae_module = self.vae
-        from lvd.pipeline import _onload  # the offload hook, as decode_latents fires it
-
-        _onload(vae_module)
+        onload(vae_module)  # the offload hook, as decode_latents fires it
         with torch.no_grad():
             latents = vae.encode(frames[None].to(device=vae_module.device, dtype=vae_module.dtype))
         return latents.to(device=self._execution_device, dtype=torch.float32)
@@ -114,8 +114,6 @@ class ConditioningFramesMixin:
         guidance, generator, negative prompt, embeddings, callbacks) go to every window's ``__call__``.
         Returns an :class:`lvd.pipeline.LVDPipelineOutput` of one video (``output_type`` "np", "pt" or "pil").
         """
-        from lvd.pipeline import LVDPipelineOutput
-
         frames = as_video_frames(video, "video")  # (3, T0, H, W)
         fixed = {"image", "video", "num_frames", "height", "width", "latents", "return_dict", "num_videos_per_prompt"}
         problems = [f"extend sets {k} itself" for k in sorted(fixed & set(kwargs))]

@@ -24,17 +24,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
@@ -45,6 +41,7 @@ import lvd.vae  # noqa: F401
 from lvd.assembly import export_pipeline, load_components, load_text_encoder
 from lvd.conditioning_frames import ConditioningFramesMixin
 from lvd.lora import LVDLoraLoaderMixin
+from lvd.pipeline_output import LVDPipelineOutput, onload
 from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
 from lvd.pipeline_checks import EMBEDDING_ARGS, OUTPUT_TYPES, clean_frame_problems, prompt_problems, size_problems
 from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
@@ -60,23 +57,6 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LVDPipelineOutput(BaseOutput):
-    """``frames``: "np" (B, T, H, W, 3) float32 in [0, 1]; "pt" (B, T, 3, H, W) float in [0, 1]; "pil" a list of
-    B lists of T images; "latent" (B, C', T', H', W'). ``timings``: seconds for "text_encoding", "denoising"
-    (total), "denoising_per_step" and "decoding"."""
-
-    frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
-    timings: dict[str, float] | None = None
-
-
-def _onload(module: torch.nn.Module) -> None:
-    """Fire an accelerate offload hook before calling a method that is not ``forward`` (VAE decode)."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(module)
 
 
 def _sync(device: torch.device) -> float:
@@ -444,7 +424,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
         ``vae_tiling``: True/False forces the VAE's tiled decode on/off; None (auto) turns it on, and decodes one
         video at a time, when a video has more voxels than ``vae_tiling_threshold``."""
         vae = self.video_vae
-        _onload(self.vae)
+        onload(self.vae)
         latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
         t_lat, h_lat, w_lat = latents.shape[2:]
         voxels = vae.frames_for(t_lat) * h_lat * w_lat * vae.spatial_compression**2

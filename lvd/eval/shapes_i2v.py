@@ -1,5 +1,5 @@
 """Image-to-video and continuation scores for moving-shapes models (the ``i2v`` and ``continuation`` modes of
-``python -m lvd.eval.shapes``). No learned model: the measurements of :mod:`lvd.eval.shapes`.
+``python -m lvd.eval.shapes``). No learned model: the measurements of :mod:`lvd.eval.shapes_score`.
 
 Each caption gets a reference clip rendered by :mod:`lvd.data.synthetic` with the demo's geometry
 (:func:`lvd.data.synthetic.demo_config`, so the shape starts where the caption's motion can run); clip
@@ -8,8 +8,8 @@ Each caption gets a reference clip rendered by :mod:`lvd.data.synthetic` with th
 
 - **i2v**: the reference's first frame is the ``image=``. Per clip: PSNR (dB, pixels in [0, 1]) of the first
   generated frame against the image, the distance (px) between the shape's centre in the two (centres as
-  :func:`lvd.eval.shapes.frame_centres` measures them), and colour / shape / direction of the whole generated
-  clip (:func:`lvd.eval.shapes.score_clip`). Targets of the bundled demo: PSNR ≥ 28 dB, centre within 3 px,
+  :func:`lvd.eval.shapes_score.frame_centres` measures them), and colour / shape / direction of the whole generated
+  clip (:func:`lvd.eval.shapes_score.score_clip`). Targets of the bundled demo: PSNR ≥ 28 dB, centre within 3 px,
   direction ≥ 90%.
 - **continuation**: the reference is a motion over ``total`` frames (33: the demo's speed range spread over
   twice the frames); its first ``given`` (17) frames are continued to ``total`` by :meth:`LVDPipeline.extend`
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lvd.data.synthetic import demo_config, render_clip
-from lvd.eval.shapes import frame_centres, parse_caption, score_clip
+from lvd.eval.shapes_score import frame_centres, parse_caption, score_clip
 
 PSNR_TARGET_DB = 28.0
 CENTRE_TARGET_PX = 3.0
