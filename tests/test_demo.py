@@ -72,3 +72,30 @@ def test_bundled_model_draws_the_captioned_colour_and_direction(pipe):
     captions = all_captions()[::7]  # 12 captions: every colour, shape and direction
     summary = summarize(evaluate_pipeline(pipe, captions=captions, seeds=(0,)))
     assert summary["accuracy"]["color"] >= 0.9 and summary["accuracy"]["direction"] >= 0.9, summary["accuracy"]
+
+
+def test_bundled_model_starts_from_the_given_image(pipe):
+    """Image-to-video on 7 captions (benchmarks/results/shapes_i2v.json has all 84): the first frame is the
+    image, the shape starts where the image has it, and it moves the captioned way."""
+    from lvd.data.synthetic import all_captions
+    from lvd.eval.shapes_i2v import evaluate_image_to_video, summarize_image_to_video
+
+    captions = all_captions()[::13]  # 7 captions: every colour and direction
+    summary = summarize_image_to_video(evaluate_image_to_video(pipe, captions))
+    assert summary["psnr_first_db"]["mean"] >= 28.0, summary
+    assert summary["centre_error_px"]["max"] <= 3.0, summary
+    assert summary["accuracy"]["direction"] >= 6 / 7 and summary["accuracy"]["color"] == 1.0, summary
+
+
+@pytest.mark.slow
+def test_bundled_model_continues_a_clip_without_a_jump(pipe):
+    """Continuation on 4 captions (17 frames given, 16 made by two windows): the given frames come back
+    unchanged, the shape's step across the seam is close to the given clip's, and the motion keeps going."""
+    from lvd.data.synthetic import all_captions
+    from lvd.eval.shapes_i2v import evaluate_continuation, summarize_continuation
+
+    captions = all_captions()[3::21]  # 4 captions, one per direction
+    summary = summarize_continuation(evaluate_continuation(pipe, captions))
+    assert summary["given_frames_kept"] == 1.0, summary
+    assert summary["seam_excess_px"]["mean"] <= 1.5, summary
+    assert summary["accuracy"]["direction"] >= 3 / 4, summary
