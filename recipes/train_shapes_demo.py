@@ -1,9 +1,10 @@
 """The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
 
-Launch line (from the repository root). The shipped model (colour, direction and shape 100%) took 87
-minutes on a 2-core CPU shared with other jobs, one thread per process: data 51 s, VAE 1,418 s (735 s
-for the same 3,000 steps with less company), latents 85 s, DiT 59 minutes (6,000 steps at 1.7-1.95
-steps/s, with an evaluation of 12 captions every 1,000), evaluation and figures about 3 minutes::
+Launch line (from the repository root). The shipped model (colour and shape 100%, direction 97.0%) took
+156 minutes of training on a 2-core CPU, two threads per process (2026-12-05): data 78 s, VAE 1,802 s,
+latents 194 s, DiT 7,293 s (12,000 steps in three phases at about 1.7 steps/s, with an evaluation of 12
+captions every 1,000), export 5 s; then about 10 minutes of evaluation and figures. That is over the 90
+minutes the earlier text-to-video-only demo took (6,000 DiT steps); see DIT_STEPS for why::
 
     python recipes/train_shapes_demo.py --work runs/demo
     python recipes/train_shapes_demo.py --work runs/demo --threads 1     # on a CPU shared with other jobs
@@ -25,8 +26,9 @@ Steps, each a documented command of its own (the script prints them as it runs t
    so the folder holds no copy of its 88 MB of weights. The runs' ``metrics.jsonl`` files go to
    ``OUT/metrics/``.
 6. **Evaluation.** ``python -m lvd.eval.shapes --model OUT`` (84 captions x 2 seeds, 25 steps,
-   guidance 5) → ``benchmarks/results/shapes_eval.json``; stage times, held-out PSNR and seconds
-   per clip → ``benchmarks/results/shapes_demo.json``.
+   guidance 5) → ``benchmarks/results/shapes_eval.json``; image-to-video and continuation
+   (``--seeds 0 --modes i2v continuation``) → ``benchmarks/results/shapes_i2v.json``; stage times,
+   held-out PSNR and seconds per clip → ``benchmarks/results/shapes_demo.json``.
 
 Every step is skipped when its output exists, and the two training recipes resume from their last
 checkpoint, so starting the same command again after an interruption continues where it stopped.
@@ -386,15 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     eval_json = a.results / "shapes_eval.json"
     eval_cmd = [py, "-m", "lvd.eval.shapes", "--model", str(a.out), "--json", str(eval_json)]
     stage("eval", False, lambda: _run(eval_cmd, logs / "eval.log", a.threads))
+    # Image-to-video and continuation from rendered first frames / clips of the same 84 captions (one seed)
+    i2v_cmd = [py, "-m", "lvd.eval.shapes", "--model", str(a.out), "--seeds", "0", "--modes", "i2v", "continuation",
+               "--json", str(a.results / "shapes_i2v.json")]
+    stage("eval_i2v", False, lambda: _run(i2v_cmd, logs / "eval_i2v.log", a.threads))
     timings["seconds_per_clip_25_steps"] = round(seconds_per_clip(a.out, a.threads), 2)
     summary = json.loads(eval_json.read_text())["summary"]
     result = {
+        "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "torch_threads_per_process": a.threads,
         "accuracy": summary["accuracy"], "consistency": summary["consistency"],
         "vae_heldout": timings["vae_heldout"], "seconds_per_clip_25_steps": timings["seconds_per_clip_25_steps"],
-        "stage_seconds": {k: timings[k] for k in ("data", "vae", "cache", "dit", "export", "eval") if k in timings},
+        "stage_seconds": {k: timings[k] for k in ("data", "vae", "cache", "dit", "export", "eval", "eval_i2v")
+                          if k in timings},
         "dit_phase_seconds": {steps: timings.get(f"dit_{steps}") for steps in a.dit_steps},
         "train_step_seconds": {name: train_seconds(path) for name, path in metrics.items()},
-        "export_mb": timings["export_mb"], "threads": a.threads, "shapes_config": dataclasses.asdict(demo_shapes()),
+        "export_mb": timings["export_mb"], "shapes_config": dataclasses.asdict(demo_shapes()),
         "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:],
         "dit_overrides": dit_cmd[dit_cmd.index("--config") + 2:], "dit_phases_max_steps": a.dit_steps,
     }
