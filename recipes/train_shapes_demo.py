@@ -245,7 +245,11 @@ def grid_gif(model: Path, path: Path, threads: int, columns: int = 4, scale: int
 
 def loss_png(metrics: dict[str, Path], path: Path) -> None:
     """VAE training loss with held-out PSNR, and the DiT's flow-matching loss (raw and smoothed, log scale), against steps."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # not a dependency of lvd: the figure is optional, the run's results are already written
+        print(f"[figures] {path.name} skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
