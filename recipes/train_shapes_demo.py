@@ -69,11 +69,12 @@ DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]
 # `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them.
 CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
 # The DiT trains in phases, each resuming the last with a later train.max_steps, so its cosine schedule restarts
-# from the resumed step (lr 1e-3 → 1e-4 over 6,000 steps, then up to 3.3e-4 and 2.3e-4 and down to 1e-4 again):
-# the shipped model's run. Direction after each phase (84 captions x 2 seeds): 85.1%, 94.0%, then the shipped
-# figure in benchmarks/results/shapes_eval.json. Text-to-video learns direction more slowly than it did without
-# clean-frame conditioning (100% at 6,000 steps): a shape's place in the first frame no longer gives the
-# direction away once a third of the clips start mid-path, so the model has to learn the motion itself.
+# from the resumed step (lr 1e-3 → 1e-4 over 6,000 steps, then up to 3.3e-4 and 2.3e-4 and down to 1e-4 again): the
+# shipped model's run. Direction after each phase (84 captions x 2 seeds): 85.1%, 94.0%, then the shipped figure in
+# benchmarks/results/shapes_eval.json (each phase's scores: shapes_demo_phases.json). Text-to-video learns direction
+# more slowly than it did without clean-frame conditioning (100% at 6,000 steps): a shape's place in the first frame
+# no longer gives the direction away once a third of the clips start mid-path, so the model has to learn the motion
+# itself.
 DIT_STEPS = (6_000, 9_000, 12_000)
 # A third of the DiT's clips are windows of a motion twice as long, starting at frame 0, 8 or 16 (ShapesConfig.
 # long_motion): a continued clip's last 9 frames show the shape mid-path, and the model has to have seen that.
