@@ -1,10 +1,10 @@
 """The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
 
-Launch line (from the repository root). The shipped model (colour and shape 100%, direction 97.0%) took
-156 minutes of training on a 2-core CPU, two threads per process (2026-12-05): data 78 s, VAE 1,802 s,
-latents 194 s, DiT 7,293 s (12,000 steps in three phases at about 1.7 steps/s, with an evaluation of 12
-captions every 1,000), export 5 s; then about 10 minutes of evaluation and figures. That is over the 90
-minutes the earlier text-to-video-only demo took (6,000 DiT steps); see DIT_STEPS for why::
+Launch line (from the repository root). The shipped model (colour and shape 100%, direction 98.8%) took
+98 minutes of training on a 2-core CPU, two threads per process (2026-12-06): data 46 s, VAE 1,170 s (3,400
+steps), latents 103 s, DiT 4,565 s (10,000 steps at about 2.2 steps/s, with an evaluation of 12 captions every
+1,000), export 1 s; then about 6 minutes of evaluation and figures. That is over the 90 minutes the earlier
+text-to-video-only demo took (6,000 DiT steps); see DIT_STEPS for why::
 
     python recipes/train_shapes_demo.py --work runs/demo
     python recipes/train_shapes_demo.py --work runs/demo --threads 1     # on a CPU shared with other jobs
@@ -59,7 +59,7 @@ TEXT_TOKENS = 16
 # DiT's output layer has rank 128 < 256, so part of every token's velocity cannot be predicted; that run scored
 # colour 100%, shape 65.5%, direction 42.3% (right axis, random sign) after 10,000 steps.
 VAE_DEMO = ["model.overrides={latent_channels: 8}"]
-# The DiT sees 8x5x16x16 latents in 1x2x2 patches: 5*8*8 = 320 tokens, about 0.5 s per batch-16 step. With 1x4x4
+# The DiT sees 8x5x16x16 latents in 1x2x2 patches: 5*8*8 = 320 tokens, about 0.45 s per batch-16 step. With 1x4x4
 # patches (80 tokens) it learned colour and shape but drew every clip nearly static (direction 25-42%).
 # shapes_dit.yaml turns on abs_pos_embed (a sin-cos embedding of each token's place, on top of RoPE). Without it
 # the DiT found the axis of motion but not its sign: direction 54.2% after 4,000 steps (left/right and up/down
@@ -68,14 +68,17 @@ DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]
 # Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
 # `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them.
 CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
-# The DiT trains in phases, each resuming the last with a later train.max_steps, so its cosine schedule restarts
-# from the resumed step (lr 1e-3 → 1e-4 over 6,000 steps, then up to 3.3e-4 and 2.3e-4 and down to 1e-4 again): the
-# shipped model's run. Direction after each phase (84 captions x 2 seeds): 85.1%, 94.0%, then the shipped figure in
-# benchmarks/results/shapes_eval.json (each phase's scores: shapes_demo_phases.json). Text-to-video learns direction
-# more slowly than it did without clean-frame conditioning (100% at 6,000 steps): a shape's place in the first frame
-# no longer gives the direction away once a third of the clips start mid-path, so the model has to learn the motion
-# itself.
-DIT_STEPS = (6_000, 9_000, 12_000)
+# One cosine schedule of 10,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
+# without clean-frame conditioning (100% at 6,000 steps then): a shape's place in the first frame no longer gives
+# the direction away once a third of the clips start mid-path, so the model has to learn the motion itself. The
+# previous demo trained 12,000 steps in three restarted cosine phases (85.1% direction at 6,000, 94.0% at 9,000,
+# 97.0% at 12,000: benchmarks/results/shapes_demo_phases.json), which took the recipe over its 90 minutes. Several
+# values (``--dit-steps 6000 9000``) still train in phases, each resuming the last with a later train.max_steps.
+DIT_STEPS = (10_000,)
+# 3,400 VAE steps instead of shapes_vae.yaml's 3,000: image-to-video's first frame is the VAE's reconstruction of
+# the image, and at 3,000 steps one of the 84 evaluation images (a large cyan square, whose long straight edges
+# the VAE softens) came back at 27.9 dB, under the 28 dB bar.
+VAE_STEPS = 3_400
 # A third of the DiT's clips are windows of a motion twice as long, starting at frame 0, 8 or 16 (ShapesConfig.
 # long_motion): a continued clip's last 9 frames show the shape mid-path, and the model has to have seen that.
 LONG_MOTION = 1 / 3
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-clips", type=int, default=1536, help="the DiT's clips (default 1536)")
     p.add_argument("--vae-clips", type=int, default=1024, help="the VAE's clips (default 1024)")
     p.add_argument("--val-clips", type=int, default=32)
-    p.add_argument("--vae-steps", type=int, default=None, help="default: shapes_vae.yaml's train.max_steps")
+    p.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="train.max_steps of the VAE (default %(default)s)")
     p.add_argument("--dit-steps", type=int, nargs="+", default=list(DIT_STEPS),
                    help="train.max_steps of each DiT phase, each resuming the last (default: %(default)s)")
     p.add_argument("--vae-set", nargs="*", default=[], help="extra key=value overrides for train_vae.py")
