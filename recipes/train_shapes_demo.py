@@ -1,10 +1,10 @@
 """The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
 
 Launch line (from the repository root). The shipped model (colour and shape 100%, direction 98.8%) took
-98 minutes of training on a 2-core CPU, two threads per process (2026-12-06): data 46 s, VAE 1,170 s (3,400
-steps), latents 103 s, DiT 4,565 s (10,000 steps at about 2.2 steps/s, with an evaluation of 12 captions every
-1,000), export 1 s; then about 6 minutes of evaluation and figures. That is over the 90 minutes the earlier
-text-to-video-only demo took (6,000 DiT steps); see DIT_STEPS for why::
+65 minutes of training on a 2-core CPU, two threads per process (2026-12-06): data 37 s, VAE 1,022 s (3,400
+steps), latents 81 s, DiT 2,740 s (8,000 steps at about 2.9 steps/s, with an evaluation of 12 captions every
+1,000), export 1 s; then about 3 minutes of evaluation and figures. This CPU's speed varies between sessions: at
+the 2.2 steps/s of an earlier session the same run takes about 83 minutes::
 
     python recipes/train_shapes_demo.py --work runs/demo
     python recipes/train_shapes_demo.py --work runs/demo --threads 1     # on a CPU shared with other jobs
@@ -68,13 +68,14 @@ DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]
 # Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
 # `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them.
 CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
-# One cosine schedule of 10,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
+# One cosine schedule of 8,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
 # without clean-frame conditioning (100% at 6,000 steps then): a shape's place in the first frame no longer gives
-# the direction away once a third of the clips start mid-path, so the model has to learn the motion itself. The
-# previous demo trained 12,000 steps in three restarted cosine phases (85.1% direction at 6,000, 94.0% at 9,000,
-# 97.0% at 12,000: benchmarks/results/shapes_demo_phases.json), which took the recipe over its 90 minutes. Several
-# values (``--dit-steps 6000 9000``) still train in phases, each resuming the last with a later train.max_steps.
-DIT_STEPS = (10_000,)
+# the direction away once a third of the clips start mid-path, so the model has to learn the motion itself. 8,000
+# steps score as 10,000 did (text-to-video 100 / 100 / 98.8%, continuation 82 of 84 seams within 1.5 px) and keep
+# the recipe within 90 minutes on a slower session's CPU; the previous demo trained 12,000 steps in three
+# restarted cosine phases (benchmarks/results/shapes_demo_phases.json), over the 90 minutes. Several values
+# (``--dit-steps 6000 9000``) still train in phases, each resuming the last with a later train.max_steps.
+DIT_STEPS = (8_000,)
 # 3,400 VAE steps instead of shapes_vae.yaml's 3,000: image-to-video's first frame is the VAE's reconstruction of
 # the image, and at 3,000 steps one of the 84 evaluation images (a large cyan square, whose long straight edges
 # the VAE softens) came back at 27.9 dB, under the 28 dB bar.
