@@ -66,7 +66,9 @@ VAE_DEMO = ["model.overrides={latent_channels: 8}"]
 # swapped in 27% of clips), and 17% against 100% with it in the periodic evaluation at step 1,000.
 DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]", "optim.lr=1e-3"]
 # Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
-# `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them.
+# `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them. More of k = 3
+# (prob 0.5, frames [1,3,3]: a third of samples) did not help continuation: 78 of 84 seams within 1.5 px against
+# 82 (benchmarks/results/shapes_demo_k3_weighted.json).
 CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
 # One cosine schedule of 8,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
 # without clean-frame conditioning (100% at 6,000 steps then): a shape's place in the first frame no longer gives

@@ -66,6 +66,17 @@ def test_the_reference_itself_meets_every_target():
     assert cont["seam_excess_px"]["max"] < 0.3 and cont["later_seams_excess_px"]["share_within_1.5"] == 1.0
     steps = cont["median_step_px"]
     assert 0.5 < steps["given"] < 1.5 and abs(steps["made"] - steps["given"]) < 0.1  # the demo's speeds over 33 frames
+    assert abs(cont["speed_following"]["slope"] - 1) < 0.15 and cont["speed_following"]["correlation"] > 0.95
+
+
+def test_speed_following_tells_a_carried_speed_from_a_fixed_one():
+    given = [0.8, 1.0, 1.2, 1.4]
+    doubled = shapes_i2v.speed_following(given, [2 * g for g in given])
+    assert abs(doubled["slope"] - 2) < 1e-9 and abs(doubled["correlation"] - 1) < 1e-9 and doubled["clips"] == 4
+    fixed = shapes_i2v.speed_following(given, [1.4, 1.4, 1.4, 1.4])
+    assert abs(fixed["slope"]) < 1e-9 and fixed["correlation"] == 0.0
+    assert shapes_i2v.speed_following([1.0, float("nan"), 1.2], [1.0, 5.0, 1.2])["clips"] == 2  # NaN clips left out
+    assert np.isnan(shapes_i2v.speed_following([1.0, 1.0], [1.0, 2.0])["slope"])  # given steps do not vary
 
 
 def test_a_frozen_clip_and_a_jump_at_the_seam_fail():
@@ -88,3 +99,22 @@ def test_cli_modes_write_their_sections(model_dir, tmp_path, capsys):
     assert report["continuation"]["clips"][0]["given_kept"] is True
     assert report["i2v"]["clips"][0]["psnr_first_db"] > 0
     assert "continuation: 1 clips" in capsys.readouterr().out
+
+
+def test_continuation_speed_benchmark_pools_its_three_settings(model_dir, tmp_path):
+    """benchmarks/continuation_speed.py on a tiny random pipeline (2 captions, 1 step): every setting's clips
+    scored, the given steps faster for fewer frames, one regression over all the clips."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks/continuation_speed.py"
+    main = runpy.run_path(str(script), run_name="continuation_speed")["main"]
+    out = tmp_path / "speed.json"
+    assert main(["--model", str(model_dir), "--limit", "2", "--steps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    settings = report["by_setting"]
+    assert list(settings) == ["9 of 17", "17 of 25", "17 of 33"] and report["captions"] == 2
+    assert all(s["clips"] == 2 for s in settings.values())
+    given = [s["given_step_px"]["mean"] for s in settings.values()]
+    assert given[0] > given[1] > given[2] > 0.5  # the same travel over 17, 25, 33 frames
+    assert set(report["speed_following"]) == {"slope", "correlation", "clips"}

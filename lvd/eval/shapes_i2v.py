@@ -17,6 +17,8 @@ Each caption gets a reference clip rendered by :mod:`lvd.data.synthetic` with th
   last given frame to the first generated one) against the median step of the given frames (the seam is
   smooth when they differ by ≤ 1.5 px), the same at each later window's seam, the median step of the
   generated frames (the speed kept), and colour / shape / direction of the part from the last given frame on.
+  Over all clips, ``speed_following``: the least-squares slope and the correlation of the made median step on
+  the given one (slope 1: the continuation carries each clip's own speed; 0: one speed whatever the clip's).
 """
 
 from __future__ import annotations
@@ -128,6 +130,19 @@ def summarize_image_to_video(scores: list[dict]) -> dict:
     }
 
 
+def speed_following(given, made) -> dict:
+    """Slope and correlation of ``made`` on ``given`` (per-clip median steps, px), over the clips where both are
+    finite; NaN where fewer than two clips or the given steps do not vary."""
+    given, made = np.asarray(given, float), np.asarray(made, float)
+    ok = np.isfinite(given) & np.isfinite(made)
+    given, made = given[ok], made[ok]
+    if len(given) < 2 or np.ptp(given) == 0:
+        return {"slope": float("nan"), "correlation": float("nan"), "clips": int(len(given))}
+    slope = float(np.polyfit(given, made, 1)[0])
+    correlation = float(np.corrcoef(given, made)[0, 1]) if np.ptp(made) > 0 else 0.0
+    return {"slope": slope, "correlation": correlation, "clips": int(len(given))}
+
+
 def summarize_continuation(scores: list[dict]) -> dict:
     """Accuracies of the continued part and the seam figures against the target."""
     seam = [s["seam_excess_px"] for s in scores]
@@ -138,6 +153,8 @@ def summarize_continuation(scores: list[dict]) -> dict:
         "given_frames_kept": _rate(scores, lambda s: s["given_kept"]),
         "median_step_px": {"given": float(np.mean([s["median_step_px"] for s in scores])),
                            "made": float(np.nanmean([s["made_median_step_px"] for s in scores]))},
+        "speed_following": speed_following([s["median_step_px"] for s in scores],
+                                           [s["made_median_step_px"] for s in scores]),
         "seam_excess_px": {"mean": float(np.nanmean(seam)), "max": float(np.nanmax(seam)),
                            f"share_within_{SEAM_TARGET_PX:g}": _rate(seam, lambda v: v <= SEAM_TARGET_PX)},
         "later_seams_excess_px": {"mean": float(np.nanmean(later)) if later else float("nan"),
