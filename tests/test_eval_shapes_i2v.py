@@ -113,8 +113,9 @@ def test_continuation_speed_benchmark_pools_its_three_settings(model_dir, tmp_pa
     assert main(["--model", str(model_dir), "--limit", "2", "--steps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     settings = report["by_setting"]
-    assert list(settings) == ["9 of 17", "17 of 25", "17 of 33"] and report["captions"] == 2
+    assert list(settings) == ["9 of 17", "17 of 25", "17 of 33", "9 of 33"] and report["captions"] == 2
     assert all(s["clips"] == 2 for s in settings.values())
     given = [s["given_step_px"]["mean"] for s in settings.values()]
-    assert given[0] > given[1] > given[2] > 0.5  # the same travel over 17, 25, 33 frames
+    assert given[0] > given[1] > given[2] > 0.5 and given[3] > 0.5  # the same travel over 17, 25, 33 frames
+    assert report["speed_following"]["clips"] <= 6  # the first three settings' clips only
     assert set(report["speed_following"]) == {"slope", "correlation", "clips"}
