@@ -103,7 +103,7 @@ def test_cli_modes_write_their_sections(model_dir, tmp_path, capsys):
 
 def test_continuation_speed_benchmark_pools_its_three_settings(model_dir, tmp_path):
     """benchmarks/continuation_speed.py on a tiny random pipeline (2 captions, 1 step): every setting's clips
-    scored, the given steps faster for fewer frames, one regression over all the clips."""
+    scored, the given steps faster for fewer frames, one regression over the first three settings' clips."""
     import runpy
     from pathlib import Path
 
