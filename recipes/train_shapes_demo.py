@@ -1,10 +1,11 @@
 """The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
 
-Launch line (from the repository root). The shipped model (colour and shape 100%, direction 98.8%) took
-65 minutes of training on a 2-core CPU, two threads per process (2026-12-06): data 37 s, VAE 1,022 s (3,400
-steps), latents 81 s, DiT 2,740 s (8,000 steps at about 2.9 steps/s, with an evaluation of 12 captions every
-1,000), export 1 s; then about 3 minutes of evaluation and figures. This CPU's speed varies between sessions: at
-the 2.2 steps/s of an earlier session the same run takes about 83 minutes::
+Launch line (from the repository root). The shipped model (colour, shape and direction 100%) is the DiT of a run
+on 2026-12-07 (2-core CPU, two threads per process) on the VAE of a full run on 2026-12-06. On 2026-12-06 the whole
+recipe took 65 minutes of training: data 37 s, VAE 1,022 s (3,400 steps), latents 81 s, DiT 2,740 s (8,000 steps
+at about 2.9 steps/s, with an evaluation of 12 captions every 1,000), export 1 s; then about 3 minutes of
+evaluation and figures. This CPU's speed varies between sessions: on 2026-12-07 the same DiT took 4,982 s (1.6
+steps/s), at which the whole recipe takes about 115 minutes::
 
     python recipes/train_shapes_demo.py --work runs/demo
     python recipes/train_shapes_demo.py --work runs/demo --threads 1     # on a CPU shared with other jobs
@@ -12,9 +13,10 @@ the 2.2 steps/s of an earlier session the same run takes about 83 minutes::
 Steps, each a documented command of its own (the script prints them as it runs them):
 
 1. **Data.** Synthetic shards from :mod:`lvd.data.synthetic` with the demo's narrow ranges
-   (:data:`DEMO_SHAPES`: the path is centred in the frame with a few pixels of jitter, shapes of
-   19–26 px, fast motion): ``WORK/data/train`` (1024 clips, seed 0) and ``WORK/data/val`` (32 clips,
-   seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same layout with the
+   (:func:`lvd.data.synthetic.demo_config`: the path is centred in the frame with a few pixels of jitter,
+   shapes of 19–26 px): ``WORK/data/train`` for the DiT (1024 clips, seed 0, over :data:`DIT_SPEED` with
+   :data:`LONG_MOTION`), ``WORK/data/vae_train`` for the VAE (seed 1, :data:`VAE_RANDOM_RGB`) and
+   ``WORK/data/val`` (32 clips, seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same layout with the
    generator's default (wide) ranges.
 2. **VAE.** ``recipes/train_vae.py --config recipes/configs/shapes_vae.yaml`` (random 5-frame windows of
    the clips), then PSNR of the export on every held-out 17-frame clip.
@@ -68,13 +70,14 @@ DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]
 # Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
 # `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them. More of k = 3
 # (prob 0.5, frames [1,3,3]: a third of samples) did not help continuation: 78 of 84 seams within 1.5 px against
-# 82 (benchmarks/results/shapes_demo_k3_weighted.json).
+# 82 of the demo then shipped (benchmarks/results/shapes_demo_k3_weighted.json); a wider speed range did
+# (DIT_SPEED below).
 CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
 # One cosine schedule of 8,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
 # without clean-frame conditioning (100% at 6,000 steps then): a shape's place in the first frame no longer gives
 # the direction away once a third of the clips start mid-path, so the model has to learn the motion itself. 8,000
-# steps score as 10,000 did (text-to-video 100 / 100 / 98.8%, continuation 82 of 84 seams within 1.5 px) and keep
-# the recipe within 90 minutes on a slower session's CPU; the previous demo trained 12,000 steps in three
+# steps score text-to-video 100 / 100 / 100% and keep the recipe within 90 minutes on the CPU of 2026-12-06 (not on
+# the slower one of 2026-12-07); an earlier demo trained 12,000 steps in three
 # restarted cosine phases (benchmarks/results/shapes_demo_phases.json), over the 90 minutes. Several values
 # (``--dit-steps 6000 9000``) still train in phases, each resuming the last with a later train.max_steps.
 DIT_STEPS = (8_000,)
@@ -87,7 +90,9 @@ VAE_STEPS = 3_400
 LONG_MOTION = 1 / 3
 # The DiT's clips cross 40-90% of the free length (the VAE's and the held-out clips keep demo_config's 60-90%):
 # full clips then move 0.9-2.5 px a frame and the long-motion windows 0.45-1.25, one continuous range instead of two
-# clusters, so that the clean frames of a continued clip are what tells its speed.
+# clusters (1.4-2.5 and 0.7-1.25 with 60-90%), so that the clean frames of a continued clip are what tells its speed.
+# Continuing the evaluation's slow clips (0.99 px a frame given), the demo trained on 60-90% made 1.40 px a frame
+# and kept 82 of 84 seams within 1.5 px; on 40-90%, 1.29 px a frame and 84 of 84, text-to-video direction 100%.
 DIT_SPEED = (0.4, 0.9)
 # The VAE trains on its own clips, 30% in random colours (ShapesConfig.random_rgb): one that saw only the seven
 # palette colours decodes every other colour onto them (benchmarks/vae_color_roundtrip.py), and then no fine-tune

@@ -40,6 +40,11 @@ def test_demo_recipe_runs_its_dit_phases_and_skips_what_is_done(tmp_path):
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert timings["dit"] == pytest.approx(timings["dit_2"] + timings["dit_4"], abs=0.11)
     assert (tmp_path / "model/model_index.json").is_file()
+    configs = {name: json.loads((tmp_path / "data" / name / "summary.json").read_text())["shapes_config"]
+               for name in ("train", "vae_train", "val")}
+    # the DiT's clips reach slower motions than the held-out ones and include long-motion windows; the VAE's do not
+    assert configs["train"]["speed"][0] < configs["val"]["speed"][0] == configs["vae_train"]["speed"][0]
+    assert configs["train"]["long_motion"] > 0 == configs["val"]["long_motion"] == configs["vae_train"]["long_motion"]
     assert (tmp_path / "model/transformer/diffusion_pytorch_model.safetensors").is_file()
 
     second = run_recipe(tmp_path)
