@@ -5,7 +5,8 @@ Each setting is :func:`lvd.eval.shapes_i2v.evaluate_continuation` with its own `
 reference is a motion over ``total`` frames (the demo's travel spread over them, so fewer frames move faster),
 its first ``given`` frames are continued to ``total`` (windows of 17 frames, the last 9 kept clean).
 
-- ``9 of 17``: the first 9 frames of a full-length clip of :func:`lvd.data.synthetic.demo_config` (about 1.4–2.5 px a frame);
+- ``9 of 17``: the first 9 frames of a full-length clip of :func:`lvd.data.synthetic.demo_config` (about 1.4–2.5 px
+  a frame);
 - ``17 of 25``: a motion over 25 frames (about 0.9–1.7 px a frame);
 - ``17 of 33``: the continuation evaluation itself (about 0.7–1.25 px a frame);
 - ``9 of 33``: as slow, but seen from the path's start as a full-length clip is: with ``17 of 33`` (the same speeds

@@ -16,8 +16,8 @@ Steps, each a documented command of its own (the script prints them as it runs t
    (:func:`lvd.data.synthetic.demo_config`: the path is centred in the frame with a few pixels of jitter,
    shapes of 19–26 px): ``WORK/data/train`` for the DiT (1024 clips, seed 0, over :data:`DIT_SPEED` with
    :data:`LONG_MOTION`), ``WORK/data/vae_train`` for the VAE (seed 1, :data:`VAE_RANDOM_RGB`) and
-   ``WORK/data/val`` (32 clips, seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same layout with the
-   generator's default (wide) ranges.
+   ``WORK/data/val`` (32 clips, seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same
+   layout with the generator's default (wide) ranges.
 2. **VAE.** ``recipes/train_vae.py --config recipes/configs/shapes_vae.yaml`` (random 5-frame windows of
    the clips), then PSNR of the export on every held-out 17-frame clip.
 3. **Latents.** ``python -m lvd.cache_latents`` with the frozen VAE and all-MiniLM-L6-v2 from the
