@@ -26,7 +26,7 @@ setup(
         "transformers>=5.0,<6",
         "diffusers>=0.40,<0.43",
         "accelerate>=1.0,<2",
-        "peft>=0.18,<0.22",  # LoRA adapters (lvd.lora) through diffusers' PeftAdapterMixin; 0.17 imports HybridCache, gone in transformers 5
+        "peft>=0.18,<0.22",  # LoRA adapters (lvd.dit.lora) through diffusers' PeftAdapterMixin; 0.17 imports HybridCache, gone in transformers 5
         "einops>=0.8,<0.9",
         "webdataset>=0.2.111,<2",
         "imageio-ffmpeg>=0.5,<0.9",

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lvd.data.loader import Bucket, ClipDataConfig, crop_clip, make_clip_loader  # noqa: E402
-from lvd.data.shards import ClipOptions, clip_starts, clips_from_video, list_folder, write_shards  # noqa: E402
+from lvd.data.codecs import Bucket, crop_clip  # noqa: E402
+from lvd.data.loader import ClipDataConfig, make_clip_loader  # noqa: E402
+from lvd.data.shards import ClipOptions, clip_starts, clips_from_video, write_shards  # noqa: E402
+from lvd.data.sources import list_folder  # noqa: E402
 from lvd.video_io import probe_video, write_video  # noqa: E402
 
 FRAMES, FPS, SIZE, BATCH = 17, 8.0, 256, 4

@@ -61,7 +61,7 @@ def build_tiny(folder: Path) -> str:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lvd.assembly import load_text_encoder
+    from lvd.pipeline.assembly import load_text_encoder
     from lvd.diffusion import DiffusionConfig
     from lvd.dit import VideoDiT
     from lvd.pipeline import LVDPipeline

@@ -344,7 +344,7 @@ def write_latent_shards(folder: Path, *, count: int, latent: tuple[int, ...], te
     import torch
 
     from lvd.cache_latents import write_tar_samples
-    from lvd.conditioning import TextEmbeddings
+    from lvd.text_embeddings import TextEmbeddings
     from lvd.data import latents as latent_format
 
     folder.mkdir(parents=True, exist_ok=True)

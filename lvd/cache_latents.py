@@ -50,7 +50,7 @@ from lvd.data.safety import VideoLimits, declared_size, key_problem, size_proble
 from lvd.inputs import text_encoder_problem, vae_problem
 
 if TYPE_CHECKING:
-    from lvd.data.loader import Bucket
+    from lvd.data.codecs import Bucket
 
 __all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "parse_buckets", "buckets_from_config",
            "fit_clip", "cache_shard", "write_uncond", "main"]
@@ -105,7 +105,7 @@ def write_tar_samples(path: Path, samples: list[dict]) -> None:
 def parse_buckets(spec: str, frames: int | None) -> list[Bucket]:
     """``"64x64,64x112,112x64"`` (pixel HEIGHTxWIDTH) → buckets of ``frames`` frames (None: each clip's own
     length, so only the picture is fitted). Raises ValueError naming every bad entry."""
-    from lvd.data.loader import Bucket
+    from lvd.data.codecs import Bucket
 
     buckets, bad = [], []
     for entry in (e.strip() for e in spec.split(",")):
@@ -124,7 +124,7 @@ def buckets_from_config(path: str | os.PathLike, *, temporal_compression: int, s
     frames = 1 + r·(T' − 1), height = s·H', width = s·W' for a VAE compressing r× in time and s× in space."""
     import yaml
 
-    from lvd.data.loader import Bucket
+    from lvd.data.codecs import Bucket
 
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     latent = (data.get("data") or {}).get("buckets") or []
@@ -138,7 +138,7 @@ def fit_clip(video: torch.Tensor, buckets: list[Bucket]) -> tuple[torch.Tensor, 
     """(C, T, H, W) uint8 → (C, T_b, H_b, W_b) float in [-1, 1] and its bucket: the bucket nearest the clip's
     aspect ratio among those it has frames for, resized to cover and centre-cropped, first frames kept.
     Raises ValueError when the clip is shorter than every bucket."""
-    from lvd.data.loader import Bucket, choose_bucket, crop_clip
+    from lvd.data.codecs import Bucket, choose_bucket, crop_clip
 
     c, t, h, w = video.shape
     sized = [Bucket(b.frames or t, b.height, b.width, b.batch_size) for b in buckets]

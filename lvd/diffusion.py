@@ -20,12 +20,12 @@ conditioning (states, mask and pooled vector) is replaced by the **empty-prompt 
 ``uncond``. At sampling the unconditional branch must use the same thing:
 :func:`null_text_embeddings` (what ``LVDPipeline`` does when there is no negative prompt).
 
-Clean first frames (image-to-video, video continuation; :class:`ConditioningConfig`, YAML key ``conditioning``):
+Clean first frames (image-to-video, video continuation; :class:`CleanFramesConfig`, YAML key ``clean_frames``):
 with probability ``prob`` a training sample keeps its first k latent frames clean (k drawn from ``frames``;
 k = 1 is an image, since the causal VAE encodes frame 0 alone). Those frames get no noise (x_t = x₀ there, for
 every objective), the model is told k (``model(..., clean_frames=k)``, see :class:`lvd.dit.VideoDiT`), and the
 loss is the mean over the noisy frames only: the clean ones have nothing to predict. Sampling keeps them clean
-the same way (:func:`lvd.sampling.sample`'s ``clean_latents``).
+the same way (:func:`lvd.pipeline.sampling.sample`'s ``clean_latents``).
 
 The objective travels with an export as the scheduler config (:func:`scheduler_config`) that goes in
 ``scheduler/``; :func:`diffusion_config_from_scheduler` reads it back.
@@ -47,7 +47,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from lvd.conditioning import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 from lvd.text import encode_text
 
 OBJECTIVES = ("flow", "eps", "v")
@@ -99,8 +99,8 @@ class DiffusionConfig:
 
 
 @dataclass
-class ConditioningConfig:
-    """Clean first latent frames during training (YAML key ``conditioning``): with probability ``prob`` a sample
+class CleanFramesConfig:
+    """Clean first latent frames during training (YAML key ``clean_frames``): with probability ``prob`` a sample
     keeps its first k latent frames clean, k drawn uniformly from ``frames`` (1 = an image); 0 turns it off.
     The default k = 3 matches the 9 frames (1 + 4·2) that ``LVDPipeline.extend`` and ``generate --video``
     continue from by default: with a 4× VAE, enough frames to carry the speed as well as the place."""
@@ -111,9 +111,9 @@ class ConditioningConfig:
     def __post_init__(self):
         problems = []
         if not 0.0 <= self.prob <= 1.0:
-            problems.append(f"conditioning.prob={self.prob} must be in [0, 1]")
+            problems.append(f"clean_frames.prob={self.prob} must be in [0, 1]")
         if not self.frames or any(not isinstance(k, int) or k < 1 for k in self.frames):
-            problems.append(f"conditioning.frames={self.frames} must be a non-empty list of latent frame counts >= 1")
+            problems.append(f"clean_frames.frames={self.frames} must be a non-empty list of latent frame counts >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -219,16 +219,16 @@ class DiffusionObjective:
     """
 
     def __init__(self, cfg: DiffusionConfig, *, patch_size: tuple[int, int, int] | None = None,
-                 conditioning: ConditioningConfig | None = None):
+                 clean_frames: CleanFramesConfig | None = None):
         if cfg.objective == "flow" and cfg.dynamic_shift and patch_size is None:
             raise ValueError("diffusion.dynamic_shift needs the denoiser's patch_size (the token count sets the shift)")
         self.cfg = cfg
         self.patch_size = tuple(patch_size) if patch_size is not None else None
         self.scheduler = ddpm_scheduler(cfg) if cfg.objective != "flow" else None
-        self.conditioning = conditioning if conditioning is not None and conditioning.enabled else None
+        self.clean_frames = clean_frames if clean_frames is not None and clean_frames.enabled else None
         pt = self.patch_size[0] if self.patch_size is not None else 1
-        if self.conditioning is not None and any(k % pt for k in self.conditioning.frames):
-            raise ValueError(f"conditioning.frames={self.conditioning.frames} must be multiples of the denoiser's "
+        if self.clean_frames is not None and any(k % pt for k in self.clean_frames.frames):
+            raise ValueError(f"clean_frames.frames={self.clean_frames.frames} must be multiples of the denoiser's "
                              f"temporal patch {pt} (a patch is either clean or noisy)")
 
     def __call__(self, model, latents: torch.Tensor, text: TextEmbeddings, *, uncond: TextEmbeddings | None = None,
@@ -281,7 +281,7 @@ class DiffusionObjective:
             metrics = {"timestep": timesteps.float().mean()}
 
         # 3. Predict and compare
-        if self.conditioning is None:
+        if self.clean_frames is None:
             pred = model(noisy, timesteps.to(latents.dtype), **text.as_dict())
             loss = F.mse_loss(pred.float(), target.float())
         else:
@@ -296,9 +296,9 @@ class DiffusionObjective:
     def _draw_clean_frames(self, shape, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample, k clean latent frames (0 with probability 1 − prob, else drawn from ``frames``): returns k
         (B,) long and the mask of clean frames (B, 1, T, 1, 1) bool."""
-        cond, (b, _, t) = self.conditioning, shape[:3]
+        cond, (b, _, t) = self.clean_frames, shape[:3]
         if max(cond.frames) >= t:
-            raise ValueError(f"conditioning.frames={cond.frames}: k={max(cond.frames)} clean latent frames leave no "
+            raise ValueError(f"clean_frames.frames={cond.frames}: k={max(cond.frames)} clean latent frames leave no "
                              f"frame to denoise in latents of {t} frames")
         rand_device = generator.device if generator is not None else device
         keep = torch.rand(b, generator=generator, device=rand_device) < cond.prob
@@ -316,9 +316,9 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> 
 
 def training_loss(model, latents: torch.Tensor, text: TextEmbeddings, cfg: DiffusionConfig, *,
                   patch_size: tuple[int, int, int] | None = None, uncond: TextEmbeddings | None = None,
-                  generator: torch.Generator | None = None, conditioning: ConditioningConfig | None = None):
+                  generator: torch.Generator | None = None, clean_frames: CleanFramesConfig | None = None):
     """One loss of :class:`DiffusionObjective` for a one-off call; a training loop builds the objective once."""
-    objective = DiffusionObjective(cfg, patch_size=patch_size, conditioning=conditioning)
+    objective = DiffusionObjective(cfg, patch_size=patch_size, clean_frames=clean_frames)
     return objective(model, latents, text, uncond=uncond, generator=generator)
 
 

@@ -10,7 +10,7 @@
 say otherwise, and then they must match). ``--video`` continues the clip: ``--frames`` is then the total length
 (any count above the clip's), made by windows of ``--window-frames`` frames, each conditioned on the last
 ``--context-frames`` frames so far (:meth:`lvd.pipeline.LVDPipeline.extend`); the file starts with the clip's
-own frames. Both work best with a model trained with clean frames (the stage-2 recipe's ``conditioning``).
+own frames. Both work best with a model trained with clean frames (the stage-2 recipe's ``clean_frames``).
 
 Every argument is checked before any sampling, and all problems are reported at once (exit status 2): among
 them a non-finite --guidance, an output folder that cannot be created, a non-UTF-8 --prompts-file, and sizes
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from lvd.conditioning_frames import as_video_frames
+from lvd.pipeline.clean_frames import as_video_frames
 from lvd.config import UserError, folder_problem, run_cli
 from lvd.diffusion import SAMPLERS
 from lvd.pipeline import LVDPipeline
-from lvd.pipeline_checks import clean_frame_problems
+from lvd.pipeline.checks import clean_frame_problems
 from lvd.video_io import VideoReadError, read_video, write_video
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shapes-demo"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lvd.conditioning import TextEmbeddings  # re-exported: lvd.text.TextEmbeddings stays importable
+from lvd.text_embeddings import TextEmbeddings
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"
 # Names that resolve to the weights shipped by a pip package (offline, no HF cache needed).

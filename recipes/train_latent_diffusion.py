@@ -27,11 +27,11 @@ weights, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
 
 Fine-tuning: ``model.init_from`` starts from a trained pipeline or transformer folder; with ``lora.rank`` > 0
 only peft LoRA adapters train (the checkpoints hold only them) and ``export/lora/`` is the adapter alone, in
-diffusers' layout (``recipes/configs/shapes_lora.yaml``; :mod:`lvd.lora`).
+diffusers' layout (``recipes/configs/shapes_lora.yaml``; :mod:`lvd.dit.lora`).
 
-Image-to-video and continuation: ``conditioning: {prob: 0.2, frames: [1, 3]}`` keeps the first k clean latent
+Image-to-video and continuation: ``clean_frames: {prob: 0.2, frames: [1, 3]}`` keeps the first k clean latent
 frames of a share ``prob`` of the samples (k from ``frames``; 1 = an image), with no noise and no loss there
-(:class:`lvd.diffusion.ConditioningConfig`). The model is then built with ``clean_frame_conditioning`` (a
+(:class:`lvd.diffusion.CleanFramesConfig`). The model is then built with ``clean_frame_conditioning`` (a
 zero-initialised clean-token embedding, :class:`lvd.dit.VideoDiT`); with ``model.init_from`` a model without it
 gets it added, so the fine-tune starts as the trained text-to-video model. ``prob: 0`` (the default) trains
 exactly as before.
@@ -66,14 +66,14 @@ from lvd.config import (  # noqa: E402
 )
 from lvd.data import latents as latent_format  # noqa: E402
 from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
-from lvd.diffusion import ConditioningConfig, DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
+from lvd.diffusion import CleanFramesConfig, DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
 from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
 from lvd.dit.diffusers_transformer import SUPPORTED as DIFFUSERS_CLASSES  # noqa: E402
 from lvd.dit.diffusers_transformer import DiffusersTransformer  # noqa: E402
 from lvd.dit.pretrained import load_for_finetuning, transformer_folder  # noqa: E402
 from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
-from lvd.lora import LoraConfig, add_lora, save_lora  # noqa: E402
-from lvd.text import TextEmbeddings  # noqa: E402
+from lvd.dit.lora import LoraConfig, add_lora, save_lora  # noqa: E402
+from lvd.text_embeddings import TextEmbeddings
 from lvd.train.checkpoint import CheckpointConfig, CheckpointError  # noqa: E402
 from lvd.train.distributed import (  # noqa: E402
     DistributedConfig,
@@ -160,7 +160,7 @@ class DiTRecipeConfig:
     data: LatentDataConfig = field(default_factory=lambda: LatentDataConfig(shards="data/latents"))
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    clean_frames: CleanFramesConfig = field(default_factory=CleanFramesConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -199,8 +199,8 @@ def check_config(cfg: DiTRecipeConfig) -> None:
     if cfg.lora.enabled and cfg.distributed.strategy == "fsdp":
         problems.append("lora with distributed.strategy=fsdp is not supported yet; use ddp (adapters are small)")
     problems += _diffusers_class_problems(cfg)
-    if cfg.conditioning.enabled and cfg.model.overrides.get("clean_frame_conditioning", True) is not True:
-        problems.append(f"conditioning.prob={cfg.conditioning.prob} trains with clean frames: the model needs "
+    if cfg.clean_frames.enabled and cfg.model.overrides.get("clean_frame_conditioning", True) is not True:
+        problems.append(f"clean_frames.prob={cfg.clean_frames.prob} trains with clean frames: the model needs "
                         "clean_frame_conditioning, drop model.overrides.clean_frame_conditioning=false")
     if cfg.model.init_from:
         try:
@@ -231,8 +231,8 @@ def _diffusers_class_problems(cfg: DiTRecipeConfig) -> list[str]:
         problems.append(f"model.diffusers_class={name} trains a saved model: set model.init_from (its folder)")
     if cfg.model.overrides:
         problems.append(f"model.overrides={cfg.model.overrides} are VideoDiT arguments; a {name} keeps its saved config")
-    if cfg.conditioning.enabled:
-        problems.append(f"conditioning.prob={cfg.conditioning.prob}: clean-frame conditioning needs lvd's VideoDiT")
+    if cfg.clean_frames.enabled:
+        problems.append(f"clean_frames.prob={cfg.clean_frames.prob}: clean-frame conditioning needs lvd's VideoDiT")
     if cfg.samples.every > 0 and cfg.samples.prompts:
         problems.append(f"samples.every={cfg.samples.every}: LVDPipeline samples with VideoDiT only; set samples.every=0")
     if cfg.distributed.strategy == "fsdp":
@@ -316,7 +316,7 @@ def with_clean_frames(model: VideoDiT) -> VideoDiT:
     return fresh.to(dtype=model.dtype)
 
 
-def check_batch(model: VideoDiT, batch: dict, shards: str, conditioning: ConditioningConfig | None = None) -> None:
+def check_batch(model: VideoDiT, batch: dict, shards: str, clean_frames: CleanFramesConfig | None = None) -> None:
     """Raise a ValueError naming the samples when latents or text do not fit the model."""
     c = model.config
     lat, states, pooled = batch["latents"], batch["text"].states, batch["text"].pooled
@@ -330,11 +330,11 @@ def check_batch(model: VideoDiT, batch: dict, shards: str, conditioning: Conditi
         problems.append(f"text_states width {states.shape[-1]} != model text_dim {c.text_dim}")
     if c.pooled_dim is not None and pooled.shape[-1] != c.pooled_dim:  # None: the model takes no pooled vector
         problems.append(f"text_pooled width {pooled.shape[-1]} != model pooled_dim {c.pooled_dim}")
-    if conditioning is not None and conditioning.enabled and lat.ndim == 5 and max(conditioning.frames) >= lat.shape[2]:
-        problems.append(f"conditioning.frames={conditioning.frames}: {max(conditioning.frames)} clean latent frames "
+    if clean_frames is not None and clean_frames.enabled and lat.ndim == 5 and max(clean_frames.frames) >= lat.shape[2]:
+        problems.append(f"clean_frames.frames={clean_frames.frames}: {max(clean_frames.frames)} clean latent frames "
                         f"leave none to denoise in latents of {lat.shape[2]} frames")
-    if conditioning is not None and conditioning.enabled and any(k % pt for k in conditioning.frames):
-        problems.append(f"conditioning.frames={conditioning.frames} must be multiples of the temporal patch {pt}")
+    if clean_frames is not None and clean_frames.enabled and any(k % pt for k in clean_frames.frames):
+        problems.append(f"clean_frames.frames={clean_frames.frames} must be multiples of the temporal patch {pt}")
     if problems:
         keys = ", ".join(batch["key"][:3])
         raise ConfigError(f"latent shards '{shards}' do not fit the model (samples {keys}): " + "; ".join(problems))
@@ -391,7 +391,8 @@ def write_samples(cfg: DiTRecipeConfig, run_dir: Path, step: int, ema_model: Vid
     if s.shapes_eval <= 0:
         return {}
     from lvd.data.synthetic import all_captions
-    from lvd.eval.shapes import evaluate_pipeline, summarize
+    from lvd.eval.shapes import evaluate_pipeline
+    from lvd.eval.shapes_score import summarize
 
     captions = all_captions()
     captions = [captions[round(i * len(captions) / s.shapes_eval)] for i in range(min(s.shapes_eval, len(captions)))]
@@ -442,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. The model, sized from the data; the empty prompt for CFG dropout
     first = peek_latents(cfg.data, cfg.train.seed)
-    dit = build_dit(cfg.model, first, clean_frames=cfg.conditioning.enabled)
-    check_batch(dit, first, cfg.data.shards, cfg.conditioning)
-    if cfg.lora.enabled and cfg.conditioning.enabled:
-        log.warning("conditioning with lora: only the adapters train, so the clean-token embedding stays as %s",
+    dit = build_dit(cfg.model, first, clean_frames=cfg.clean_frames.enabled)
+    check_batch(dit, first, cfg.data.shards, cfg.clean_frames)
+    if cfg.lora.enabled and cfg.clean_frames.enabled:
+        log.warning("clean frames with lora: only the adapters train, so the clean-token embedding stays as %s",
                     "trained" if (cfg.model.init_from and dit.clean_embed.any()) else "initialised (zero)")
     if cfg.lora.enabled:
         trainable = add_lora(adapted(dit), cfg.lora)
@@ -457,10 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         uncond = uncond.to(env.device)
 
     # 3. The loss of one micro-batch
-    objective = DiffusionObjective(cfg.diffusion, patch_size=dit.config.patch_size, conditioning=cfg.conditioning)
+    objective = DiffusionObjective(cfg.diffusion, patch_size=dit.config.patch_size, clean_frames=cfg.clean_frames)
 
     def loss_fn(model, batch, step, gen):
-        check_batch(unwrap(model), batch, cfg.data.shards, cfg.conditioning)
+        check_batch(unwrap(model), batch, cfg.data.shards, cfg.clean_frames)
         latents = batch["latents"].to(env.device, non_blocking=True)  # (B, C, T', H', W')
         text = batch["text"].to(env.device, non_blocking=True)  # TextEmbeddings: (B, L, D), (B, L), (B, Dp)
         loss, metrics = objective(model, latents, text, uncond=uncond, generator=gen)

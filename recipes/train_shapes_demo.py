@@ -72,7 +72,7 @@ DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]
 # (prob 0.5, frames [1,3,3]: a third of samples) did not help continuation: 78 of 84 seams within 1.5 px against
 # 82 of the demo then shipped (benchmarks/results/shapes_demo_k3_weighted.json); a wider speed range did
 # (DIT_SPEED below).
-CONDITIONING = ["conditioning.prob=0.4", "conditioning.frames=[1,3]"]
+CONDITIONING = ["clean_frames.prob=0.4", "clean_frames.frames=[1,3]"]
 # One cosine schedule of 8,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
 # without clean-frame conditioning (100% at 6,000 steps then): a shape's place in the first frame no longer gives
 # the direction away once a third of the clips start mid-path, so the model has to learn the motion itself. 8,000
@@ -130,7 +130,8 @@ def _run(cmd: list[str], log_path: Path, threads: int) -> None:
 def write_data(out: Path, count: int, seed: int, **fields) -> None:
     """``count`` demo clips of dataset ``seed`` as shards (the layout ``python -m lvd.data.shards`` writes);
     ``fields`` change :func:`demo_shapes` (``long_motion``, ``random_rgb``)."""
-    from lvd.data.shards import clips_from_shapes, list_synthetic, write_shards, write_summary
+    from lvd.data.shards import clips_from_shapes, write_shards, write_summary
+    from lvd.data.sources import list_synthetic
 
     cfg = demo_shapes(**fields)
     jobs, skips = list_synthetic(count, seed)

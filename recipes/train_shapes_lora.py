@@ -40,7 +40,8 @@ def write_clips(out: Path, count: int, seed: int, **subset) -> None:
     """``count`` clips in the demo's ranges, drawn from ``subset`` (colors / only_* of ShapesConfig)."""
     import dataclasses
 
-    from lvd.data.shards import clips_from_shapes, list_synthetic, write_shards, write_summary
+    from lvd.data.shards import clips_from_shapes, write_shards, write_summary
+    from lvd.data.sources import list_synthetic
 
     cfg = dataclasses.replace(demo_shapes(), **subset)
     jobs, skips = list_synthetic(count, seed)
@@ -55,7 +56,8 @@ def evaluate(model: Path, lora: Path | None, captions: list[str], seeds, palette
     """lvd.eval.shapes's summary of ``model`` (with the adapter ``lora``) on ``captions`` × ``seeds``."""
     import torch
 
-    from lvd.eval.shapes import evaluate_pipeline, summarize
+    from lvd.eval.shapes import evaluate_pipeline
+    from lvd.eval.shapes_score import summarize
     from lvd.pipeline import LVDPipeline
 
     if threads:

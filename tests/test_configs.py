@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lvd.conditioning import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 from lvd.config import ConfigError, load_config
 from recipes.train_latent_diffusion import DiTRecipeConfig, build_dit
 from recipes.train_vae import VAERecipeConfig, build_vae
@@ -29,7 +29,7 @@ def test_the_expected_configs_ship():
 
 def test_the_lora_config_adapts_the_bundled_demo():
     """shapes_lora.yaml starts from the demo folder (run from the repository root) and adapts it."""
-    from lvd.lora import add_lora
+    from lvd.dit.lora import add_lora
 
     cfg = load_config(DiTRecipeConfig, ROOT / "recipes/configs/shapes_lora.yaml")
     assert cfg.lora.enabled and not cfg.lora.problems()

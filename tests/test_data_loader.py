@@ -9,15 +9,9 @@ import torch
 from data_helpers import json_bytes, write_tar
 
 from lvd.config import ConfigError, from_dict
-from lvd.data.loader import (
-    Bucket,
-    ClipDataConfig,
-    LatentDataConfig,
-    choose_bucket,
-    make_clip_loader,
-    make_latent_loader,
-)
-from lvd.conditioning import TextEmbeddings
+from lvd.data.codecs import Bucket, choose_bucket
+from lvd.data.loader import ClipDataConfig, LatentDataConfig, make_clip_loader, make_latent_loader
+from lvd.text_embeddings import TextEmbeddings
 from lvd.data import latents as latent_format
 from lvd.data.shards import main as write_shards_cli
 

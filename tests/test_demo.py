@@ -67,7 +67,8 @@ def test_generate_cli_uses_the_bundled_model_by_default(tmp_path, capsys):
 def test_bundled_model_draws_the_captioned_colour_and_direction(pipe):
     """A slice of the evaluator's run (benchmarks/results/shapes_eval.json has all 84 captions x 2 seeds)."""
     from lvd.data.synthetic import all_captions
-    from lvd.eval.shapes import evaluate_pipeline, summarize
+    from lvd.eval.shapes import evaluate_pipeline
+    from lvd.eval.shapes_score import summarize
 
     captions = all_captions()[::7]  # 12 captions: every colour, shape and direction
     summary = summarize(evaluate_pipeline(pipe, captions=captions, seeds=(0,)))

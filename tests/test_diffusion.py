@@ -25,7 +25,7 @@ from lvd.diffusion import (
     scheduler_config,
     training_loss,
 )
-from lvd.conditioning import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 
 
 class Recorder(torch.nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lvd.data.synthetic import ShapesConfig, all_captions, make_clip, render_clip
-from lvd.eval.shapes import format_report, parse_caption, score_clip, summarize
+from lvd.eval.shapes_score import format_report, parse_caption, score_clip, summarize
 from lvd.video_io import decode_video_bytes, encode_video_bytes
 
 
@@ -134,7 +134,7 @@ def test_cli_generates_scores_and_writes_json(tmp_path, capsys):
 def test_cli_scores_with_a_lora_adapter(model_dir, tmp_path, capsys):
     """--lora applies an adapter before scoring (a zero-initialised one scores like the base); a bad file exits 2."""
     from lvd.eval.shapes import main
-    from lvd.lora import LoraConfig, add_lora, save_lora
+    from lvd.dit.lora import LoraConfig, add_lora, save_lora
     from lvd.pipeline import LVDPipeline
 
     pipe = LVDPipeline.from_pretrained(model_dir)
@@ -159,7 +159,7 @@ EXTRA = {"orange": (255, 128, 0), "purple": (128, 0, 255)}  # hues 30.1° (red 0
 
 def test_default_palette_is_the_six_built_in_hues():
     from lvd.data.synthetic import COLORS
-    from lvd.eval.shapes import HUES, palette_hues
+    from lvd.eval.shapes_score import HUES, palette_hues
 
     assert list(palette_hues(None).items()) == list(HUES.items())
     assert list(palette_hues(COLORS).items()) == list(HUES.items())  # same hues, same tie order; white is separate
@@ -206,7 +206,7 @@ def test_palette_by_hue_and_a_colour_missing_from_the_palette():
     ([("orange", (255, 128, 0))], "expected a dict"),
 ])
 def test_bad_palette_is_a_value_error_naming_the_colour(palette, named):
-    from lvd.eval.shapes import palette_hues
+    from lvd.eval.shapes_score import palette_hues
 
     with pytest.raises(ValueError, match=re.escape(named)):
         palette_hues(palette)

@@ -10,7 +10,7 @@ import torch
 
 from lvd.data.synthetic import all_captions
 from lvd.eval import shapes_i2v
-from lvd.eval.shapes import frame_centres
+from lvd.eval.shapes_score import frame_centres
 
 CAPTIONS = all_captions()[:4]  # red circle: left, right, up, down
 

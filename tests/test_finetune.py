@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from test_recipes import _assert_same_files, _dit_args, latent_setup  # noqa: F401 (the fixture)
 
-from lvd.lora import LORA_WEIGHTS
+from lvd.dit.lora import LORA_WEIGHTS
 from lvd.pipeline import LVDPipeline
 
 FAST = ["samples.every=0", "train.ema_decay=0.9"]
@@ -42,14 +42,14 @@ def test_full_finetuning_starts_from_the_trained_weights(latent_setup, base_run,
 
 
 def test_init_from_a_model_without_clean_frames_adds_a_zero_embedding(latent_setup, base_run, tmp_path):  # noqa: F811
-    """Asking for clean_frame_conditioning (by conditioning.prob or by the override) on a model saved without it
+    """Asking for clean_frame_conditioning (by clean_frames.prob or by the override) on a model saved without it
     adds the clean-token embedding, zero, and keeps every trained weight."""
     from recipes.train_latent_diffusion import main
 
-    for name, extra in {"prob": "conditioning.prob=0.5", "flag": "model.overrides.clean_frame_conditioning=true"}.items():
+    for name, extra in {"prob": "clean_frames.prob=0.5", "flag": "model.overrides.clean_frame_conditioning=true"}.items():
         run = tmp_path / name
         assert main(_dit_args(latent_setup, run, *FAST, f"model.init_from={base_run}", "optim.lr=0",
-                              "train.max_steps=1", "conditioning.frames=[1]", extra)) == 0
+                              "train.max_steps=1", "clean_frames.frames=[1]", extra)) == 0
         ours, theirs = _weights(run / "export"), _weights(base_run)
         assert set(ours) - set(theirs) == {"clean_embed"} and not ours["clean_embed"].any(), name
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
@@ -166,7 +166,7 @@ def test_diffusers_class_problems_are_one_line_errors(latent_setup, tmp_path, ca
     for extra, named in [(["model.diffusers_class=FluxTransformer2DModel"], "not supported"),
                          (["model.diffusers_class=WanTransformer3DModel"], "set model.init_from"),
                          (["model.diffusers_class=WanTransformer3DModel", f"model.init_from={tmp_path}",
-                           "conditioning.prob=0.5"], "conditioning.prob=0.5")]:
+                           "clean_frames.prob=0.5"], "clean_frames.prob=0.5")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(main, prog="train_latent_diffusion.py",
                     argv=_dit_args(latent_setup, tmp_path / "bad", *FAST, *extra))

@@ -151,7 +151,7 @@ def test_a_text_encoder_outside_the_model_folder_needs_the_users_own_flag(model_
 
 
 def test_lora_adapters_apply_with_their_scales(model_dir, tmp_path, capsys):
-    from lvd.lora import LoraConfig, add_lora, save_lora
+    from lvd.dit.lora import LoraConfig, add_lora, save_lora
 
     pipe = LVDPipeline.from_pretrained(model_dir)
     add_lora(pipe.transformer, LoraConfig(rank=2))

@@ -1,4 +1,4 @@
-"""Clean first frames at sampling: lvd.sampling.sample's clean_latents, LVDPipeline(image=, video=) and extend."""
+"""Clean first frames at sampling: lvd.pipeline.sampling.sample's clean_latents, LVDPipeline(image=, video=) and extend."""
 
 import logging
 
@@ -11,8 +11,8 @@ from test_pipeline import SIZE, tiny_components
 from lvd.diffusion import SAMPLERS, DiffusionConfig, make_sampling_scheduler
 from lvd.dit import VideoDiT
 from lvd.pipeline import LVDPipeline
-from lvd.sampling import sample
-from lvd.text import TextEmbeddings
+from lvd.pipeline.sampling import sample
+from lvd.text_embeddings import TextEmbeddings
 
 PROMPT = "a red circle moving right"
 

@@ -5,8 +5,8 @@ import torch
 import test_recipes
 from test_recipes import _dit_args
 
-from lvd.conditioning import TextEmbeddings
-from lvd.diffusion import ConditioningConfig, DiffusionConfig, DiffusionObjective
+from lvd.text_embeddings import TextEmbeddings
+from lvd.diffusion import CleanFramesConfig, DiffusionConfig, DiffusionObjective
 from lvd.dit import VideoDiT
 from lvd.train.checkpoint import latest_checkpoint, load_tree
 
@@ -87,7 +87,7 @@ class Constant(torch.nn.Module):
 @pytest.mark.parametrize("objective", ["flow", "eps", "v"])
 def test_clean_frames_get_no_noise_and_no_loss(objective):
     cfg = DiffusionConfig(objective=objective, cfg_dropout=0.0)
-    objective_fn = DiffusionObjective(cfg, conditioning=ConditioningConfig(prob=1.0, frames=[1, 2]))
+    objective_fn = DiffusionObjective(cfg, clean_frames=CleanFramesConfig(prob=1.0, frames=[1, 2]))
     x0, text = torch.randn(4, 4, 3, 2, 2), _text(4)
     losses = []
     for offset in (0.0, 1e3):  # whatever the model says on clean frames, the loss is the same
@@ -110,20 +110,20 @@ def test_conditioning_prob_zero_trains_exactly_as_before():
     x0, text = torch.randn(2, 4, 3, 2, 2), _text()
     a, _ = DiffusionObjective(cfg)(Constant(), x0, text, generator=torch.Generator().manual_seed(1))
     model = Constant()
-    b, metrics = DiffusionObjective(cfg, conditioning=ConditioningConfig(prob=0.0))(
+    b, metrics = DiffusionObjective(cfg, clean_frames=CleanFramesConfig(prob=0.0))(
         model, x0, text, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and model.calls[0]["clean_frames"] == 0 and "clean_frames" not in metrics
 
 
 def test_conditioning_config_values_are_checked():
-    with pytest.raises(ValueError, match=r"conditioning.prob=1.5 must be in \[0, 1\]"):
-        ConditioningConfig(prob=1.5)
-    with pytest.raises(ValueError, match="conditioning.frames=\\[0\\]"):
-        ConditioningConfig(prob=0.5, frames=[0])
+    with pytest.raises(ValueError, match=r"clean_frames.prob=1.5 must be in \[0, 1\]"):
+        CleanFramesConfig(prob=1.5)
+    with pytest.raises(ValueError, match="clean_frames.frames=\\[0\\]"):
+        CleanFramesConfig(prob=0.5, frames=[0])
     with pytest.raises(ValueError, match="multiples of the denoiser's temporal patch 2"):
-        DiffusionObjective(DiffusionConfig(), patch_size=(2, 2, 2), conditioning=ConditioningConfig(prob=0.5))
+        DiffusionObjective(DiffusionConfig(), patch_size=(2, 2, 2), clean_frames=CleanFramesConfig(prob=0.5))
     with pytest.raises(ValueError, match="leave no frame to denoise"):
-        DiffusionObjective(DiffusionConfig(cfg_dropout=0.0), conditioning=ConditioningConfig(prob=0.5, frames=[3]))(
+        DiffusionObjective(DiffusionConfig(cfg_dropout=0.0), clean_frames=CleanFramesConfig(prob=0.5, frames=[3]))(
             Constant(), torch.randn(1, 4, 3, 2, 2), _text(1))
 
 
@@ -133,8 +133,8 @@ def test_recipe_trains_two_steps_with_clean_frames_and_exports_the_flag(latent_s
     from recipes.train_latent_diffusion import main
 
     run = tmp_path / "run"
-    assert main(_dit_args(latent_setup, run, "train.max_steps=2", "samples.every=0", "conditioning.prob=0.5",
-                          "conditioning.frames=[1]")) == 0
+    assert main(_dit_args(latent_setup, run, "train.max_steps=2", "samples.every=0", "clean_frames.prob=0.5",
+                          "clean_frames.frames=[1]")) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     exported = VideoDiT.from_pretrained(run / "export" / "transformer")
@@ -146,9 +146,9 @@ def test_recipe_config_section_is_checked_and_a_trained_model_gets_the_embedding
     from lvd.config import ConfigError, parse_args
     from recipes.train_latent_diffusion import DiTRecipeConfig, with_clean_frames
 
-    with pytest.raises(ConfigError, match=r"conditioning.prob=2.0 must be in \[0, 1\]"):
-        parse_args(DiTRecipeConfig, ["conditioning.prob=2"])
-    assert parse_args(DiTRecipeConfig, ["conditioning={prob: 0.3, frames: [1, 2]}"]).conditioning.frames == [1, 2]
+    with pytest.raises(ConfigError, match=r"clean_frames.prob=2.0 must be in \[0, 1\]"):
+        parse_args(DiTRecipeConfig, ["clean_frames.prob=2"])
+    assert parse_args(DiTRecipeConfig, ["clean_frames={prob: 0.3, frames: [1, 2]}"]).clean_frames.frames == [1, 2]
     trained = _randomise(VideoDiT(**TINY, attention_mode="factorized"))
     model = with_clean_frames(trained)
     assert model.config.clean_frame_conditioning and model.config.attention_mode == "factorized"

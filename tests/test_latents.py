@@ -5,7 +5,7 @@ import torch
 from data_helpers import json_bytes, write_tar
 from safetensors.torch import save, save_file
 
-from lvd.conditioning import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 from lvd.data import latents as latent_format
 from lvd.data.loader import LatentDataConfig, make_latent_loader
 

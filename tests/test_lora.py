@@ -1,10 +1,11 @@
-"""LoRA adapters (lvd.lora, lvd.dit.lora): exactness of a zero adapter, fuse/unfuse, save → load, errors."""
+"""LoRA adapters (lvd.dit.lora, lvd.pipeline.lora): exactness of a zero adapter, fuse/unfuse, save → load, errors."""
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvd.lora import DEFAULT_TARGETS, LORA_WEIGHTS, LoraConfig, add_lora, lora_file, save_lora
+from lvd.dit.lora import DEFAULT_TARGETS, LORA_WEIGHTS, LoraConfig, add_lora, save_lora
+from lvd.pipeline.lora import lora_file
 from lvd.pipeline import LVDPipeline
 
 CALL = dict(num_frames=5, height=16, width=16, num_inference_steps=2, guidance_scale=3.0, output_type="latent")

@@ -11,7 +11,8 @@ from test_cache_latents import make_components
 
 from lvd.cache_latents import buckets_from_config, fit_clip, main as cache_main, parse_buckets, read_tar_samples
 from lvd.data import latents as latent_format
-from lvd.data.loader import Bucket, LatentDataConfig, make_latent_loader
+from lvd.data.codecs import Bucket
+from lvd.data.loader import LatentDataConfig, make_latent_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 64), (64, 112), (112, 64)]  # (H, W): 1:1, 16:9-ish, 9:16-ish
@@ -79,7 +80,7 @@ def test_stage2_recipe_trains_on_mixed_buckets(mixed, tmp_path):
 
     # the export keeps the shift dynamic, so each generated size gets the shift its token count trained with
     from lvd.pipeline import LVDPipeline
-    from lvd.sampling import dynamic_shift_mu
+    from lvd.pipeline.sampling import dynamic_shift_mu
 
     pipe = LVDPipeline.from_pretrained(run / "export")
     assert pipe.scheduler.config.use_dynamic_shifting

@@ -23,7 +23,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lvd.diffusion import null_text_embeddings
 from lvd.dit import VideoDiT
-from lvd.pipeline import SAMPLERS, LVDPipeline, LVDPipelineOutput, sampler_scheduler, scheduler_objective
+from lvd.diffusion import SAMPLERS
+from lvd.pipeline import LVDPipeline, LVDPipelineOutput
+from lvd.pipeline.sampling import sampler_scheduler, scheduler_objective
 from lvd.text import encode_text, recorded_text_encoder
 from lvd.vae import CausalVideoVAE
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lvd.dit.rope import apply_rope, default_axes_dims, rope_3d
+from lvd.dit.rope import default_axes_dims, rope_3d
+from lvd.kernels.rms_norm_rope import apply_rope
 
 
 @pytest.mark.parametrize("head_dim", [6, 32, 64, 72, 128])

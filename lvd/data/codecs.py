@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lvd.conditioning import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 from lvd.data import latents as latent_format
 from lvd.data.safety import VideoLimits, size_problem
 from lvd.video_io import VideoReadError, decode_video_bytes, probe_video_bytes

@@ -14,7 +14,7 @@ bucket, ``bucket`` ({frames, height, width} in pixels). The folder also holds
 classifier-free-guidance dropout substitutes for a caption.
 
 These names are a file format: shards written by any version of lvd keep loading, so they never
-change. In memory the text travels as one :class:`~lvd.conditioning.TextEmbeddings`.
+change. In memory the text travels as one :class:`~lvd.text_embeddings.TextEmbeddings`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lvd.conditioning import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 
 __all__ = [
     "LATENTS", "TEXT_STATES", "TEXT_MASK", "TEXT_POOLED", "SAMPLE_KEYS", "MEMBER", "UNCOND_FILE",

@@ -48,23 +48,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lvd.data.codecs import Bucket, ClipCodec, LatentCodec, SkipSample, choose_bucket, crop_clip
-from lvd.data.latents import decode_tensors as decode_latent_sample  # noqa: F401 (older name, re-exported)
-from lvd.data.latents import encode_tensors as encode_latent_sample  # noqa: F401 (older name, re-exported)
+from lvd.data.codecs import Bucket, ClipCodec, LatentCodec, SkipSample
 from lvd.data.safety import VideoLimits, key_problem
 
 __all__ = [
-    "Bucket",
     "ClipDataConfig",
     "LatentDataConfig",
     "ShardLoader",
     "make_clip_loader",
     "make_latent_loader",
-    "encode_latent_sample",
-    "decode_latent_sample",
     "expand_shards",
-    "choose_bucket",
-    "crop_clip",
     "PICKLE_SUFFIXES",
 ]
 

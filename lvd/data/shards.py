@@ -35,10 +35,9 @@ from pathlib import Path
 
 from lvd.config import folder_problem, run_cli
 from lvd.data.safety import VideoLimits, playlist_problem, size_problem
-from lvd.data.sources import (  # noqa: F401 (re-exported: these lived here)
+from lvd.data.sources import (
     Job,
     Skip,
-    caption_from_class,
     list_folder,
     list_kinetics,
     list_synthetic,
@@ -49,13 +48,7 @@ from lvd.data.synthetic import (ShapesConfig, add_synthetic_arguments, make_clip
 from lvd.video_io import VideoReadError, encode_video_bytes, probe_video, read_video
 
 __all__ = [
-    "Job",
-    "Skip",
     "ClipOptions",
-    "caption_from_class",
-    "list_folder",
-    "list_ucf101",
-    "list_kinetics",
     "clips_from_video",
     "clips_from_shapes",
     "write_shards",

@@ -2,14 +2,14 @@
 
 lvd calls every denoiser as ``model(latents, timestep, text_states, text_mask, text_pooled)`` with the latents
 (B, C, T', H', W'), the timestep ``1000·σ`` for flow matching (the convention diffusers' flow schedulers and
-video transformers share) and the text as :class:`lvd.conditioning.TextEmbeddings` gives it.
+video transformers share) and the text as :class:`lvd.text_embeddings.TextEmbeddings` gives it.
 :class:`DiffusersTransformer` wraps a diffusers model (``WanTransformer3DModel`` so far) behind that call:
 
 - Wan conditions on the text token states only; it has no key-padding mask and no pooled vector. Its own
   pipeline zeroes the states of padding tokens (umT5 embeddings past the prompt's length), so the wrapper does
   the same with the mask, and the pooled vector is unused.
 - The wrapped model stays a diffusers model: ``wrapper.model`` saves with ``save_pretrained`` and takes peft
-  adapters through its ``PeftAdapterMixin`` (:data:`lvd.lora.DEFAULT_TARGETS` has its default targets).
+  adapters through its ``PeftAdapterMixin`` (:data:`lvd.dit.lora.DEFAULT_TARGETS` has its default targets).
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ class VideoDiTBlock(nn.Module):
 
 class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
     """Text-to-video diffusion transformer over VAE latents; see the module docstring. Takes LoRA adapters through
-    peft (:class:`lvd.dit.lora.LoraAdapterMixin`; :mod:`lvd.lora` chooses targets and saves them).
+    peft (:class:`lvd.dit.lora.LoraAdapterMixin`; :mod:`lvd.dit.lora` chooses targets and saves them).
 
     Args (each is a config.json key):
         in_channels: latent channels C. out_channels: output channels (default C).

@@ -12,18 +12,17 @@ Because a token's angle for an axis depends only on that axis' position, attenti
 frame (spatial) sees only the h/w offsets, and attention along time at one location (temporal) only
 the t offset: the factorized attention in :mod:`lvd.dit.model` reuses the same rotated q/k.
 
-:func:`apply_rope` rotates by such a table, and :func:`rms_norm_rope` does the QK-norm and the rotation in
-one autograd op (the same numbers, fewer passes over q/k in the backward); both live in
-:mod:`lvd.kernels.rms_norm_rope`, with their reference, and are re-exported here.
+:func:`rope_3d` builds the (cos, sin) table; :func:`lvd.kernels.rms_norm_rope.apply_rope` rotates by it, and
+:func:`lvd.kernels.rms_norm_rope.rms_norm_rope` does the QK-norm and the rotation in one autograd op (the same
+numbers, fewer passes over q/k in the backward).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lvd.kernels.rms_norm_rope import apply_rope, rms_norm_reference, rms_norm_rope
 
-__all__ = ["apply_rope", "default_axes_dims", "rms_norm_reference", "rms_norm_rope", "rope_3d"]
+__all__ = ["default_axes_dims", "rope_3d"]
 
 
 def default_axes_dims(head_dim: int) -> tuple[int, int, int]:

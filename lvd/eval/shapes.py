@@ -20,21 +20,9 @@ import time
 import torch
 
 from lvd.data.synthetic import add_synthetic_arguments, all_captions, shapes_config_from_args
-from lvd.eval.shapes_score import (  # re-exported: the scorer's API is importable from here too
-    ATTRIBUTES,
-    COLORS,
-    FILL_RATIO,
-    HUES,
-    format_report,
-    frame_centres,
-    palette_hues,
-    parse_caption,
-    score_clip,
-    summarize,
-)
+from lvd.eval.shapes_score import COLORS, format_report, palette_hues, parse_caption, score_clip, summarize
 
-__all__ = ["ATTRIBUTES", "COLORS", "FILL_RATIO", "HUES", "MODES", "evaluate_pipeline", "format_report", "frame_centres",
-           "main", "palette_hues", "parse_caption", "score_clip", "summarize"]
+__all__ = ["MODES", "evaluate_pipeline", "main"]
 
 MODES = ("t2v", "i2v", "continuation")
 

@@ -39,7 +39,7 @@ from lvd.diffusion import (
     make_sampling_scheduler,
     num_tokens,
 )
-from lvd.text import TextEmbeddings
+from lvd.text_embeddings import TextEmbeddings
 
 __all__ = ["DenoiseFn", "StepCallback", "dynamic_shift_mu", "sample", "sampler_scheduler", "scheduler_objective",
            "transformer_denoiser"]

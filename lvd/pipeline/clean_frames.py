@@ -1,7 +1,7 @@
 """Clean first frames for :class:`lvd.pipeline.LVDPipeline`: image-to-video, ``video=`` and :meth:`extend`.
 
 An image or the first frames of a clip are encoded with the VAE into k clean latent frames, which
-:func:`lvd.sampling.sample` keeps exactly while it denoises the rest (``clean_latents``). Our causal VAE encodes
+:func:`lvd.pipeline.sampling.sample` keeps exactly while it denoises the rest (``clean_latents``). Our causal VAE encodes
 frame 0 alone and k latent frames from the first ``1 + r·(k − 1)`` frames only (r = the temporal factor, 4), so
 the prefix's latents are the first k latent frames of the whole clip it starts: an image gives k = 1, a clip of
 ``1 + r·(k − 1)`` frames gives k. Other frame counts are refused, not trimmed (as ``num_frames`` is never
@@ -15,7 +15,7 @@ Accepted inputs (:func:`as_video_frames`), each an image or a video:
   [−1, 1], the VAE's range (``read_video(..., output="float")``, :meth:`LVDPipeline.decode_latents`).
 
 A model trained with clean frames (``VideoDiT(clean_frame_conditioning=True)``, the stage-2 recipe's
-``conditioning.prob`` > 0) is told which frames are clean; any other model still gets the prefix kept clean at
+``clean_frames.prob`` > 0) is told which frames are clean; any other model still gets the prefix kept clean at
 every step, but was never taught to continue it, so the rest follows it only loosely (a warning says so).
 """
 
@@ -28,12 +28,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from lvd.pipeline_output import LVDPipelineOutput, onload
+from lvd.pipeline.output import LVDPipelineOutput, onload
 
 
 log = logging.getLogger("lvd.pipeline")
 
-__all__ = ["ConditioningFramesMixin", "as_video_frames"]
+__all__ = ["CleanFramesMixin", "as_video_frames"]
 
 
 def as_video_frames(value, what: str = "image") -> torch.Tensor:
@@ -68,11 +68,11 @@ def as_video_frames(value, what: str = "image") -> torch.Tensor:
                      f"{type(value).__name__}")
 
 
-class ConditioningFramesMixin:
+class CleanFramesMixin:
     """The image / video conditioning of :class:`lvd.pipeline.LVDPipeline`: ``__call__(image=…, video=…)``
     and :meth:`extend`."""
 
-    def _conditioning_frames(self, image, video, height: int | None, width: int | None):
+    def _given_frames(self, image, video, height: int | None, width: int | None):
         """``("image" | "video", frames (3, T, H, W) in [−1, 1], height, width)``, or ``(None, None, height,
         width)`` without either; a height or width not given is the frames' (64 without frames)."""
         if image is not None and video is not None:

@@ -1,5 +1,5 @@
 """What :class:`lvd.pipeline.LVDPipeline` returns, and the offload hook it fires before a VAE call; a module of
-their own so that the pipeline's mixins (:mod:`lvd.conditioning_frames`) use them without importing the pipeline."""
+their own so that the pipeline's mixins (:mod:`lvd.pipeline.clean_frames`) use them without importing the pipeline."""
 
 from __future__ import annotations
 

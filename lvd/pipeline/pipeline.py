@@ -7,12 +7,12 @@ Components (the folder layout ``save_pretrained`` writes and ``from_pretrained``
 with only the text encoder encodes prompts; one without it generates from given ``prompt_embeds``; one
 without a VAE returns latents.
 
-The denoising loop is :func:`lvd.sampling.sample` (classifier-free guidance, Ho & Salimans 2022,
+The denoising loop is :func:`lvd.pipeline.sampling.sample` (classifier-free guidance, Ho & Salimans 2022,
 arXiv:2207.12598, ``pred = pred_uncond + w · (pred_cond − pred_uncond)`` with both halves in one batch). The
 unconditional text is exactly what CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`).
 
 :meth:`LVDPipeline.from_components` builds a pipeline from models or their folders and a scheduler or the
-training objective; :func:`export_pipeline` writes one as a folder (both from :mod:`lvd.assembly`). The
+training objective; :func:`export_pipeline` writes one as a folder (both from :mod:`lvd.pipeline.assembly`). The
 training recipes use both.
 
 The VAE is wrapped once by :func:`lvd.vae.as_video_vae`, so latent normalisation stays inside the VAE and this
@@ -38,18 +38,18 @@ from diffusers.video_processor import VideoProcessor
 # names only from modules already imported (it never imports what a folder names), which these imports do.
 import lvd.dit  # noqa: F401
 import lvd.vae  # noqa: F401
-from lvd.assembly import export_pipeline, load_components, load_text_encoder
-from lvd.conditioning_frames import ConditioningFramesMixin
-from lvd.lora import LVDLoraLoaderMixin
-from lvd.pipeline_output import LVDPipelineOutput, onload
-from lvd.diffusion import SAMPLERS, DiffusionConfig, null_text_embeddings
-from lvd.pipeline_checks import EMBEDDING_ARGS, OUTPUT_TYPES, clean_frame_problems, prompt_problems, size_problems
-from lvd.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
-from lvd.text import TextEmbeddings, encode_text, load_text_model, recorded_text_encoder
+from lvd.pipeline.assembly import load_components, load_text_encoder
+from lvd.pipeline.clean_frames import CleanFramesMixin
+from lvd.pipeline.lora import LVDLoraLoaderMixin
+from lvd.pipeline.output import LVDPipelineOutput, onload
+from lvd.diffusion import DiffusionConfig, null_text_embeddings
+from lvd.pipeline.checks import EMBEDDING_ARGS, OUTPUT_TYPES, clean_frame_problems, prompt_problems, size_problems
+from lvd.pipeline.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
+from lvd.text_embeddings import TextEmbeddings
+from lvd.text import encode_text, load_text_model, recorded_text_encoder
 from lvd.vae import VideoVAE, as_video_vae
 
-__all__ = ["LVDPipeline", "LVDPipelineOutput", "SAMPLERS", "export_pipeline", "sampler_scheduler",
-           "scheduler_objective"]
+__all__ = ["LVDPipeline"]
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -71,9 +71,9 @@ def _sync(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin):
+class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
     r"""Text-to-video generation with a latent video DiT; image-to-video and continuation from clean first frames
-    (``image=``, ``video=``, :meth:`extend`; :mod:`lvd.conditioning_frames`).
+    (``image=``, ``video=``, :meth:`extend`; :mod:`lvd.pipeline.clean_frames`).
 
     Example::
 
@@ -141,7 +141,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
         or its folder), ``vae`` (a module, preset or folder), ``scheduler`` (or its folder) or ``diffusion`` (the
         training objective, with ``seq_len`` training tokens), and ``text_encoder`` + ``tokenizer`` (or
         ``text_encoder`` as a name, at ``text_max_length`` tokens) or ``text_encoder_id``. See
-        :func:`lvd.assembly.load_components` for each argument."""
+        :func:`lvd.pipeline.assembly.load_components` for each argument."""
         return cls(**load_components(
             transformer=transformer, vae=vae, scheduler=scheduler, diffusion=diffusion, seq_len=seq_len,
             text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_id=text_encoder_id,
@@ -308,13 +308,13 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
             raise ValueError("LVDPipeline: " + "; ".join(problems))
 
     def prompt_problems(self, prompt, negative_prompt, guidance_scale, embeds: dict) -> list[str]:
-        """Why the text arguments cannot be used, as messages (:func:`lvd.pipeline_checks.prompt_problems`)."""
+        """Why the text arguments cannot be used, as messages (:func:`lvd.pipeline.checks.prompt_problems`)."""
         return prompt_problems(prompt, negative_prompt, guidance_scale, embeds,
                                has_text_model=self.text_encoder is not None and self.tokenizer is not None)
 
     def size_problems(self, num_frames: int, height: int, width: int) -> list[str]:
         """Why (num_frames, height, width) cannot be generated, as messages; [] when it can
-        (:func:`lvd.pipeline_checks.size_problems`)."""
+        (:func:`lvd.pipeline.checks.size_problems`)."""
         return size_problems(self.video_vae, self.patch_size, num_frames, height, width)
 
     # -- 2. prompts ------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
 
     def _denoise(self, latents, cond, uncond, num_inference_steps, generator, callback_on_step_end,
                  tensor_inputs, clean_latents=None) -> tuple[torch.Tensor, int]:
-        """Run :func:`lvd.sampling.sample` with the progress bar and ``callback_on_step_end`` (which may replace the
+        """Run :func:`lvd.pipeline.sampling.sample` with the progress bar and ``callback_on_step_end`` (which may replace the
         latents, change the guidance scale or interrupt); returns the latents and the steps taken."""
         steps_done = 0
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -524,7 +524,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
                 ``pipe._interrupt = True`` inside it to stop early.
             callback_on_step_end_tensor_inputs: tensors passed in callback_kwargs ("latents", "noise_pred").
             image: the first frame (PIL, (H, W, 3) uint8 / [0, 1] array, or (3, H, W) tensor in [−1, 1]; see
-                :mod:`lvd.conditioning_frames`), encoded into one clean latent frame that every video starts from.
+                :mod:`lvd.pipeline.clean_frames`), encoded into one clean latent frame that every video starts from.
             video: the first frames instead, 1 + r·(k − 1) of them ((T, H, W, 3) array or (3, T, H, W) tensor):
                 k clean latent frames. The output's first frames are their VAE reconstruction.
         """
@@ -536,7 +536,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
 
         # 1. Check inputs
-        what, frames, height, width = self._conditioning_frames(image, video, height, width)  # frames in [-1, 1]
+        what, frames, height, width = self._given_frames(image, video, height, width)  # frames in [-1, 1]
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                           num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
                           latents, embeds, None if frames is None else (what, tuple(frames.shape[1:])))
@@ -554,7 +554,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, ConditioningFramesMixin
         latents = self.prepare_latents(len(cond), num_frames, height, width, device, generator, latents)
         clean = self.encode_clean_frames(frames) if frames is not None else None
 
-        # 4. Denoise (lvd.sampling.sample), reporting each step to the callback and the progress bar
+        # 4. Denoise (lvd.pipeline.sampling.sample), reporting each step to the callback and the progress bar
         start = _sync(device)
         latents, steps_done = self._denoise(latents, cond, uncond, num_inference_steps, generator,
                                             callback_on_step_end, callback_on_step_end_tensor_inputs, clean)
