@@ -19,8 +19,8 @@ The palette can grow and the draw can narrow, so that a fine-tune can teach a co
 never showed: ``ShapesConfig(colors={"orange": (255, 128, 0)}, only_colors=("orange",))`` draws only
 orange shapes; ``only_shapes`` / ``only_directions`` narrow those too. With N = the number of
 (colour, shape, direction) combinations drawn from, each run of N indices covers each caption once.
-The defaults (no extra colour, no subset) give byte-identical clips and captions to the fixed
-palette of earlier versions (pinned by tests), so cached data and the bundled demo stay valid.
+The defaults (no extra colour, no subset) give the base palette's clips and captions byte for byte
+(pinned by tests), so cached data and the bundled demo stay valid.
 ``parse_colors`` reads the command-line form ``orange=255,128,0``; ``add_synthetic_arguments`` and
 ``shapes_config_from_args`` give any CLI the flags ``--colors``, ``--only-colors``,
 ``--only-shapes`` and ``--only-directions``.
@@ -286,7 +286,7 @@ def make_clip(index: int, seed: int, cfg: ShapesConfig | None = None) -> tuple[t
     cfg = cfg or ShapesConfig()
     combos = cfg.combos()
     block, pos = divmod(index, len(combos))
-    # 84 is a fixed salt of the shuffle (it was the caption count); kept so default clips never change
+    # 84 (the base palette's caption count) is a fixed salt of the shuffle, so default clips never change
     order = np.random.default_rng([seed, block, 84]).permutation(len(combos))
     color, shape, direction = combos[order[pos]]
     rgb = None

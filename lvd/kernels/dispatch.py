@@ -192,7 +192,7 @@ def triton_unavailable_reason(tensors, *, op: str, interpreted: bool, machine: M
 @functools.lru_cache(maxsize=None)
 def _interpreter_bug_reason(triton_version: str, numpy_version: str) -> str | None:
     """Triton 3.6's interpreter with numpy ≥ 2.4 mis-runs ``range(0, n, BLOCK)`` over a runtime n (Triton
-    issue 9171), which every kernel here uses; 3.7.1 and 3.9.0 were checked fine."""
+    issue 9171), which every kernel here uses; 3.7.1 and 3.9.0 run them correctly."""
     triton_minor = tuple(int(p) for p in triton_version.split(".")[:2])
     numpy_minor = tuple(int(p) for p in numpy_version.split(".")[:2])
     if triton_minor == (3, 6) and numpy_minor >= (2, 4):

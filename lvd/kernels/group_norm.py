@@ -250,8 +250,8 @@ _INTERPRETED = dispatch.HAS_TRITON and dispatch.triton_interpreter_requested()  
 _INTERPRETER_TILE = 128
 _INTERPRETER_TILES_PER_CHUNK = 2
 # 2048-element tiles over 8 warps: 8 elements (16 B of bf16) per thread per load, and the statistics
-# kernel's three per-lane Welford accumulators stay in registers (compiled for sm_90 without a GPU:
-# 4096-element tiles on 4 warps took 243 registers a thread; see the kernels issue note).
+# kernel's three per-lane Welford accumulators stay in registers (compiled for sm_90, 4096-element tiles
+# on 4 warps need 243 registers a thread, close to the 255 limit).
 _GPU_TILE = 2048
 _GPU_WARPS = 8
 _GPU_TARGET_PROGRAMS = 1024  # ≈ 8 programs per SM on a 132-SM H100; a batch-1 video still fills it

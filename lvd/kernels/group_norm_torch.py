@@ -89,7 +89,7 @@ def per_frame_no_grad_channels_last(x, num_groups, weight, bias, eps, silu, bloc
     """:func:`per_frame_no_grad` for a channels_last_3d fp32 (B, C, T, H, W): memory (B, T, H·W, C).
 
     Sums over H·W run on blocks of ``block_bytes`` of rows, so that x² of a block stays in cache (one reduction of x² over
-    the strided H·W axis was 15x slower than the sum of x); y is written channels-last, the layout oneDNN
+    the strided H·W axis runs 15x slower than the sum of x); y is written channels-last, the layout oneDNN
     convolves without a reorder. Returns None when |mean| ≫ std, like the contiguous version.
     """
     b, c, t, h, w = x.shape

@@ -20,8 +20,8 @@ save. :func:`latest_checkpoint` only ever looks at complete folders.
 Verification: ``meta.json`` records the size and SHA-256 of every other file in the folder, hashed
 from disk after the fsync and before the rename, so a complete folder vouches for its own bytes.
 :func:`verify_checkpoint` checks them all; :func:`select_checkpoint` (what a resume uses) skips a
-newest folder that fails, with one warning, and resumes from the newest intact one. Folders saved
-before hashes were recorded (sizes only) still load, unverified.
+newest folder that fails, with one warning, and resumes from the newest intact one. A folder whose
+``meta.json`` records sizes only (no hashes) still loads, unverified.
 
 Under torchrun every rank writes its own ``rank{r}.*`` files into the same folder (a filesystem all
 ranks share) and rank 0 writes the rest and renames. Export for generation is separate: a diffusers
@@ -274,7 +274,7 @@ def verify_checkpoint(step_dir: str | Path) -> dict:
     """Check a step folder against its ``meta.json``; return the meta, or raise naming the file that failed.
 
     Every file the meta lists must exist with its recorded size and (when recorded) SHA-256. The meta
-    gets ``"verified": False`` for a folder saved before hashes were recorded (sizes only).
+    gets ``"verified": False`` when it records sizes only (no hashes).
     """
     step_dir = Path(step_dir)
     meta_path = step_dir / META

@@ -43,10 +43,10 @@ class DiagonalGaussian:
 
 # A streaming call convolves its chunk in pieces of at most this many input bytes, taken as views of
 # the chunk where they can be: oneDNN copies its input into a blocked layout, so one call on a whole
-# 4-frame chunk with its cached frames held the chunk three times (the caller's, the concatenation and
-# oneDNN's copy). That was the decode's memory peak (see benchmarks/bench_vae.py). In the channels-last CPU
-# inference layout oneDNN reads the pieces in place; they still lowered the peak of the base preset's encode
-# of 17×256² in 4-frame chunks by about 10% (a probe with and without them). Encoder calls of one frame, the
+# 4-frame chunk with its cached frames would hold the chunk three times (the caller's, the concatenation and
+# oneDNN's copy), the decode's memory peak (benchmarks/bench_vae.py measures it). In the channels-last CPU
+# inference layout oneDNN reads the pieces in place, and they still lower the peak of the base preset's encode
+# of 17×256² in 4-frame chunks by about 10% (measured with and without them). Encoder calls of one frame, the
 # default, never need them.
 STREAM_PIECE_BYTES = 32 * 2**20
 
@@ -105,8 +105,8 @@ class CausalConv3d(nn.Module):
         frame_bytes = x[:, :, :1].numel() * x.element_size()
         # The first output frames' windows start in `left` and end in x. When a window's frames outweigh the
         # kernel (the high-resolution layers), each of them is two convolutions summed (conv3d_split_window)
-        # instead of one over a concatenated copy of the window: on one-frame chunks that copy was 13% of an
-        # encode of 9×256² (a profile, 2 threads). Not on the first chunk, whose `left` is frame 0 repeated.
+        # instead of one over a concatenated copy of the window: on one-frame chunks that copy costs 13% of an
+        # encode of 9×256² (profiled on 2 CPU threads). Not on the first chunk, whose `left` is frame 0 repeated.
         weight_bytes = self.conv.weight.numel() * self.conv.weight.element_size()
         n_split = min(n_out, -(-n_left // st)) if kt * frame_bytes > weight_bytes and not first else 0
         per_piece = max(1, (self.stream_piece_bytes // max(frame_bytes, 1) - kt) // st + 1)  # output frames
