@@ -2,7 +2,6 @@
 
     python -m lvd.generate --prompt "a red circle moving right" --output out.mp4
     python -m lvd.generate --model runs/shapes/export --prompts-file prompts.txt --num-videos 2 --output out/clip.gif
-    python -m lvd.generate --text "a blue square moving up" --output_path out.mp4     # the first design's names
     python -m lvd.generate --prompt "a red circle moving right" --image first.png --output out.mp4
     python -m lvd.generate --prompt "a red circle moving right" --video clip.mp4 --frames 33 --output longer.mp4
 
@@ -44,10 +43,24 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shapes-demo"
 OUTPUT_SUFFIXES = (".mp4", ".gif")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PIPELINE_LAYOUT = "model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/"
+# Flags the CLI refuses, each with the one to use instead: given one, it exits 2 with a line naming the replacement.
+# They are registered (hidden) so that argparse's prefix matching cannot read --text as --text-encoder.
+RENAMED_FLAGS = {"--text": "--prompt", "--output_path": "--output"}
 
 
 class UsageError(UserError, ValueError):
     """Bad command-line input, found before sampling."""
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag of :data:`RENAMED_FLAGS`: exit 2 with one line naming the flag to use (no usage, no traceback)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        use = RENAMED_FLAGS[option_string]
+        parser.exit(2, f"{parser.prog}: error: {option_string} is not an option; use {use}\n")
 
 
 @dataclass
@@ -81,9 +94,9 @@ class GenerateArgs:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lvd.generate", description="Generate videos from text prompts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", "--text", dest="prompt", default=None, help='the prompt ("" = unconditional)')
+    p.add_argument("--prompt", default=None, help='the prompt ("" = unconditional)')
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--output", "--output_path", dest="output", default="out.mp4", help="file to write: .mp4 or .gif")
+    p.add_argument("--output", default="out.mp4", help="file to write: .mp4 or .gif")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help=f"pipeline folder ({PIPELINE_LAYOUT})")
     p.add_argument("--negative-prompt", default=None, help="text to steer away from (replaces the null text in CFG)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
@@ -114,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default=None, metavar="PATH_OR_NAME",
                    help="load the text encoder from here instead of the model folder's text_encoder_id (which may "
                         "only name a packaged encoder, a folder inside the model folder or a cached hub id)")
+    for flag in RENAMED_FLAGS:
+        p.add_argument(flag, action=_RenamedFlag)
     return p
 
 

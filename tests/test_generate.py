@@ -32,10 +32,24 @@ def test_cli_writes_mp4_with_frames_size_and_fps(model_dir, tmp_path, capsys):
     assert "text encoding" in printed and "s/step" in printed and "decoding" in printed
 
 
-def test_cli_writes_gif_with_the_old_argument_names(model_dir, tmp_path):
+def test_cli_writes_gif(model_dir, tmp_path):
     out = tmp_path / "video.gif"
-    assert cli(model_dir, "--text", "a blue square moving up", "--output_path", str(out)) == 0
+    assert cli(model_dir, "--prompt", "a blue square moving up", "--output", str(out)) == 0
     assert read_video(out).shape == (3, 5, 16, 16)
+
+
+@pytest.mark.parametrize("argv, old_flag, new_flag", [
+    (["--text", "a blue square moving up"], "--text", "--prompt"),
+    (["--text=a blue square moving up"], "--text", "--prompt"),
+    (["--prompt", "a blue square", "--output_path", "out.mp4"], "--output_path", "--output"),
+])
+def test_renamed_flags_exit_2_with_one_line_naming_the_new_flag(model_dir, capsys, no_sampling, argv, old_flag,
+                                                                 new_flag):
+    """--text / --output_path are refused, not aliased, and --text is never read as a prefix of --text-encoder."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(model_dir, *argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"python -m lvd.generate: error: {old_flag} is not an option; use {new_flag}\n"
 
 
 def test_same_seed_gives_the_same_video_bit_for_bit(model_dir, tmp_path):
