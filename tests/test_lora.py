@@ -29,6 +29,13 @@ def _randomise(model):
                 param.normal_(0, 0.05)
 
 
+def _peft_key(key, state_dict):
+    """The name of base-model weight ``key`` in ``state_dict``, where peft may have moved it under ``base_layer``."""
+    if key in state_dict:
+        return key
+    return key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+
+
 def test_a_fresh_adapter_gives_exactly_the_base_output_and_only_it_trains(model_dir):
     pipe = _pipe(model_dir)
     base = _run(pipe)
@@ -55,12 +62,15 @@ def test_fused_equals_unfused_and_unfuse_restores_the_base_weights_bit_for_bit(m
     _randomise(pipe.transformer)
     unfused = _run(pipe)
     pipe.fuse_lora()
+    fused = pipe.transformer.state_dict()
+    adapted = {key for key in base_weights if _peft_key(key, fused).endswith(".base_layer.weight")}
+    changed = {key for key, value in base_weights.items() if not torch.equal(fused[_peft_key(key, fused)], value)}
+    assert adapted and changed == adapted  # fusing writes every adapter into its base weight, and nothing else
     torch.testing.assert_close(_run(pipe), unfused, atol=1e-5, rtol=1e-5)
     pipe.unfuse_lora()
     now = pipe.transformer.state_dict()
     for key, value in base_weights.items():
-        peft_key = key if key in now else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        assert torch.equal(now[peft_key], value), key
+        assert torch.equal(now[_peft_key(key, now)], value), key
     assert torch.equal(_run(pipe), unfused)  # still adapted, unfused
 
 
