@@ -343,7 +343,7 @@ def write_latent_shards(folder: Path, *, count: int, latent: tuple[int, ...], te
     """Random latent shards in the format lvd.cache_latents writes (no VAE or text encoder needed)."""
     import torch
 
-    from lvd.cache_latents import write_tar_samples
+    from lvd.data.shards import write_tar_samples
     from lvd.text_embeddings import TextEmbeddings
     from lvd.data import latents as latent_format
 

@@ -15,8 +15,8 @@ its aspect ratio (:func:`lvd.data.loader.choose_bucket`) and trimmed to the buck
 its json records ``bucket`` ({frames, height, width}). The latent loader batches each latent shape
 apart, so one shard may hold every bucket.
 
-Resumable: a finished shard is written to ``*.tar.tmp`` and renamed, so it is either complete or
-absent; starting the same command again skips every shard already in ``OUT``. The empty prompt's
+Resumable: a shard is written to a temporary beside it and renamed when finished (:mod:`lvd.atomic`), so it
+is either complete or absent; starting the same command again skips every shard already in ``OUT``. The empty prompt's
 embedding, which classifier-free-guidance dropout trains with, is written beside the shards
 (:func:`lvd.data.latents.write_uncond`). ``OUT/cache.json``
 records what made the latents (VAE, text encoder, latent shape) and a second run with a different
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from lvd.atomic import atomic_write
 from lvd.config import folder_problem, run_cli
 from lvd.data.safety import VideoLimits, declared_size, key_problem, size_problem
 from lvd.inputs import text_encoder_problem, vae_problem
@@ -52,11 +52,9 @@ from lvd.inputs import text_encoder_problem, vae_problem
 if TYPE_CHECKING:
     from lvd.data.codecs import Bucket
 
-__all__ = ["expand_shards", "read_tar_samples", "write_tar_samples", "parse_buckets", "buckets_from_config",
-           "fit_clip", "cache_shard", "write_uncond", "main"]
+__all__ = ["expand_shards", "parse_buckets", "buckets_from_config", "fit_clip", "cache_shard", "write_uncond", "main"]
 
 log = logging.getLogger("lvd.cache_latents")
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = name up to the first dot
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -64,42 +62,6 @@ def expand_shards(spec: str) -> list[Path]:
     from lvd.data.loader import expand_shards as expand
 
     return [Path(u) for u in dict.fromkeys(expand(spec))]
-
-
-def read_tar_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
-    """Samples of a webdataset tar as ``{"__key__": str, ext: bytes, ...}``, in file order, nothing decoded."""
-    sample: dict = {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            m = _KEY_EXT.match(member.name)
-            if m is None:
-                continue
-            key, ext = m.groups()
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield sample
-
-
-def write_tar_samples(path: Path, samples: list[dict]) -> None:
-    """Write samples (bytes values) as a tar, atomically: ``path.tmp`` then rename; mtime 0 for reproducibility."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for s in samples:
-            for ext, data in s.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def parse_buckets(spec: str, frames: int | None) -> list[Bucket]:
@@ -187,7 +149,10 @@ def _load_clip(s: dict, frames: int | None, buckets: list[Bucket] | None,
 
 
 def _readable_samples(src: Path, skip) -> Iterator[dict]:
-    """:func:`read_tar_samples`, stopping (and reporting the shard through ``skip``) where the tar is unreadable."""
+    """The shard's samples (:func:`lvd.data.shards.read_tar_samples`), stopping (and reporting the shard through
+    ``skip``) where the tar is unreadable."""
+    from lvd.data.shards import read_tar_samples
+
     try:
         yield from read_tar_samples(src)
     except (tarfile.TarError, OSError) as e:
@@ -237,6 +202,7 @@ def cache_shard(src: Path, dst: Path, vae, text_encoder, *, batch_size: int, dev
     """
     from lvd.data import latents as latent_format
     from lvd.data.codecs import SkipSample
+    from lvd.data.shards import write_tar_samples
 
     def skip(key: str, reason: str) -> None:
         if skipped is not None:
@@ -297,10 +263,8 @@ def _refuse_mixing(out: Path, manifest: dict) -> None:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    path = out / "cache.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(out / "cache.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=1))
 
 
 def _resolve_buckets(a: argparse.Namespace, vae) -> list[Bucket] | None:

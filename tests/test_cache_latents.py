@@ -7,9 +7,10 @@ import pytest
 import torch
 import transformers
 
-from lvd.cache_latents import main, read_tar_samples
+from lvd.cache_latents import main
 from lvd.data import latents as latent_format
 from lvd.data.loader import LatentDataConfig, make_latent_loader
+from lvd.data.shards import read_tar_samples
 from lvd.text import TextEncoder
 from lvd.vae import CausalVideoVAE
 from lvd.video_io import decode_video_bytes
@@ -97,8 +98,8 @@ def test_resume_skips_finished_shards(setup, tmp_path):
     first, second = out / "shard-000000.tar", out / "shard-000001.tar"
     before = first.read_bytes()
     os.utime(first, (1, 1))
-    second.unlink()  # as if killed while writing the second shard (a .tmp may be left: it is ignored)
-    (out / "shard-000001.tar.tmp").write_bytes(b"partial")
+    second.unlink()  # as if killed while writing the second shard (its temporary is left: it is ignored)
+    (out / ".shard-000001.tar.4242-0badcafe.tmp").write_bytes(b"partial")
     assert _run(clips, out, vae_dir, text_dir) == 0
     assert first.stat().st_mtime == 1 and first.read_bytes() == before  # untouched
     assert second.is_file() and len(list(read_tar_samples(second))) == 3

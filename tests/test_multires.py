@@ -9,10 +9,11 @@ import torch
 from data_helpers import frames_with_index, json_bytes, write_tar, write_with_ffmpeg
 from test_cache_latents import make_components
 
-from lvd.cache_latents import buckets_from_config, fit_clip, main as cache_main, parse_buckets, read_tar_samples
+from lvd.cache_latents import buckets_from_config, fit_clip, main as cache_main, parse_buckets
 from lvd.data import latents as latent_format
 from lvd.data.codecs import Bucket
 from lvd.data.loader import LatentDataConfig, make_latent_loader
+from lvd.data.shards import read_tar_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 64), (64, 112), (112, 64)]  # (H, W): 1:1, 16:9-ish, 9:16-ish

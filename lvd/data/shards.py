@@ -14,8 +14,8 @@ Stages: ``list_*`` turn a SOURCE into jobs (and early skips); ``clips_from_video
 (each drives its own ffmpeg processes, which do the decoding and encoding) and writes the
 samples in job order, so the same command writes the same shards.
 
-Safe to kill: each shard is written as ``shard-NNNNNN.tar.tmp``, fsynced and renamed, so a ``.tar`` is always
-complete. A second run into a folder an unfinished run left says in one line to pass ``--overwrite``. A run
+Safe to kill: each shard is written to a temporary beside it, fsynced and renamed (:mod:`lvd.atomic`), so a
+``.tar`` is always complete. A second run into a folder an unfinished run left says in one line to pass ``--overwrite``. A run
 that writes no clip leaves no shard and no summary. Sources stay inside SOURCE (see :mod:`lvd.data.sources`:
 symlinks out of it need ``--follow-symlinks``; playlists and concat lists are refused) and a source whose
 frames are larger than ``--max-side`` is skipped, named, before it is decoded.
@@ -30,9 +30,13 @@ import json
 import os
 import sys
 import time
+import re
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable, Iterator
 
+from lvd.atomic import AtomicFile, atomic_write, temporaries
 from lvd.config import folder_problem, run_cli
 from lvd.data.safety import VideoLimits, playlist_problem, size_problem
 from lvd.data.sources import (
@@ -53,6 +57,9 @@ __all__ = [
     "clips_from_shapes",
     "write_shards",
     "ShardWriter",
+    "write_tar_samples",
+    "read_tar_samples",
+    "write_summary",
     "main",
 ]
 
@@ -171,26 +178,53 @@ def _warn(skip: Skip, bar=None) -> None:
         print(line, file=sys.stderr)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the OS lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = name up to the first dot
+
+
+def _tar_writer(file):
+    """The one tar writer of lvd's shards (clip and latent): a webdataset ``TarWriter`` on an open binary file.
+
+    mtime=0 and bytes-only values: the same inputs give byte-identical shards, with nothing pickled."""
+    import webdataset as wds
+
+    return wds.TarWriter(file, encoder=False, mtime=0)
+
+
+def write_tar_samples(path: Path, samples: Iterable[dict]) -> Path:
+    """Write samples ``{"__key__": str, ext: bytes, ...}`` as one shard at ``path``, atomically
+    (:func:`lvd.atomic.atomic_write`); returns ``path``."""
+    with atomic_write(path) as f, _tar_writer(f) as tar:
+        for sample in samples:
+            tar.write(sample)
+    return Path(path)
+
+
+def read_tar_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
+    """Samples of a shard as ``{"__key__": str, ext: bytes, ...}``, in file order, nothing decoded."""
+    sample: dict = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            m = _KEY_EXT.match(member.name)
+            if m is None:
+                continue
+            key, ext = m.groups()
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
 
 
 class ShardWriter:
     """Samples -> ``out/shard-000000.tar``, ... with ``maxcount`` samples each, every shard atomic.
 
-    A shard is written as ``shard-NNNNNN.tar.tmp``, fsynced and renamed when full or at :meth:`close`, so a
-    ``.tar`` is always complete; none is made before its first sample. :meth:`abort` (an exception inside
-    ``with``) removes the partial one. ``shards`` lists the finished shards.
+    A shard is written to a temporary beside it (:class:`lvd.atomic.AtomicFile`), fsynced and renamed when full
+    or at :meth:`close`, so a ``.tar`` is always complete; none is made before its first sample. :meth:`abort`
+    (an exception inside ``with``) removes the partial one. ``shards`` lists the finished shards.
     """
 
     def __init__(self, out: Path, maxcount: int):
@@ -200,32 +234,18 @@ class ShardWriter:
         self._count = 0
 
     def write(self, sample: dict) -> None:
-        import webdataset as wds
-
         if self._tar is not None and self._count >= self.maxcount:
             self._finish()
         if self._tar is None:
-            self._file = open(self._tmp(), "wb")
-            # mtime=0 and bytes-only values: the same inputs give byte-identical shards, with nothing pickled.
-            self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+            self._file = AtomicFile(self.out / (SHARD_PATTERN % len(self.shards)))
+            self._tar = _tar_writer(self._file.file)
             self._count = 0
         self._tar.write(sample)
         self._count += 1
 
-    def _final(self) -> Path:
-        return self.out / (SHARD_PATTERN % len(self.shards))
-
-    def _tmp(self) -> Path:
-        return self._final().with_name(self._final().name + ".tmp")
-
     def _finish(self) -> None:
         self._tar.close()  # ends the tar; the file is ours to sync and close
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp(), self._final())
-        _fsync_dir(self.out)
-        self.shards.append(self._final())
+        self.shards.append(self._file.commit())
         self._tar = self._file = None
 
     def close(self) -> None:
@@ -233,14 +253,13 @@ class ShardWriter:
             self._finish()
 
     def abort(self) -> None:
-        """Drop the shard being written (its .tmp); finished shards stay."""
+        """Drop the shard being written (its temporary); finished shards stay."""
         if self._file is not None:
             try:
                 self._tar.close()  # else the tar stream writes its end into the closed file when collected
             except Exception:  # noqa: BLE001 - the file is removed either way
                 pass
-            self._file.close()
-            self._tmp().unlink(missing_ok=True)
+            self._file.discard()
         self._tar = self._file = None
 
     def __enter__(self):
@@ -328,7 +347,7 @@ output: DIR/shard-000000.tar, ... each sample {__key__, mp4 (H.264), txt (captio
 truncated or empty files, unknown codecs, videos shorter than the clip, missing or non-UTF-8
 captions, non-video files, duplicate keys, playlists and concat lists, symlinks out of SOURCE unless
 --follow-symlinks, videos larger than --max-side) are skipped with a one-line warning and counted.
-Each shard appears under its name only when complete (written as .tar.tmp, then renamed); a run that
+Each shard appears under its name only when complete (written as a hidden .tmp, then renamed); a run that
 was killed leaves complete shards and no summary.json, and rerunning it asks for --overwrite.
 Train on them with lvd.data.loader: ClipDataConfig(shards="DIR") or a brace pattern
 "DIR/shard-{000000..000009}.tar" (the summary prints it).
@@ -430,7 +449,7 @@ def _existing_run(out: Path) -> str | None:
     """One line when ``out`` holds shards already: a finished run's, or an unfinished (killed) one's."""
     if not out.is_dir():
         return None
-    done, partial = sorted(out.glob("shard-*.tar")), sorted(out.glob("shard-*.tar.tmp"))
+    done, partial = sorted(out.glob("shard-*.tar")), temporaries(out, "shard-*.tar")
     if partial or (done and not (out / "summary.json").is_file()):
         return (f"--out '{out}' holds an unfinished run ({len(done)} complete shards, {len(partial)} partial, "
                 f"no summary.json); pass --overwrite to start it again")
@@ -441,15 +460,14 @@ def _existing_run(out: Path) -> str | None:
 
 def _clear(out: Path) -> None:
     """--overwrite: remove what an earlier run wrote (shards, partial shards, its summary)."""
-    for old in [*out.glob("shard-*.tar"), *out.glob("shard-*.tar.tmp"), out / "summary.json"]:
+    for old in [*out.glob("shard-*.tar"), *temporaries(out, "shard-*.tar"), out / "summary.json"]:
         old.unlink(missing_ok=True)
 
 
 def write_summary(out: Path, report: dict) -> None:
     """summary.json, atomically (written last: a folder without one holds an unfinished run)."""
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "summary.json")
+    with atomic_write(out / "summary.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
 
 
 def _list_jobs(parser: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[list[Job], list[Skip]]:
