@@ -15,8 +15,8 @@ Stages: ``list_*`` turn a SOURCE into jobs (and early skips); ``clips_from_video
 samples in job order, so the same command writes the same shards.
 
 Safe to kill: each shard is written to a temporary beside it, fsynced and renamed (:mod:`lvd.atomic`), so a
-``.tar`` is always complete. A second run into a folder an unfinished run left says in one line to pass ``--overwrite``. A run
-that writes no clip leaves no shard and no summary. Sources stay inside SOURCE (see :mod:`lvd.data.sources`:
+``.tar`` is always complete. A second run into a folder an unfinished run left says in one line to pass
+``--overwrite``. A run that writes no clip leaves no shard and no summary. Sources stay inside SOURCE (see :mod:`lvd.data.sources`:
 symlinks out of it need ``--follow-symlinks``; playlists and concat lists are refused) and a source whose
 frames are larger than ``--max-side`` is skipped, named, before it is decoded.
 """
