@@ -87,6 +87,7 @@ def matmul_gflops(threads: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lvd.data.latents import uncond_path
     from lvd.data.synthetic import COLORS, DIRECTIONS, SHAPES, all_captions, parse_colors
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -121,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [py, "-m", "lvd.cache_latents", "--shards", str(data / part), "--out", str(latents / part),
                "--vae", str(a.model / "vae"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS),
                "--device", "cpu", "--quiet"]
-        stage(f"cache_{part}", (latents / part / "uncond.safetensors").is_file(),
+        stage(f"cache_{part}", uncond_path(latents / part).is_file(),
               lambda cmd=cmd, part=part: _run(cmd, work / "logs" / f"cache_{part}.log", a.threads))
     shards = "::".join(str(p) for part in ("new", "replay") for p in sorted((latents / part).glob("shard-*.tar")))
     train_cmd = [py, "recipes/train_latent_diffusion.py", "--config", "recipes/configs/shapes_lora.yaml",
                  f"run.dir={run}", f"data.shards={shards}", f"model.init_from={a.model}",
-                 f"components.vae={a.model / 'vae'}", f"components.uncond={latents / 'new' / 'uncond.safetensors'}",
+                 f"components.vae={a.model / 'vae'}", f"components.uncond={uncond_path(latents / 'new')}",
                  *([f"train.cpu_threads={a.threads}"] if a.threads else []), *a.set]
     if a.steps:
         train_cmd.append(f"train.max_steps={a.steps}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lvd.atomic import atomic_write
 from lvd.text_embeddings import TextEmbeddings
 
 __all__ = [
@@ -114,13 +115,10 @@ def uncond_path(folder: str | os.PathLike) -> Path:
 
 def write_uncond(folder: str | os.PathLike, empty: TextEmbeddings) -> Path:
     """Write the empty prompt's embedding (batch 1: states (1, L, D), mask (1, L), pooled (1, Dp)) into
-    ``folder``, atomically (``.tmp`` then rename)."""
-    from safetensors.torch import save_file
-
+    ``folder``, atomically (:func:`lvd.atomic.atomic_write`)."""
     path = uncond_path(folder)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in _text_tensors(empty).items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(encode_tensors(_text_tensors(empty)))
     return path
 
 
