@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import secrets
 import subprocess
 import tempfile
 import threading
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lvd.atomic import atomic_path
 
 __all__ = [
     "VideoInfo",
@@ -368,17 +369,13 @@ def write_video(
     else:
         cmd += ["-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse", "-f", "gif"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a temporary file in the same folder, then renamed: a reader or a second writer of ``path`` sees
-    # the old file or a complete new one, never a partial one.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")  # ffmpeg creates it
-    try:
+    # ffmpeg writes a temporary beside ``path`` that is renamed over it on success: a reader or a second writer of
+    # ``path`` sees the old file or a complete new one, never a partial one.
+    with atomic_path(path, suffix=suffix) as tmp:
         proc = subprocess.run(cmd + [_ffmpeg_path(tmp)], input=frames.tobytes(), capture_output=True,
                               timeout=_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{path}: ffmpeg could not write the video: {_last_error(proc.stderr)}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def encode_video_bytes(video: torch.Tensor | np.ndarray, fps: float, *, crf: int = 18, pix_fmt: str = "yuv444p") -> bytes:

@@ -70,6 +70,15 @@ def test_mp4_write_read_round_trip_psnr(tmp_path):
     assert psnr(read_video(tmp_path / "y.mp4"), video) >= 30
 
 
+def test_a_failed_write_keeps_the_old_video_and_leaves_no_temporary(tmp_path):
+    video = torch.zeros(3, 5, 16, 16, dtype=torch.uint8)
+    write_video(tmp_path / "x.mp4", video, fps=8)
+    before = (tmp_path / "x.mp4").read_bytes()
+    with pytest.raises(RuntimeError, match="ffmpeg could not write"):
+        write_video(tmp_path / "x.mp4", video + 255, fps=8, pix_fmt="no-such-format")  # ffmpeg fails mid-command
+    assert (tmp_path / "x.mp4").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.mp4"]
+
+
 def test_gif_write_read(tmp_path):
     video = torch.zeros(3, 5, 16, 16, dtype=torch.uint8)
     video[0, :, 4:12, 4:12] = 255
