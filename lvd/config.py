@@ -32,6 +32,8 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 import yaml
 
+from lvd.atomic import atomic_write
+
 T = TypeVar("T")
 
 __all__ = [
@@ -282,9 +284,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run folder keeps as ``config.yaml``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------------

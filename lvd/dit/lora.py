@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers.loaders import CogVideoXLoraLoaderMixin, PeftAdapterMixin
+
+from lvd.atomic import atomic_folder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -131,22 +132,17 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str = "default") ->
 def save_lora(model: torch.nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write the adapter as diffusers' pipeline LoRA file plus ``adapter_config.json``; returns the file.
 
-    The folder is written as ``<folder>.tmp`` and renamed into place, so an interrupted save leaves nothing
-    half-written under ``folder``."""
+    The folder is written as a temporary beside it and renamed into place (:func:`lvd.atomic.atomic_folder`), so
+    an interrupted save leaves the old ``folder`` as it was."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     config = model.peft_config[adapter_name].to_dict()
     config["target_modules"] = sorted(config["target_modules"])
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
-    CogVideoXLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=weights,
-                                         transformer_lora_adapter_metadata=config, weight_name=LORA_WEIGHTS)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
-                                      encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        CogVideoXLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=weights,
+                                                   transformer_lora_adapter_metadata=config, weight_name=LORA_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
+                                          encoding="utf-8")
     return folder / LORA_WEIGHTS
 
 

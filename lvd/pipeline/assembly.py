@@ -16,6 +16,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from lvd.atomic import atomic_folder
 from lvd.diffusion import DiffusionConfig, scheduler_config
 from lvd.dit import VideoDiT
 from lvd.text import TextEncoder
@@ -121,16 +122,14 @@ def load_components(
 def export_pipeline(pipe, out: str | os.PathLike, *, extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write ``pipe`` (an ``LVDPipeline``) as a pipeline folder (diffusers layout, safetensors) at ``out``.
 
-    The folder is written beside ``out`` as ``<out>.tmp`` and moved into place when complete, so an interrupted
-    export never leaves a half-written ``out``. ``extra_files`` maps paths inside the folder to files copied
-    there (e.g. ``{"metrics/dit.metrics.jsonl": run / "metrics.jsonl"}``). Returns ``out``."""
+    The folder is written beside ``out`` as a temporary and moved into place when complete
+    (:func:`lvd.atomic.atomic_folder`), so an interrupted export never leaves a half-written ``out``. ``extra_files``
+    maps paths inside the folder to files copied there (e.g. ``{"metrics/dit.metrics.jsonl": run / "metrics.jsonl"}``).
+    Returns ``out``."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for name, source in (extra_files or {}).items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, source in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
     return out
