@@ -79,7 +79,6 @@ from lvd.train.distributed import (  # noqa: E402
     DistributedConfig,
     DistributedError,
     init_distributed,
-    model_state_dict,
     shutdown,
     unwrap,
 )
@@ -91,6 +90,7 @@ from lvd.train.loop import (  # noqa: E402
     TrainConfig,
     Trainer,
     export_pretrained,
+    gathered_model,
     prepare_model,
     train_config_problems,
 )
@@ -416,14 +416,11 @@ def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env)
         return save_lora(adapted(unwrap(ema_model)), out / "lora").parent if env.is_main else None
     if cfg.model.diffusers_class or not (cfg.components.vae and cfg.components.text_encoder):
         return export_pretrained(ema_model, out / "transformer", env)
-    state = model_state_dict(ema_model)  # gathered under FSDP2; every rank takes part
-    if env.is_main:
+    plain = gathered_model(ema_model, env)  # the trainer's gather (FSDP2: full weights); every rank takes part
+    if plain is not None:
         from lvd.pipeline import export_pipeline
 
-        plain = unwrap(ema_model)
-        fresh = type(plain).from_config(plain.config)
-        fresh.load_state_dict(state)
-        export_pipeline(make_pipeline(cfg, fresh), out)
+        export_pipeline(make_pipeline(cfg, plain), out)
     return out if env.is_main else None
 
 

@@ -15,7 +15,8 @@ One step folder describes itself::
 Atomicity: everything is written into ``step_N.tmp/``, fsynced, and only then renamed to ``step_N``
 (``os.replace`` of a directory is atomic on POSIX). A ``kill -9`` at any moment leaves either the
 old set of complete folders or the old set plus the new one; a stale ``*.tmp`` is removed by the next
-save. :func:`latest_checkpoint` only ever looks at complete folders.
+save. :func:`latest_checkpoint` only ever looks at complete folders. The temporary folder has one fixed name,
+not :func:`lvd.atomic.atomic_folder`'s per-writer one, because every rank writes into it (see below).
 
 Verification: ``meta.json`` records the size and SHA-256 of every other file in the folder, hashed
 from disk after the fsync and before the rename, so a complete folder vouches for its own bytes.
@@ -25,7 +26,7 @@ newest folder that fails, with one warning, and resumes from the newest intact o
 
 Under torchrun every rank writes its own ``rank{r}.*`` files into the same folder (a filesystem all
 ranks share) and rank 0 writes the rest and renames. Export for generation is separate: a diffusers
-``save_pretrained`` folder of the EMA weights (see :func:`lvd.train.loop.export_model`).
+``save_pretrained`` folder of the EMA weights (see :func:`lvd.train.loop.export_pretrained`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from lvd.atomic import fsync_path
 
 __all__ = [
     "CheckpointConfig",
@@ -138,14 +141,6 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if isinstance(obj, list):
         return [_join(v, tensors, where) for v in obj]
     return obj
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -383,7 +378,7 @@ def save_checkpoint(
             save_config(config, tmp / "config.yaml")
             written.append(tmp / "config.yaml")
     for p in written:
-        _fsync(p)
+        fsync_path(p)
     barrier()
     # 3. Rank 0 seals the folder: meta.json last, fsync, then one atomic rename.
     if rank == 0:
@@ -392,11 +387,11 @@ def save_checkpoint(
         meta = {"step": step, "world_size": world_size, "trees": sorted(trees),
                 "files": {p.name: p.stat().st_size for p in files}, "sha256": {p.name: _sha256(p) for p in files}}
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _fsync(tmp / META)
+        fsync_path(tmp / META)
         if final.exists():  # re-saving the same step (e.g. the final step after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
         for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from lvd.atomic import atomic_folder, atomic_write
 from lvd.config import ConfigError, raise_problems
 from lvd.train.checkpoint import (
     CheckpointConfig,
@@ -85,6 +85,7 @@ __all__ = [
     "lr_at",
     "train_config_problems",
     "prepare_model",
+    "gathered_model",
     "export_pretrained",
     "step_generator",
 ]
@@ -273,27 +274,33 @@ def prepare_model(model: nn.Module, env: DistEnv, dist_cfg: DistributedConfig, t
     return wrapped, ema
 
 
-def export_pretrained(model: nn.Module, out_dir: str | Path, env: DistEnv) -> Path | None:
-    """Write a diffusers ``save_pretrained`` folder (safetensors + config.json) atomically, from rank 0.
+def gathered_model(model: nn.Module, env: DistEnv) -> nn.Module | None:
+    """The whole model for an export, on rank 0; None on the other ranks. Every rank must call this.
 
-    Under FSDP2 every rank must call this (the weights are gathered); a fresh copy is built from the
-    model's config on rank 0 and saved, so the folder never holds sharded tensors.
+    Under FSDP2 the full weights are gathered (to CPU) and loaded into a fresh copy built from the model's
+    config, so what is saved never holds sharded tensors; otherwise it is the model itself, out of its DDP
+    or compile wrapper. Every export (:func:`export_pretrained`, a recipe's pipeline folder) starts here.
     """
-    out_dir = Path(out_dir)
-    state = model_state_dict(model)
-    if env.is_main:
-        plain = unwrap(model)
-        if _sharded(model):
-            plain = type(plain).from_config(plain.config)
-            plain.load_state_dict(state)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+    state = model_state_dict(model) if _sharded(model) else None  # a collective: every rank takes part
+    if not env.is_main:
+        return None
+    plain = unwrap(model)
+    if state is not None:
+        plain = type(plain).from_config(plain.config)
+        plain.load_state_dict(state)
+    return plain
+
+
+def export_pretrained(model: nn.Module, out_dir: str | Path, env: DistEnv) -> Path | None:
+    """Write a diffusers ``save_pretrained`` folder (safetensors + config.json) of :func:`gathered_model` from
+    rank 0, atomically (:func:`lvd.atomic.atomic_folder`). Every rank must call this; returns ``out_dir`` on
+    rank 0, None elsewhere, once the folder is written."""
+    plain = gathered_model(model, env)
+    if plain is not None:
+        with atomic_folder(out_dir) as tmp:
+            plain.save_pretrained(tmp, safe_serialization=True)
     barrier()
-    return out_dir if env.is_main else None
+    return Path(out_dir) if env.is_main else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,9 +419,8 @@ class Trainer:
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
         if len(kept) != len(lines):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-            tmp.replace(path)
+            with atomic_write(path, "w", encoding="utf-8") as f:
+                f.write("".join(l + "\n" for l in kept))
 
     # -- one optimizer step ----------------------------------------------------------------------
 
