@@ -172,8 +172,9 @@ def recorded_text_encoder(text_encoder_id: str, model_folder: str | os.PathLike)
                      "the model folder, or a Hugging Face hub id")
 
 
-def load_text_model(model_path: str, *, dtype: torch.dtype | None = None):
-    """The right transformers class for the checkpoint: CLIPTextModel(WithProjection), a T5 encoder, or AutoModel."""
+def load_text_model(model_path: str, *, dtype: torch.dtype | None = None, variant: str | None = None):
+    """The right transformers class for the checkpoint: CLIPTextModel(WithProjection), a T5 encoder, or AutoModel.
+    ``variant`` loads ``model.<variant>.safetensors`` (as diffusers' ``from_pretrained(variant=...)``)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
@@ -191,6 +192,8 @@ def load_text_model(model_path: str, *, dtype: torch.dtype | None = None):
     else:
         cls = transformers.AutoModel
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if variant is not None:
+        kwargs["variant"] = variant
     # use_kernels=False: transformers >= 5.25 otherwise swaps layers for Hugging Face hub kernels, fetched at run
     # time; a frozen encoder gains little from them and lvd loads offline.
     return cls.from_pretrained(model_path, local_files_only=True, use_kernels=False, trust_remote_code=False, **kwargs)

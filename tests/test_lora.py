@@ -48,9 +48,10 @@ def test_a_fresh_adapter_gives_exactly_the_base_output_and_only_it_trains(model_
 
     x = torch.randn(1, 4, 2, 4, 4)
     t = torch.full((1,), 500.0)
-    text = pipe.encode_prompt("x", do_classifier_free_guidance=False)[0]
+    text = pipe.encode_prompt("x", do_classifier_free_guidance=False)
     pipe.transformer.train()
-    pipe.transformer(x, t, text.states, text.mask, text.pooled).square().mean().backward()
+    pipe.transformer(x, t, text.prompt_embeds, text.prompt_attention_mask, text.pooled_prompt_embeds
+                     ).square().mean().backward()
     with_grad = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None}
     assert with_grad == set(trainable)
 

@@ -181,12 +181,13 @@ def test_dynamic_shift_schedule_gets_mu_from_the_token_count():
 
 def test_empty_prompt_uses_the_cfg_dropout_embedding(pipe):
     """"" with no negative prompt: both CFG halves are the empty-prompt embedding training dropped to."""
-    cond, uncond = pipe.encode_prompt([""], None, True, num_videos_per_prompt=2)
+    embeds = pipe.encode_prompt([""], None, True, num_videos_per_prompt=2)
     null = null_text_embeddings(pipe.text_encoder, pipe.tokenizer, 1)
-    assert cond.states.shape[0] == uncond.states.shape[0] == 2
-    for text in (cond, uncond):
+    assert embeds.prompt_embeds.shape[0] == embeds.negative_prompt_embeds.shape[0] == 2
+    for states, mask in ((embeds.prompt_embeds, embeds.prompt_attention_mask),
+                         (embeds.negative_prompt_embeds, embeds.negative_prompt_attention_mask)):
         for row in range(2):
-            assert torch.equal(text.states[row], null.states[0]) and torch.equal(text.mask[row], null.mask[0])
+            assert torch.equal(states[row], null.states[0]) and torch.equal(mask[row], null.mask[0])
 
 
 class OracleDenoiser(ModelMixin, ConfigMixin):
@@ -401,32 +402,30 @@ def test_all_problems_are_reported_at_once(pipe):
 # -- the contract diffusers users expect --------------------------------------------------------------
 
 
-def embedding_kwargs(cond, uncond=None) -> dict:
-    """encode_prompt's (cond, uncond) as __call__'s diffusers-named arguments."""
-    kwargs = dict(prompt_embeds=cond.states, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled)
-    if uncond is not None:
-        kwargs.update(negative_prompt_embeds=uncond.states, negative_prompt_attention_mask=uncond.mask,
-                      negative_pooled_prompt_embeds=uncond.pooled)
-    return kwargs
+def positive(embeds) -> dict:
+    """The prompt's half of encode_prompt's output (the negatives left to the pipeline)."""
+    return {name: embeds[name] for name in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")}
 
 
 def test_encode_prompt_takes_a_plain_string_as_one_row(pipe):
-    cond, uncond = pipe.encode_prompt("a red circle")
-    assert cond.states.shape[0] == cond.mask.shape[0] == cond.pooled.shape[0] == 1
-    listed, _ = pipe.encode_prompt(["a red circle"])
-    assert torch.equal(cond.states, listed.states) and uncond.states.shape == cond.states.shape
-    assert pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)[1] is None
+    embeds = pipe.encode_prompt("a red circle")
+    assert embeds.prompt_embeds.shape[0] == embeds.prompt_attention_mask.shape[0] == 1
+    assert embeds.pooled_prompt_embeds.shape[0] == 1
+    listed = pipe.encode_prompt(["a red circle"])
+    assert torch.equal(embeds.prompt_embeds, listed.prompt_embeds)
+    assert embeds.negative_prompt_embeds.shape == embeds.prompt_embeds.shape
+    assert pipe.encode_prompt("a red circle", do_classifier_free_guidance=False).negative_prompt_embeds is None
 
 
 def test_prompt_embeds_give_the_same_video_as_the_prompt(pipe):
     for negative in (None, "a blue square"):
         expected = run(pipe, negative_prompt=negative, num_videos_per_prompt=2, output_type="latent").frames
-        cond, uncond = pipe.encode_prompt("a red circle moving right", negative)
-        got = run(pipe, None, num_videos_per_prompt=2, output_type="latent", **embedding_kwargs(cond, uncond)).frames
+        embeds = pipe.encode_prompt("a red circle moving right", negative)
+        got = run(pipe, None, num_videos_per_prompt=2, output_type="latent", **embeds).frames
         assert torch.equal(got, expected)
         # prompt embeddings with the negative (or empty) prompt encoded by the pipeline
         got = run(pipe, None, negative_prompt=negative, num_videos_per_prompt=2, output_type="latent",
-                  **embedding_kwargs(cond)).frames
+                  **positive(embeds)).frames
         assert torch.equal(got, expected)
 
 
@@ -441,8 +440,8 @@ def test_prompt_embeds_give_the_same_video_as_the_prompt(pipe):
     (dict(prompt_attention_mask=torch.ones(1, 5)), r"expected \(B, L, D\), \(B, L\)"),
 ])
 def test_bad_prompt_embeddings_are_refused_before_sampling(pipe, kwargs, message):
-    cond, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
-    arguments = {"prompt": None, **embedding_kwargs(cond), **kwargs}
+    embeds = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
+    arguments = {"prompt": None, **positive(embeds), **kwargs}
     with pytest.raises(ValueError, match=message):
         run(pipe, **arguments)
     with pytest.raises(ValueError, match="give prompt"):
@@ -450,25 +449,29 @@ def test_bad_prompt_embeddings_are_refused_before_sampling(pipe, kwargs, message
 
 
 def test_components_can_be_none(pipe, tmp_path):
-    """LVDPipeline(vae=None, ...) builds; text encoder + tokenizer alone encode prompts (also saved and reloaded);
+    """LVDPipeline(vae=None, ...) builds; text encoder + tokenizer alone encode prompts (also saved, and reloaded
+    with the missing components passed as None, as diffusers loads a folder without a required component);
     transformer + scheduler alone generate latents from given embeddings and noise, as the whole pipeline does."""
     parts = {name: getattr(pipe, name) for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     assert LVDPipeline(**{**parts, "vae": None}).video_vae is None
-    LVDPipeline(text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"]).save_pretrained(tmp_path)
-    text_only = LVDPipeline.from_pretrained(tmp_path)
+    absent = dict(transformer=None, vae=None, scheduler=None)
+    LVDPipeline(**absent, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="expected"):  # generation needs them: none is optional
+        LVDPipeline.from_pretrained(tmp_path)
+    text_only = LVDPipeline.from_pretrained(tmp_path, **absent)
     assert text_only.transformer is None and text_only.vae is None and text_only.scheduler is None
-    cond, uncond = text_only.encode_prompt("a red circle moving right")
+    embeds = text_only.encode_prompt("a red circle moving right")
     with pytest.raises(ValueError, match="no transformer"):
         text_only("a red circle moving right")
 
-    denoiser_only = LVDPipeline(transformer=parts["transformer"], scheduler=parts["scheduler"])
+    denoiser_only = LVDPipeline(transformer=parts["transformer"], vae=None, text_encoder=None, tokenizer=None,
+                                scheduler=parts["scheduler"])
     denoiser_only.set_progress_bar_config(disable=True)
     noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    got = denoiser_only(latents=noise, num_inference_steps=3, output_type="latent",
-                        **embedding_kwargs(cond, uncond)).frames
+    got = denoiser_only(latents=noise, num_inference_steps=3, output_type="latent", **embeds).frames
     assert torch.equal(got, run(pipe, output_type="latent").frames)
     with pytest.raises(ValueError) as err:
-        denoiser_only(num_inference_steps=3, **embedding_kwargs(cond))  # no VAE, no text encoder for the uncond
+        denoiser_only(num_inference_steps=3, **positive(embeds))  # no VAE, no text encoder for the uncond
     for message in ("output_type='latent'", "pass latents=", "negative_prompt_embeds"):
         assert message in str(err.value)
 

@@ -3,9 +3,11 @@
 Components (the folder layout ``save_pretrained`` writes and ``from_pretrained`` reads):
 ``transformer`` (:class:`lvd.dit.VideoDiT`), ``vae`` (our :class:`lvd.vae.CausalVideoVAE` or a diffusers
 ``AutoencoderKL*`` video VAE), ``text_encoder`` + ``tokenizer`` (any Hugging Face text model), ``scheduler``
-(a diffusers scheduler whose saved config records the training objective). Each may be None: a pipeline
-with only the text encoder encodes prompts; one without it generates from given ``prompt_embeds``; one
-without a VAE returns latents.
+(a diffusers scheduler whose saved config records the training objective). Generation from a prompt needs all
+five, so none is one of diffusers' ``_optional_components`` (a component the pipeline runs without) and a folder
+holds each, or names its text encoder by ``text_encoder_id``. An object built in code may leave some out: with
+only the text encoder and tokenizer it encodes prompts; without them it generates from ``prompt_embeds``; without
+a VAE it returns latents (``from_pretrained(folder, vae=None)`` loads a folder without one, as in diffusers).
 
 The denoising loop is :func:`lvd.pipeline.sampling.sample` (classifier-free guidance, Ho & Salimans 2022,
 arXiv:2207.12598, ``pred = pred_uncond + w · (pred_cond − pred_uncond)`` with both halves in one batch). The
@@ -21,16 +23,18 @@ file never touches a scale or shift.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
@@ -49,9 +53,48 @@ from lvd.text_embeddings import TextEmbeddings
 from lvd.text import encode_text, load_text_model, recorded_text_encoder
 from lvd.vae import VideoVAE, as_video_vae
 
-__all__ = ["LVDPipeline"]
+__all__ = ["LVDPipeline", "PromptEmbeds"]
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# diffusers' from_pretrained reports each component it loads here ("Loaded vae as ... subfolder of ..."); the text
+# encoder, which LVDPipeline.from_pretrained loads itself, is reported in the same place
+_loading_log = logging.get_logger("diffusers.pipelines.pipeline_utils")
+
+
+class PromptEmbeds(NamedTuple):
+    """What :meth:`LVDPipeline.encode_prompt` returns: the text arguments of ``__call__``, under their names there
+    (states (B, L, D), mask (B, L) bool with True = real token, pooled (B, D_pooled); the negatives are None
+    without classifier-free guidance).
+
+    It also unpacks as keyword arguments (``keys()`` and lookup by name), so ``pipe(**pipe.encode_prompt(p), ...)``
+    gives the same video as ``pipe(p, ...)``; ``embeds.prompt_embeds`` and tuple unpacking work as for any named
+    tuple."""
+
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_prompt_attention_mask: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+
+    def keys(self) -> tuple[str, ...]:
+        return self._fields
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+
+def _returns_prompt_embeds(encode: Callable) -> Callable:
+    """Pack the six values ``encode_prompt`` returns into :class:`PromptEmbeds`.
+
+    ``encode_prompt`` itself ends in ``return prompt_embeds, prompt_attention_mask, ...``: diffusers' common pipeline
+    tests read those names from its source (``ReturnNameVisitor``) to pass its outputs back to ``__call__``."""
+
+    @functools.wraps(encode)
+    def wrapper(*args, **kwargs) -> PromptEmbeds:
+        return PromptEmbeds(*encode(*args, **kwargs))
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,10 +126,8 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
                       num_inference_steps=25, guidance_scale=5.0, generator=g).frames   # (1, 17, 64, 64, 3)
         pipe.set_sampler("dpm++")   # swap the sampler; refused if it does not fit the model's objective
 
-        cond, uncond = pipe.encode_prompt("a red circle moving right")   # TextEmbeddings, one row each
-        frames = pipe(prompt_embeds=cond.states, prompt_attention_mask=cond.mask, pooled_prompt_embeds=cond.pooled,
-                      negative_prompt_embeds=uncond.states, negative_prompt_attention_mask=uncond.mask,
-                      negative_pooled_prompt_embeds=uncond.pooled, generator=g).frames
+        embeds = pipe.encode_prompt("a red circle moving right")   # PromptEmbeds: __call__'s text arguments
+        frames = pipe(**embeds, generator=g).frames                 # the same video as the prompt gives
 
         pipe.load_lora_weights("runs/orange/export/lora", adapter_name="orange")   # diffusers' LoRA API
         pipe.set_adapters(["orange"], [0.8])
@@ -105,11 +146,14 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
             folder refers to the encoder instead of holding it: ``save_pretrained`` writes no ``text_encoder/`` and
             ``tokenizer/`` (model_index.json has them as ``[null, null]`` and ``"text_encoder_id"``), and
             ``from_pretrained`` loads them by that name. This keeps the bundled demo small.
-    Every component may be None; ``__call__`` and ``encode_prompt`` say which ones they need.
+    All five components are required arguments, as diffusers declares the components a pipeline cannot generate
+    without; each may be given as None (``__call__`` and ``encode_prompt`` say which ones they need).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = list(COMPONENTS)
+    # generation needs every component (the text encoder too: prompts and the empty prompt of CFG), so none is
+    # optional in diffusers' sense; a folder with a text_encoder_id names its encoder instead of holding it
+    _optional_components = []
     _callback_tensor_inputs = ["latents", "noise_pred"]
     #: Decode with the VAE's tiling (and one video at a time) when a video has more output voxels
     #: (frames × height × width) than this. 17 × 256 × 256 keeps a decode under ~2 GB for a 4×8 VAE.
@@ -117,11 +161,11 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
 
     def __init__(
         self,
-        transformer: ModelMixin | None = None,
-        vae: ModelMixin | None = None,
-        text_encoder: torch.nn.Module | None = None,
-        tokenizer: Any = None,
-        scheduler: SchedulerMixin | None = None,
+        transformer: ModelMixin | None,
+        vae: ModelMixin | None,
+        text_encoder: torch.nn.Module | None,
+        tokenizer: Any,
+        scheduler: SchedulerMixin | None,
         text_encoder_id: str | None = None,
     ):
         super().__init__()
@@ -218,8 +262,12 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LVDPipeline":
-        """diffusers' ``from_pretrained``; a folder with a ``text_encoder_id`` gets its text encoder and tokenizer
-        from :meth:`lvd.text.TextEncoder.from_pretrained` (unless they are passed in).
+        """diffusers' ``from_pretrained``. The text encoder is loaded here, with Hugging Face hub kernels off
+        (:func:`lvd.text.load_text_model`), as diffusers loads every other component: at the dtype ``dtype`` gives it
+        (a dict's ``"text_encoder"`` entry, else its ``"default"``) and from ``model.<variant>.safetensors`` when
+        ``variant`` is given and ``text_encoder/`` holds that variant. A folder with a ``text_encoder_id`` gets its
+        text encoder and tokenizer from :meth:`lvd.text.TextEncoder.from_pretrained` instead (unless they are passed
+        in), at that dtype; a variant names files of the folder, so it does not apply to them.
 
         The folder's recorded id may name only a packaged encoder, a folder inside the model folder or a hub id
         in the local cache (:func:`lvd.text.recorded_text_encoder`); ``text_encoder_id=`` given here is the
@@ -227,6 +275,8 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
         folder = Path(pretrained_model_name_or_path)
         index_path = folder / "model_index.json"
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32
+        if isinstance(dtype, dict):  # one per component, as diffusers reads it
+            dtype = dtype.get("text_encoder", dtype.get("default", torch.float32))
         if index_path.is_file() and not {"text_encoder", "tokenizer"} & set(kwargs):
             text_encoder_id = kwargs.get("text_encoder_id")
             if not text_encoder_id:
@@ -235,8 +285,16 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
             if text_encoder_id:
                 text_model, tokenizer = load_text_encoder(text_encoder_id, dtype=dtype)
                 kwargs.update(text_encoder=text_model, tokenizer=tokenizer)
+                _loading_log.info(f"Loaded text_encoder as {type(text_model).__name__} and tokenizer as "
+                                  f"{type(tokenizer).__name__} from text_encoder_id {text_encoder_id!r}.")
         if "text_encoder" not in kwargs and (folder / "text_encoder" / "config.json").is_file():
-            kwargs["text_encoder"] = load_text_model(str(folder / "text_encoder"), dtype=dtype)  # hub kernels off
+            variant = kwargs.get("variant")
+            # as diffusers: a component whose folder lacks the variant loads its plain weights
+            if variant is not None and not any((folder / "text_encoder").glob(f"*.{variant}*")):
+                variant = None
+            kwargs["text_encoder"] = load_text_model(str(folder / "text_encoder"), dtype=dtype, variant=variant)
+            _loading_log.info(f"Loaded text_encoder as {type(kwargs['text_encoder']).__name__} from `text_encoder` "
+                              f"subfolder of {pretrained_model_name_or_path}.")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -245,9 +303,13 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
             return super().save_pretrained(save_directory, *args, **kwargs)
         names = {name: self.config[name] for name in ("text_encoder", "tokenizer")}
         self.register_to_config(text_encoder=(None, None), tokenizer=(None, None))
+        # diffusers' save_pretrained skips exactly the optional components recorded as (None, None): for this save,
+        # the two the folder refers to by text_encoder_id are optional
+        self._optional_components = ["text_encoder", "tokenizer"]
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:
+            del self._optional_components
             self.register_to_config(**names)
 
     # -- component names in model_index.json -----------------------------------------------------
@@ -319,6 +381,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
 
     # -- 2. prompts ------------------------------------------------------------------------------
 
+    @_returns_prompt_embeds
     def encode_prompt(
         self,
         prompt: str | list[str],
@@ -328,14 +391,29 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
         max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
-    ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
-        """``(cond, uncond)`` text embeddings, B = len(prompt) · num_videos_per_prompt rows each (prompt-major);
-        ``uncond`` is None without classifier-free guidance. Needs only the text encoder and tokenizer.
+    ) -> PromptEmbeds:
+        """The text arguments of ``__call__`` for ``prompt``, by their names there (:class:`PromptEmbeds`):
+        ``pipe(**pipe.encode_prompt(p, n), ...)`` gives the same video as ``pipe(p, n, ...)``. Needs only the text
+        encoder and tokenizer.
 
-        The unconditional rows are, for each prompt, the encoded ``negative_prompt`` if given (one string for
-        all, or one per prompt), otherwise the empty-prompt embedding CFG dropout trained with
-        (:func:`lvd.diffusion.null_text_embeddings`). So "" with no negative prompt gives cond == uncond.
+        B = len(prompt) · num_videos_per_prompt rows each (prompt-major). The negative (unconditional) rows are,
+        for each prompt, the encoded ``negative_prompt`` if given (one string for all, or one per prompt),
+        otherwise the empty-prompt embedding CFG dropout trained with (:func:`lvd.diffusion.null_text_embeddings`),
+        so "" with no negative prompt gives equal halves; without classifier-free guidance they are None.
         """
+        cond, uncond = self._encode_text(prompt, negative_prompt, do_classifier_free_guidance, num_videos_per_prompt,
+                                         max_sequence_length, device, dtype)
+        prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = cond.states, cond.mask, cond.pooled
+        negative_prompt_embeds = negative_prompt_attention_mask = negative_pooled_prompt_embeds = None
+        if uncond is not None:
+            negative_prompt_embeds, negative_prompt_attention_mask = uncond.states, uncond.mask
+            negative_pooled_prompt_embeds = uncond.pooled
+        return (prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
+                negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+
+    def _encode_text(self, prompt, negative_prompt, do_classifier_free_guidance: bool, num_videos_per_prompt: int,
+                     max_sequence_length: int | None, device, dtype) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """``(cond, uncond)`` as :meth:`encode_prompt` describes them; ``uncond`` is None without guidance."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         device = device or self._execution_device
@@ -375,14 +453,14 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
 
         cond, uncond = given("prompt"), given("negative_prompt") if guidance else None
         if cond is None:  # prompt text, and the negative text or the empty prompt where no embedding stands in
-            cond, encoded = self.encode_prompt(prompt, negative_prompt, guidance and uncond is None,
-                                               num_videos_per_prompt, max_sequence_length, device, dtype)
+            cond, encoded = self._encode_text(prompt, negative_prompt, guidance and uncond is None,
+                                              num_videos_per_prompt, max_sequence_length, device, dtype)
             uncond = encoded if uncond is None else uncond
         elif guidance and uncond is None and negative_prompt is not None:
             rows = len(cond) // num_videos_per_prompt
             negatives = [negative_prompt] * rows if isinstance(negative_prompt, str) else negative_prompt
-            uncond = self.encode_prompt(negatives, None, False, num_videos_per_prompt, max_sequence_length, device,
-                                        dtype)[0]
+            uncond = self._encode_text(negatives, None, False, num_videos_per_prompt, max_sequence_length, device,
+                                       dtype)[0]
         elif guidance and uncond is None:  # the empty prompt CFG dropout trained with
             uncond = self._null_text(max_sequence_length).repeat(len(cond)).to(device, dtype)
         if uncond is not None and (uncond.states.shape != cond.states.shape or uncond.pooled.shape != cond.pooled.shape):
