@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from lvd.train.checkpoint import CheckpointConfig
 from lvd.train.distributed import DistributedConfig, DistributedError, init_distributed, shutdown
-from lvd.train.loop import OptimConfig, StepOutput, TrainConfig, Trainer, prepare_model
+from lvd.train.loop import OptimConfig, StepOutput, TrainConfig, Trainer, export_pretrained, prepare_model
 
 GLOBAL_BATCH = 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +43,13 @@ class ShardedLoader:
         self.pos = d["pos"]
 
 
-class Blocks(nn.Module):
-    def __init__(self):
+class Blocks(ModelMixin, ConfigMixin):
+    """Three residual blocks; a diffusers model, so an export can rebuild it from its config."""
+
+    @register_to_config
+    def __init__(self, width: int = 6):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(6, 6) for _ in range(3)])  # FSDP2 shards each block
+        self.blocks = nn.ModuleList([nn.Linear(width, width) for _ in range(3)])  # FSDP2 shards each block
 
     def forward(self, x):
         for b in self.blocks:
@@ -66,6 +71,7 @@ def train(run_dir, strategy, steps):
     trainer = Trainer(run_dir=run_dir, model=model, loss_fn=loss_fn, optim=OptimConfig(lr=1e-2), train=train_cfg,
                       checkpoint=CheckpointConfig(every=steps), env=env, ema=ema)
     trainer.fit(ShardedLoader(env.rank, env.world_size))
+    export_pretrained(ema.model, Path(run_dir) / "export", env)  # every rank: under FSDP2 the weights are gathered
     from lvd.train.distributed import model_state_dict
 
     state = model_state_dict(trainer.model)
@@ -104,6 +110,10 @@ def test_fsdp2_two_processes_complete_two_steps(tmp_path):
     assert len(_losses(tmp_path / "fsdp")) == 2
     one = json.loads((tmp_path / "fsdp" / "final.json").read_text())
     assert len(one["params"]["blocks.0.weight"]) == 6  # gathered to full size on rank 0
+    exported = Blocks.from_pretrained(tmp_path / "fsdp" / "export").state_dict()  # the EMA, whole
+    assert exported.keys() == one["ema"].keys()
+    for k, v in exported.items():
+        assert torch.equal(v, torch.tensor(one["ema"][k])), k
 
 
 @pytest.mark.slow
