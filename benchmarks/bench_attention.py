@@ -1,6 +1,6 @@
 """Attention throughput: our Triton flash attention vs SDPA, xformers and the compiled reference.
 
-Shapes are the video-DiT ones from the kernels issue: B=1, H=24, N ∈ {4k, 8k, 16k, 32k, 64k}, D ∈ {64, 128},
+Shapes are a video DiT's: B=1, H=24, N ∈ {4k, 8k, 16k, 32k, 64k}, D ∈ {64, 128},
 self-attention, bf16. For each (backend, N, D) it times the forward and the backward alone (dO → dQ, dK, dV,
 graph kept) and reports ms and TFLOP/s with the FlashAttention convention: forward 4·B·H·N_q·N_k·D FLOPs,
 backward 2.5× that (halved when causal).
@@ -11,13 +11,13 @@ backward 2.5× that (halved when causal).
 - On a CPU: Triton needs a GPU (the interpreter is a correctness tool, ~3 ms per program instance), so
   only ``sdpa`` and ``torch`` (the eager reference) are timed, in fp32 at small N, median of ``--repeats``.
 
-    python benchmarks/bench_attention.py                          # GPU: full sweep; CPU: small fp32 sweep
-    python benchmarks/bench_attention.py --n 4096,16384 --d 128 --causal
-    python benchmarks/bench_attention.py --n 4096,16384 --d 64,128 --backends triton,sdpa --write-table
-    python benchmarks/bench_attention.py --masked 0.1 --backends triton,sdpa --write-table   # key-padding mask
+    python -m benchmarks.bench_attention                          # GPU: full sweep; CPU: small fp32 sweep
+    python -m benchmarks.bench_attention --n 4096,16384 --d 128 --causal
+    python -m benchmarks.bench_attention --n 4096,16384 --d 64,128 --backends triton,sdpa --write-table
+    python -m benchmarks.bench_attention --masked 0.1 --backends triton,sdpa --write-table   # key-padding mask
 
 ``--masked F`` drops the last fraction F of keys through a (B, N) boolean mask (SDPA then takes that mask as
-``attn_mask``). ``--write-table [PATH]`` records, per head dim, which of triton / sdpa was faster here
+``attn_mask``). ``--write-table [PATH]`` records, per head dim, which of triton / sdpa is faster here
 (geometric mean of forward and backward times) in the attention table that ``backend="auto"`` reads:
 by default this machine's own (``lvd.kernels.dispatch.user_attention_table_path()``); the table shipped
 with lvd is ``lvd/kernels/attention_table.json``.
@@ -30,25 +30,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import logging
-import platform
+import math
 import re
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from benchmarks import report
+from benchmarks.timing import time_ms
+from lvd import kernels
+from lvd.kernels import dispatch
+
 logging.getLogger("xformers").setLevel(logging.ERROR)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from lvd import kernels  # noqa: E402
-from lvd.kernels import dispatch  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
-
-RESULTS = Path(__file__).resolve().parent / "results"
 GPU_N = (4096, 8192, 16384, 32768, 65536)
 CPU_N = (1024, 2048)
 COMPILED_SCORE_BUDGET = 0.25  # of GPU memory: the compiled reference materialises (B, H, N, N) fp32 scores
@@ -166,6 +161,7 @@ def main(argv=None):
     if not gpu and dtype != torch.float32:
         p.error("on a CPU time fp32 only (bf16 matmul runs at ~0.3 GFLOP/s here)")
     torch.set_grad_enabled(True)
+    head = report.header("bench_attention", argv)
     rows = []
     for d in map(int, args.d.split(",")):
         for n in map(int, args.n.split(",")):
@@ -181,10 +177,9 @@ def main(argv=None):
         print(f"faster of triton/sdpa here (geometric mean of fwd+bwd ms): {winner} (triton/sdpa time {ratio})")
     triton_version = getattr(dispatch.triton, "__version__", None) if dispatch.HAS_TRITON else None
     result = dict(
-        op="attention", fastest_of_triton_and_sdpa=winner, ms_ratio_triton_over_sdpa=ratio, device=device_name,
-        dtype=args.dtype, batch=args.batch, heads=args.heads, causal=args.causal, masked=args.masked,
-        torch=torch.__version__, triton=triton_version, python=platform.python_version(),
-        load_average=None if gpu else [round(v, 2) for v in os.getloadavg()],
+        **head, op="attention", fastest_of_triton_and_sdpa=winner, ms_ratio_triton_over_sdpa=ratio,
+        device=device_name, dtype=args.dtype, batch=args.batch, heads=args.heads, causal=args.causal,
+        masked=args.masked, triton=triton_version,
         timer="triton.testing.do_bench median" if gpu else f"perf_counter median of {args.repeats}",
         flops="fwd 4·B·H·N²·D, bwd 2.5× fwd (halved when causal)",
         note=None if gpu else "Triton timings need a GPU: on a CPU the kernels run only in the interpreter",
@@ -192,10 +187,7 @@ def main(argv=None):
         rows=rows,
     )
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    out = args.out or RESULTS / f"attention_{slug}{'_masked' if args.masked else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    out = report.write(result, args.out or report.RESULTS / f"attention_{slug}{'_masked' if args.masked else ''}.json")
     if args.write_table:
         write_table(args.write_table, rows, device_name=device_name, dtype=dtype, masked=args.masked,
                     source=f"{out.name} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, triton {triton_version})")

@@ -9,28 +9,21 @@ Cases are the shapes a chunked decode of the causal VAE sees (batch 1, a few fra
 
 Timer: ``time.perf_counter``, median of ``--repeats`` after one warm-up; GFLOP/s counts 2·MACs.
 
-    python benchmarks/bench_conv3d.py                      # writes benchmarks/results/conv3d_cpu.json
-    python benchmarks/bench_conv3d.py --size 128 --threads 2
+    python -m benchmarks.bench_conv3d                      # writes benchmarks/results/conv3d_cpu.json
+    python -m benchmarks.bench_conv3d --size 128 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from lvd.kernels.conv3d import conv3d, conv3d_reference, conv3d_split_window  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import report
+from benchmarks.timing import time_ms
+from lvd.kernels.conv3d import conv3d, conv3d_reference, conv3d_split_window
 
 
 def bench(channels, size, repeats):
@@ -60,21 +53,19 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="frame side in pixels")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=RESULTS / "conv3d_cpu.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "conv3d_cpu.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    head = report.header("bench_conv3d", argv)
     rows = []
     for c in map(int, args.channels.split(",")):
         rows += bench(c, args.size, args.repeats)
     print(f"{'op':>12} {'impl':>9} {'layout':>13} {'C':>4} {'ms':>9} {'GFLOP/s':>8}")
     for r in rows:
         print(f"{r['op']:>12} {r['impl']:>9} {r['layout']:>13} {r['channels']:>4} {r['ms']:9.3f} {r['gflops']:8.2f}")
-    result = dict(op="conv3d", device="cpu", dtype="fp32", threads=args.threads, torch=torch.__version__,
-                  python=platform.python_version(), load_average=[round(v, 2) for v in os.getloadavg()],
-                  timer=f"perf_counter median of {args.repeats}", rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    result = dict(**head, op="conv3d", device="cpu", dtype="fp32", timer=f"perf_counter median of {args.repeats}",
+                  rows=rows)
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Data-stage throughput: writing shards, and loading clips from shards vs. from individual files.
 
-    python benchmarks/bench_data.py                     # ~2 min on 2 cores; writes benchmarks/results/data.json
-    python benchmarks/bench_data.py --videos 32 --workers 1 2 4
+    python -m benchmarks.bench_data                     # ~2 min on 2 cores; writes benchmarks/results/data.json
+    python -m benchmarks.bench_data --videos 32 --workers 1 2 4
 
 1. Make ``--videos`` source videos: 640x360, 30 fps, ``--seconds`` long, H.264 yuv420p (a
    moving textured scene, so the codec has real work).
@@ -14,17 +14,12 @@
      imageio-ffmpeg's ``read_frames`` (imageio's ffmpeg backend) with ``-ss`` seeking, full-size
      frames at the native rate, every n-th frame kept, then a torch resize and centre crop.
    Reports clips/s and MB/s of compressed input read (for per-file, the whole source files).
-The issue's goal: shards >= 2x per-file at equal workers.
+The goal: shards >= 2x per-file at equal workers.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lvd.data.codecs import Bucket, crop_clip  # noqa: E402
-from lvd.data.loader import ClipDataConfig, make_clip_loader  # noqa: E402
-from lvd.data.shards import ClipOptions, clip_starts, clips_from_video, write_shards  # noqa: E402
-from lvd.data.sources import list_folder  # noqa: E402
-from lvd.video_io import probe_video, write_video  # noqa: E402
+from benchmarks import report
+from lvd.data.codecs import Bucket, crop_clip
+from lvd.data.loader import ClipDataConfig, make_clip_loader
+from lvd.data.shards import ClipOptions, clip_starts, clips_from_video, write_shards
+from lvd.data.sources import list_folder
+from lvd.video_io import probe_video, write_video
 
 FRAMES, FPS, SIZE, BATCH = 17, 8.0, 256, 4
 
@@ -105,38 +99,16 @@ def time_loader(make, clips_expected: int) -> tuple[float, int]:
     return time.perf_counter() - start, clips
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import imageio_ffmpeg
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ffmpeg": imageio_ffmpeg.get_ffmpeg_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "note": "shared machine: other jobs ran at the same time, so numbers are noisy",
-    }
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--videos", type=int, default=12)
     p.add_argument("--seconds", type=float, default=2.5)
     p.add_argument("--clips-per-video", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "data.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "data.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    host = machine()  # before the work, so the load average is other people's
+    head = report.header("bench_data", argv)
 
     with tempfile.TemporaryDirectory(prefix="lvd-bench-data-") as tmp:
         tmp = Path(tmp)
@@ -186,21 +158,22 @@ def main(argv=None) -> None:
         pf = next(r for r in load_rows if r["path"] != "shards" and r["workers"] == w)
         speedup[str(w)] = round(sh["clips_per_s"] / pf["clips_per_s"], 2)
 
+    import imageio_ffmpeg
+
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": host,
+        **head,
+        "ffmpeg": imageio_ffmpeg.get_ffmpeg_version(),
         "setup": {"videos": a.videos, "seconds": a.seconds, "source": "640x360 30 fps H.264 yuv420p",
                   "clip": f"{FRAMES}x{SIZE}x{SIZE} at {FPS:g} fps", "clips_per_video": a.clips_per_video,
-                  "batch_size": BATCH, "command": "python benchmarks/bench_data.py " + " ".join(argv or sys.argv[1:])},  # fmt: skip
+                  "batch_size": BATCH},
         "write": write_rows,
         "load": load_rows,
         "shards_speedup_over_per_file": speedup,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    report.write(result, a.out)
 
     print(f"\nwriting shards ({FRAMES}x{SIZE}x{SIZE} clips from 640x360 sources)")
-    print(f"| workers | clips/s | MB/s written |\n|---|---|---|")
+    print("| workers | clips/s | MB/s written |\n|---|---|---|")
     for r in write_rows:
         print(f"| {r['workers']} | {r['clips_per_s']:.1f} | {r['MB_per_s']:.2f} |")
     print(f"\nloading {FRAMES}x{SIZE}x{SIZE} clips, batches of {BATCH}")
@@ -208,7 +181,7 @@ def main(argv=None) -> None:
     for r in load_rows:
         up = f"{speedup[str(r['workers'])]:.2f}x" if r["path"] == "shards" else ""
         print(f"| {r['path']} | {r['workers']} | {r['clips_per_s']:.1f} | {r['MB_per_s']:.2f} | {up} |")
-    print(f"\n{result['date']}, {result['machine']['cpu']}, {result['machine']['cores']} cores -> {a.out}")
+    print(f"\n{result['date']}, {result['machine']['cpu']}, {result['machine']['cores']} cores")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ forward under ``torch.no_grad``. "MFU" = achieved GFLOP/s ÷ the GFLOP/s of fp32
 of the same total FLOPs as the forward, timed in the same run
 right before the model, so load from other processes hits both alike.
 
-    python benchmarks/bench_dit.py                                  # everything (~15+ min on 2 cores)
-    python benchmarks/bench_dit.py --models ours-full,wan --tokens 3k --repeats 1
-    nohup python benchmarks/bench_dit.py > benchmarks/results/dit.log 2>&1 &
-    python benchmarks/bench_dit.py --tokens 3k --repeats 3 --merge   # re-measure 3k, keep the rest
-    python benchmarks/bench_dit.py --threads 1 --tokens 3k --merge   # beside a job that holds the other core
+    python -m benchmarks.bench_dit                                  # everything (~15+ min on 2 cores)
+    python -m benchmarks.bench_dit --models ours-full,wan --tokens 3k --repeats 1
+    nohup python -m benchmarks.bench_dit > benchmarks/results/dit.log 2>&1 &
+    python -m benchmarks.bench_dit --tokens 3k --repeats 3 --merge   # re-measure 3k, keep the rest
+    python -m benchmarks.bench_dit --threads 1 --tokens 3k --merge   # beside a job that holds the other core
 
 Writes benchmarks/results/dit.json (``--out``) and prints a table.
 """
@@ -33,17 +33,16 @@ import argparse
 import json
 import logging
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
-logging.getLogger("xformers").setLevel(logging.ERROR)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+from benchmarks import report
+
+logging.getLogger("xformers").setLevel(logging.ERROR)
 
 MODELS = ("ours-full", "ours-factorized", "ours-full-concat", "ours-factorized-concat", "cogvideox", "wan")
 TOKENS = {"3k": (13, 32, 32), "6k": (13, 44, 44), "13k": (13, 64, 64)}  # latent (T, H, W), patch 1×2×2
@@ -70,7 +69,8 @@ FLOP_EXTRA = {
 
 def build(name: str, grid: tuple[int, int, int], *, width: int = WIDTH, depth: int = DEPTH, heads: int = HEADS):
     """(model, forward(latents (B,C,T,H,W), timestep, text (B,L,D), pooled) -> (B,C,T,H,W)), fp32 on the CPU.
-    ``width``/``depth``/``heads`` default to this benchmark's matched size (gpu_check.py uses larger ones)."""
+    ``width``/``depth``/``heads`` default to this benchmark's matched size (:mod:`benchmarks.gpu_check` uses
+    larger ones)."""
     WIDTH, DEPTH, HEADS = width, depth, heads  # noqa: N806  (the names the model arguments below read)
     t, h, w = grid
     if name.startswith("ours"):
@@ -119,7 +119,7 @@ def build(name: str, grid: tuple[int, int, int], *, width: int = WIDTH, depth: i
 
 def matmul_seconds(flops: float, repeats: int = 1) -> float:
     """Seconds for fp32 2048×2048 matmuls totalling ``flops`` (the same-run reference rate), the best of
-    ``repeats`` like the model timings (a single shot caught by a load spike read as 125% MFU).
+    ``repeats`` like the model timings (a single shot caught by a load spike can read as 125% MFU).
 
     Square matmuls run at this CPU's best fp32 rate (219 GFLOP/s on 2 idle threads, against 190 for the
     (3328, 512) × (512, 2048) Linear shape), so the MFU below is the stricter of the two.
@@ -228,12 +228,13 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", default=None, help=f"comma list from {tuple(TOKENS)}")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dit.json"))
+    parser.add_argument("--out", default=str(report.RESULTS / "dit.json"))
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of --out for (model, tokens) cases not run now (re-measure a few cases)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    head = report.header("bench_dit", argv)
     if args.models is None and args.tokens is None:
         cases = DEFAULT_CASES
     else:
@@ -253,29 +254,22 @@ def main(argv=None) -> None:
     print_table(rows)
     if args.merge and Path(args.out).is_file():
         fresh = {(r["model"], r["tokens"]) for r in rows}
-        earlier = json.loads(Path(args.out).read_text())
-        kept = [r for r in earlier["rows"] if (r["model"], r["tokens"]) not in fresh]
-        for r in kept:  # rows from before rows carried their own thread count
-            r.setdefault("threads", earlier["machine"]["threads"])
+        stored = json.loads(Path(args.out).read_text())
+        kept = [r for r in stored["rows"] if (r["model"], r["tokens"]) not in fresh]
         rows = sorted(kept + rows, key=lambda r: (r["tokens"], MODELS.index(r["model"])))
-        print("merged with the earlier rows of", args.out)
+        print("merged with the stored rows of", args.out)
         print_table(rows)
     ups = speedups(rows)
     for s in ups:
         print(f"{s['model']} vs {s['versus']} at {s['tokens']} tokens: training step {s['train_speedup']:.2f}x, "
               f"forward {s['forward_speedup']:.2f}x")
     result = dict(
-        benchmark="bench_dit", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                     threads=torch.get_num_threads(), torch=torch.__version__,
-                     note="cores shared with other processes; threads and loadavg per row (merged rows keep theirs)"),
+        **head, note="cores shared with other processes; threads and loadavg per row (merged rows keep theirs)",
         config=dict(width=WIDTH, depth=DEPTH, heads=HEADS, text=[TEXT_LEN, TEXT_DIM], channels=CHANNELS,
                     patch=[1, 2, 2], batch=1, dtype="float32", repeats=args.repeats),
         rows=rows, speedups=ups,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Generation speed and memory on this machine, per stage: text encoding, denoising (s/step), decoding.
 
-    python benchmarks/bench_generate.py                      # both configs, writes benchmarks/results/generate.json
-    python benchmarks/bench_generate.py --configs tiny-256   # one config
-    python benchmarks/bench_generate.py --steps 10 --device cuda
+    python -m benchmarks.bench_generate                      # every config, writes benchmarks/results/generate.json
+    python -m benchmarks.bench_generate --configs tiny-256   # one config
+    python -m benchmarks.bench_generate --steps 10 --device cuda
 
 Configs:
 - ``demo``: the bundled demo pipeline (lvd/assets/shapes-demo/) at 64×64, 17 frames, 25 steps, guidance 5.
@@ -14,12 +14,13 @@ Configs:
 
 ``--threads 1 2`` runs each config once per torch thread count. On a CPU shared with other busy processes,
 2 threads can be far slower than 1: every op ends at a thread-pool barrier that waits for a descheduled
-thread (measured here at load average 11: a VideoDiT "tiny" forward over 320 tokens took 4.5 s with 2
-threads, 0.1 s with 1).
+thread (at load average 11 on 2 cores, a VideoDiT "tiny" forward over 320 tokens takes 4.5 s with 2 threads,
+0.1 s with 1).
 
 Each config runs in its own subprocess, so ``peak_rss_gb`` (ru_maxrss) is that config's peak, not the
 largest so far; ``rss_after_load_gb`` is the resident size before generating. One warm-up call (2 steps)
-precedes the timed call. The machine load average is recorded because other processes share the CPU.
+precedes the timed call. The header (:func:`benchmarks.report.header`) records the load average, because other
+processes share the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results" / "generate.json"
 DEMO = ROOT / "lvd" / "assets" / "shapes-demo"
 CONFIGS = {
     "demo": dict(frames=17, height=64, width=64),
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1],
                         help="torch threads; several values run each config once per value")
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--output", default=str(report.RESULTS / "generate.json"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args(argv)
 
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(args.one, args.steps, args.guidance, args.device, args.threads[0])))
         return 0
 
+    head = report.header("bench_generate", argv)
     results, skipped = [], {}
     for name in args.configs:
         if name == "demo" and not (DEMO / "model_index.json").is_file():
@@ -166,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {name}: {skipped[name]}")
             continue
         for threads in args.threads:
-            cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--guidance",
-                   str(args.guidance), "--device", args.device, "--threads", str(threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            cmd = [sys.executable, "-m", "benchmarks.bench_generate", "--one", name, "--steps", str(args.steps),
+                   "--guidance", str(args.guidance), "--device", args.device, "--threads", str(threads)]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -182,16 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         size = f"{r['frames']}x{r['height']}x{r['width']}"
         print(f"{r['config']:<10}{r['threads']:>4}{size:>14}{r['tokens']:>8}{r['seconds_per_video']:>9.2f}{r['text_encoding_s']:>8.3f}"
               f"{r['denoising_s_per_step']:>8.3f}{r['decoding_s']:>10.2f}{r['peak_rss_gb']:>9.2f}")
-    report = {
-        "benchmark": "generate",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_1m": round(os.getloadavg()[0], 2)},
-        "results": results,
-        "skipped": skipped,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    report.write({**head, "results": results, "skipped": skipped}, args.output)
     return 0
 
 

@@ -1,6 +1,6 @@
 """GroupNorm + SiLU throughput: our Triton kernel vs eager and compiled PyTorch, forward and backward.
 
-Shapes are the video-VAE ones from the kernels issue, 32 groups, bf16: 1×128×17×256×256 and 1×512×5×128×128,
+Shapes are a video VAE's, 32 groups, bf16: 1×128×17×256×256 and 1×512×5×128×128,
 plus 1×128×20×256×256 for the "≥ 10× eager" target; each in both statistics modes (global, per_frame).
 Backends: ``triton`` (ours), ``triton-l2`` (ours, per-frame passes over L2-sized frame slices, see
 ``group_norm(..., frame_slices=True)``), ``eager`` (``F.group_norm`` + ``F.silu``, i.e. ``nn.GroupNorm`` + SiLU; per-frame
@@ -16,8 +16,8 @@ forward + backward ≥ 60% of the copy rate.
 - On a CPU: Triton needs a GPU, so only ``eager`` (and ``compiled`` with ``--compiled``) run, in fp32, on
   smaller default shapes (1×128×17×64×64, 1×512×5×32×32), median of ``--repeats``.
 
-    python benchmarks/bench_group_norm.py
-    python benchmarks/bench_group_norm.py --shapes 1x128x17x256x256 --modes global
+    python -m benchmarks.bench_group_norm
+    python -m benchmarks.bench_group_norm --shapes 1x128x17x256x256 --modes global
 
 Writes benchmarks/results/group_norm_<gpu name>.json (``group_norm_cpu.json`` on a CPU; ``--out``).
 """
@@ -25,22 +25,16 @@ Writes benchmarks/results/group_norm_<gpu name>.json (``group_norm_cpu.json`` on
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from benchmarks import report
+from benchmarks.timing import time_ms
+from lvd import kernels
 
-from lvd import kernels  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
-
-RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = "1x128x17x256x256,1x512x5x128x128,1x128x20x256x256"
 CPU_SHAPES = "1x128x17x64x64,1x512x5x32x32"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -108,6 +102,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     if not gpu and dtype != torch.float32:
         p.error("on a CPU time fp32 only")
+    head = report.header("bench_group_norm", argv)
     rows = []
     for shape in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
         for per_frame in (m == "per_frame" for m in args.modes.split(",")):
@@ -123,8 +118,7 @@ def main(argv=None):
                       flush=True)
             rows += case_rows
     result = dict(
-        op="group_norm_silu", device=device_name, dtype=args.dtype, groups=GROUPS, torch=torch.__version__,
-        python=platform.python_version(), load_average=None if gpu else [round(v, 2) for v in os.getloadavg()],
+        **head, op="group_norm_silu", device=device_name, dtype=args.dtype, groups=GROUPS,
         timer="triton.testing.do_bench median" if gpu else f"perf_counter median of {args.repeats}",
         bytes="gbps: ideal bytes (fwd x+y, bwd x+dy+dx); gbps_actual: bytes our kernels request (fwd 3×, bwd 5× |x|;"
               " with triton-l2 the second read of each pass may come from L2)",
@@ -133,10 +127,7 @@ def main(argv=None):
         rows=rows,
     )
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    out = args.out or RESULTS / f"group_norm_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    report.write(result, args.out or report.RESULTS / f"group_norm_{slug}.json")
 
 
 if __name__ == "__main__":

@@ -4,28 +4,22 @@ The input is what the DiT gives it: a strided q view (B, N, H, Dh) cut out of th
 the 3D RoPE table of the patch grid, fp32. Forward alone (no grad) and forward + backward (grads of qkv
 and the weight), median of ``--repeats`` after one warm-up, ``time.perf_counter``.
 
-    python benchmarks/bench_rms_norm_rope.py                 # writes benchmarks/results/rms_norm_rope_cpu.json
-    python benchmarks/bench_rms_norm_rope.py --grid 13x16x16 --heads 8 --head-dim 64 --threads 1
+    python -m benchmarks.bench_rms_norm_rope                 # writes benchmarks/results/rms_norm_rope_cpu.json
+    python -m benchmarks.bench_rms_norm_rope --grid 13x16x16 --heads 8 --head-dim 64 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from benchmarks import report
+from benchmarks.timing import time_ms
+from lvd.dit.rope import default_axes_dims, rope_3d
+from lvd.kernels import rms_norm_reference, rms_norm_rope
 
-from lvd.dit.rope import default_axes_dims, rope_3d  # noqa: E402
-from lvd.kernels import rms_norm_reference, rms_norm_rope  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
-
-RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = {"fused": rms_norm_rope, "reference": rms_norm_reference}
 
 
@@ -60,9 +54,10 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=RESULTS / "rms_norm_rope_cpu.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "rms_norm_rope_cpu.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    head = report.header("bench_rms_norm_rope", argv)
     grid = tuple(map(int, args.grid.split("x")))
     rows = bench(grid, args.heads, args.head_dim, args.repeats)
     ref = {r["mode"]: r["ms"] for r in rows if r["impl"] == "reference"}
@@ -70,13 +65,9 @@ def main(argv=None):
     for r in rows:
         r["speedup_vs_reference"] = round(ref[r["mode"]] / r["ms"], 2)
         print(f"{r['impl']:>10} {r['mode']:>8} {r['ms']:9.3f} {r['speedup_vs_reference']:12.2f}x")
-    result = dict(op="rms_norm_rope", device="cpu", dtype="fp32", grid=list(grid), threads=args.threads,
-                  torch=torch.__version__, python=platform.python_version(),
-                  load_average=[round(v, 2) for v in os.getloadavg()],
+    result = dict(**head, op="rms_norm_rope", device="cpu", dtype="fp32", grid=list(grid),
                   timer=f"perf_counter median of {args.repeats}", rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":

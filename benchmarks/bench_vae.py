@@ -1,9 +1,9 @@
 """Video VAE encode/decode: time, achieved GFLOP/s and peak memory on this CPU.
 
-    python benchmarks/bench_vae.py                 # 1×3×9×128×128, memory sweep 256–1024 px (several minutes)
-    python benchmarks/bench_vae.py --big           # also 1×3×17×256×256 (slow: tens of minutes on 2 cores)
-    python benchmarks/bench_vae.py --quick         # smoke run: 64 px, tiny sweep
-    python benchmarks/bench_vae.py --big --cases ours-base,ours-base-chunked --default-layout \
+    python -m benchmarks.bench_vae                 # 1×3×9×128×128, memory sweep 256–1024 px (several minutes)
+    python -m benchmarks.bench_vae --big           # also 1×3×17×256×256 (slow: tens of minutes on 2 cores)
+    python -m benchmarks.bench_vae --quick         # smoke run: 64 px, tiny sweep
+    python -m benchmarks.bench_vae --big --cases ours-base,ours-base-chunked --default-layout \
         --out benchmarks/results/vae_default_layout.json   # ours without the channels-last CPU layout
 
 Compared, all with random weights, fp32, ``--threads`` threads:
@@ -35,13 +35,13 @@ import gc
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "vae.json"
+from benchmarks import report
+
 REPO = Path(__file__).resolve().parents[1]
 # glibc otherwise keeps freed blocks below its (dynamic, up to 32 MiB) mmap threshold in the heap, so RSS
 # shows memory no tensor holds any more: chunked and whole-clip encode then both read ~530 MiB peak rise.
@@ -178,10 +178,10 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 def _spawn_one(spec: dict, timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **(MALLOC_ENV if spec["measure"] == "memory" else {}))
-    cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
+    env.update(HF_HUB_OFFLINE="1", **(MALLOC_ENV if spec["measure"] == "memory" else {}))
+    cmd = [sys.executable, "-m", "benchmarks.bench_vae", "--case", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"case": spec["kind"], "shape": spec["shape"], "error": f"{spec['measure']} run timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run on small clips")
     p.add_argument("--sweep-frames", type=int, default=17, help="frames of the memory-sweep clips (1 + 4k)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=report.RESULTS / "vae.json")
     p.add_argument("--cases", default=None,
                    help="comma list of kinds to run (ours-base, ours-base-chunked, diffusers-cogvideox, diffusers-wan, "
                         "ours-small-tiled); default: all")
@@ -231,6 +231,10 @@ def main(argv=None) -> None:
         print(json.dumps(run_case(json.loads(args.case))), flush=True)
         return
 
+    import torch
+
+    torch.set_num_threads(args.threads)
+    head = report.header("bench_vae", argv)
     shapes = [(1, 5, 64, 64)] if args.quick else [(1, 9, 128, 128)] + ([(1, 17, 256, 256)] if args.big else [])
     sweep = [64, 128] if args.quick else [256, 512, 1024]
     rate_before = matmul_gflops(args.threads)
@@ -265,17 +269,12 @@ def main(argv=None) -> None:
               + (f"  (output {r['output_MiB']} MiB, decode peak rise {r['decode']['peak_rise_MiB']} MiB)"
                  if r["case"] == "ours-small-tiled" else ""))
 
-    result = {"benchmark": "bench_vae", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                          "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+    result = {**head, "load_average_1min_at_end": round(os.getloadavg()[0], 2),
               "matmul_gflops": {"before": round(rate_before, 1), "after": round(rate_after, 1)},
               "method": {"seconds": "time run: fresh process, default glibc malloc, no FLOP counter",
                          "peak_rss_MiB, peak_rise_MiB, seconds_memory_run": f"memory run: fresh process, {MALLOC_ENV}"},
-              "command": "python benchmarks/bench_vae.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report.write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -4,27 +4,23 @@ a continued clip moves on (and so the step at the seam)?
 Each guidance value runs ``python -m lvd.eval.shapes --modes continuation --guidance G``'s measurement (17 given
 frames of each caption's reference continued to 33, every caption × the seeds) and keeps its summary.
 
-    python benchmarks/continuation_guidance.py                     # the bundled demo, guidance 2 3 4 5
-    python benchmarks/continuation_guidance.py --model runs/demo/model --guidance 1 5 --out /tmp/x.json
+    python -m benchmarks.continuation_guidance                     # the bundled demo, guidance 2 3 4 5
+    python -m benchmarks.continuation_guidance --model runs/demo/model --guidance 1 5 --out /tmp/x.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+from benchmarks import report
+from lvd.data.synthetic import all_captions
+from lvd.eval import shapes_i2v
+from lvd.pipeline import LVDPipeline
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lvd.data.synthetic import all_captions  # noqa: E402
-from lvd.eval import shapes_i2v  # noqa: E402
-from lvd.pipeline import LVDPipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/shapes_continuation_guidance.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "shapes_continuation_guidance.json")
     a = p.parse_args(argv)
+    head = report.header("continuation_guidance", argv)
 
     pipe = LVDPipeline.from_pretrained(a.model)
     pipe.set_progress_bar_config(disable=True)
@@ -54,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{round(e['share_within_1.5'] * s['clips'])}/{s['clips']} within 1.5, "
               f"direction {s['accuracy']['direction']:.1%}", flush=True)
     model = str(Path(a.model).resolve()).removeprefix(f"{REPO}/")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "model": model, "seeds": a.seeds, "steps": a.steps,
-              "by_guidance": by_guidance}
-    a.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    report.write({**head, "model": model, "seeds": a.seeds, "steps": a.steps, "by_guidance": by_guidance}, a.out)
     return 0
 
 

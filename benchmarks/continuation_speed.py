@@ -15,29 +15,25 @@ its first ``given`` frames are continued to ``total`` (windows of 17 frames, the
 A model that carries the speed of what it is given makes ``slope`` ≈ 1 (made median step on given median step,
 least squares over every clip of the first three settings); one that moves at its own speed whatever it is given, ≈ 0.
 
-    python benchmarks/continuation_speed.py                               # the bundled demo, seed 0
-    python benchmarks/continuation_speed.py --model runs/demo/model --out /tmp/speed.json
+    python -m benchmarks.continuation_speed                               # the bundled demo, seed 0
+    python -m benchmarks.continuation_speed --model runs/demo/model --out /tmp/speed.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from benchmarks import report
+from lvd.data.synthetic import all_captions
+from lvd.eval import shapes_i2v
+from lvd.pipeline import LVDPipeline
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lvd.data.synthetic import all_captions  # noqa: E402
-from lvd.eval import shapes_i2v  # noqa: E402
-from lvd.pipeline import LVDPipeline  # noqa: E402
-
 SETTINGS = ((9, 17), (17, 25), (17, 33), (9, 33))  # (given, total) frames
 POOLED = 3  # the regression pools the first three settings (one speed range each)
 
@@ -49,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--limit", type=int, default=None, help="only the first N of the 84 captions")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/shapes_continuation_speed.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "shapes_continuation_speed.json")
     a = p.parse_args(argv)
+    head = report.header("continuation_speed", argv)
 
     pipe = LVDPipeline.from_pretrained(a.model)
     pipe.set_progress_bar_config(disable=True)
@@ -78,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all: made step = {pooled['slope']:.2f} x given step + c, correlation {pooled['correlation']:.2f} "
           f"over {pooled['clips']} clips", flush=True)
     model = str(Path(a.model).resolve()).removeprefix(f"{REPO}/")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "model": model, "seeds": a.seeds, "steps": a.steps,
-              "guidance": a.guidance, "captions": len(captions), "speed_following": pooled, "by_setting": by_setting}
-    a.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    result = {**head, "model": model, "seeds": a.seeds, "steps": a.steps, "guidance": a.guidance,
+              "captions": len(captions), "speed_following": pooled, "by_setting": by_setting}
+    report.write(result, a.out)
     return 0
 
 

@@ -4,9 +4,9 @@ recipe take half of it) from a machine whose Python has
 torch and triton (diffusers, webdataset and braceexpand may come as wheels on PYTHONPATH; the DiT/VAE
 comparisons skip diffusers' models where it is missing).
 
-    python benchmarks/gpu_check.py                          # every part
-    python benchmarks/gpu_check.py --parts kernels,tuning   # some parts
-    python benchmarks/gpu_check.py --dry-run                # on a CPU: tiny sizes through every part's code
+    python -m benchmarks.gpu_check                          # every part
+    python -m benchmarks.gpu_check --parts kernels,tuning   # some parts
+    python -m benchmarks.gpu_check --dry-run                # on a CPU: tiny sizes through every part's code
 
 Each part runs in its own process under a time limit (a crash or hang loses that part only) and writes
 ``OUT/<part>.json`` (default OUT: benchmarks/results/gpu_<gpu>_<date>/); a table of the headline figures comes
@@ -14,6 +14,9 @@ last (``OUT/summary.json``). The attention part records the faster backend per h
 ``OUT/attention_table.json``, in the format of lvd/kernels/attention_table.json. Parts share one Triton cache
 (``OUT/../triton-cache`` unless TRITON_CACHE_DIR is set), so nothing already tuned is tuned again, except in the
 ``tuning`` part, which measures that cost in a fresh cache on purpose.
+
+The machine need not have lvd installed: the parts, and the recipe they run, find it through PYTHONPATH, which the
+driver sets to the repository root.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,11 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import report
 
-# In the order they run: what the GPU issue's "done when" needs first. Limits are each part's most seconds.
+REPO = Path(__file__).resolve().parents[1]
+
+# In the order they run: correctness and the training path first. Limits are each part's most seconds.
 PARTS = ("env", "dit", "recipe", "tuning", "attention", "kernels", "vae", "group_norm")
 LIMITS_S = dict(env=30, dit=100, recipe=200, tuning=80, attention=120, kernels=120, vae=50, group_norm=50)
 
@@ -87,8 +88,7 @@ def device_and_dtype(dry_run: bool):
 def part_env(args) -> dict:
     import torch
 
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                cuda=torch.version.cuda, gpu=None)
+    info = dict(report.header("gpu_check", []), cuda=torch.version.cuda, gpu=None)
     try:
         import triton
 
@@ -209,7 +209,7 @@ def part_tuning(args) -> dict:
 
 
 def part_attention(args) -> dict:
-    import bench_attention
+    from benchmarks import bench_attention
 
     out = Path(args.out)
     table = out / "attention_table.json"
@@ -230,7 +230,7 @@ def part_attention(args) -> dict:
 
 
 def part_group_norm(args) -> dict:
-    import bench_group_norm
+    from benchmarks import bench_group_norm
 
     path = Path(args.out) / "group_norm_bench.json"
     argv = ["--backends", "eager", "--shapes", "1x8x3x16x16", "--repeats", "1"] if args.dry_run else \
@@ -240,12 +240,12 @@ def part_group_norm(args) -> dict:
 
 
 def part_dit(args) -> dict:
-    """One training step (forward, MSE backward, AdamW) and one no-grad forward, bf16 autocast, at the size of
-    the 2026-12-04 H200 run: 4 blocks, width 1536, 12 heads × 128, latents 16×13×60×104 (20,280 tokens)."""
+    """One training step (forward, MSE backward, AdamW) and one no-grad forward, bf16 autocast, at a size that
+    keeps a GPU busy: 4 blocks, width 1536, 12 heads × 128, latents 16×13×60×104 (20,280 tokens)."""
     import torch
     import torch.nn.functional as F
 
-    import bench_dit
+    from benchmarks import bench_dit
 
     device, dtype = device_and_dtype(args.dry_run)
     grid, size = ((3, 8, 8), dict(width=64, depth=2, heads=2)) if args.dry_run else \
@@ -363,9 +363,21 @@ def write_latent_shards(folder: Path, *, count: int, latent: tuple[int, ...], te
     latent_format.write_uncond(folder, text((1,)))
 
 
-def part_recipe(args) -> dict:
-    """recipes/train_latent_diffusion.py: 100 steps, then the same command to 200 (it resumes at 100)."""
-    work = Path(tempfile.mkdtemp(prefix="lvd-recipe-"))
+# The line the trainer logs when it resumes (lvd.train.loop.Trainer): "resumed from RUN/checkpoints/step_N (step N)".
+# A run folder may have spaces in its path, so the folder is anything up to the first " (step N)".
+RESUMED = re.compile(r"resumed from (.+?) \(step (\d+)\)")
+
+
+def resumed_step(log: str) -> int | None:
+    """The step at which the run that wrote ``log`` resumed (the trainer's resume line), None if it started afresh."""
+    found = RESUMED.findall(log)
+    return int(found[-1][1]) if found else None
+
+
+def part_recipe(args, work: Path | None = None) -> dict:
+    """recipes/train_latent_diffusion.py: 100 steps, then the same command to 200 (it resumes at 100). ``work``:
+    the folder for its latents and run (default: a new temporary folder)."""
+    work = Path(tempfile.mkdtemp(prefix="lvd-recipe-")) if work is None else Path(work)
     latent = (16, 3, 8, 8) if args.dry_run else (16, 5, 16, 16)  # 320 tokens: compile time dominates anyway
     write_latent_shards(work / "latents", count=64, latent=latent, text_len=32, text_dim=384)
     preset, compile_, steps = ("tiny", "false", (4, 8)) if args.dry_run else ("base", "true", (100, 200))
@@ -381,9 +393,8 @@ def part_recipe(args) -> dict:
         out = subprocess.run(base + [f"train.max_steps={max_steps}"], cwd=REPO, capture_output=True, text=True,
                              timeout=LIMITS_S["recipe"] - 20)
         log = out.stdout + out.stderr
-        resumed = re.search(r"resumed from \S+ \(step (\d+)\)", log)
         runs.append(dict(max_steps=max_steps, rc=out.returncode, seconds=round(time.perf_counter() - start, 1),
-                         resumed_at=int(resumed.group(1)) if resumed else None, log_tail=log[-1500:]))
+                         resumed_at=resumed_step(log), log_tail=log[-1500:]))
         if out.returncode != 0:
             break
     metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] \
@@ -440,7 +451,7 @@ def main(argv=None) -> int:
 
     if args.part_only:
         result = globals()[f"part_{args.part_only}"](args)
-        Path(args.out, f"{args.part_only}.json").write_text(json.dumps(result, indent=1) + "\n")
+        report.write(result, Path(args.out, f"{args.part_only}.json"))
         return 0
 
     parts = args.parts.split(",")
@@ -452,7 +463,7 @@ def main(argv=None) -> int:
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run else "cpu_dry_run"
         slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-        args.out = str(REPO / "benchmarks" / "results" / f"gpu_{slug}_{datetime.date.today().isoformat()}")
+        args.out = str(report.RESULTS / f"gpu_{slug}_{datetime.date.today().isoformat()}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -468,7 +479,8 @@ def main(argv=None) -> int:
             results[part] = dict(error=f"skipped: {left:.0f} s of the --budget-s left")
             print(f"{part}: skipped ({left:.0f} s left)", flush=True)
             continue
-        cmd = [sys.executable, __file__, "--part-only", part, "--out", str(out)] + (["--dry-run"] if args.dry_run else [])
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--part-only", part, "--out", str(out)] + \
+            (["--dry-run"] if args.dry_run else [])
         try:
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                                   timeout=min(LIMITS_S[part], left))
@@ -484,7 +496,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:6.1f} s] {part}: "
               f"{'FAILED ' + results[part]['error'][:300] if 'error' in results[part] else 'done'}", flush=True)
     lines = summarise(results)
-    (out / "summary.json").write_text(json.dumps(dict(lines=lines, parts=results), indent=1) + "\n")
+    report.write(dict(lines=lines, parts=results), out / "summary.json")
     print("\n".join(lines))
     print(f"total {time.perf_counter() - start:.0f} s; results in {out}")
     return 0 if all("error" not in r for r in results.values()) else 1

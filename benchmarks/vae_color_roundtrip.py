@@ -1,31 +1,28 @@
 """Which colours a VAE can reproduce: encode → decode synthetic clips of named colours, report the foreground's
 mean RGB and hue before and after.
 
-A latent diffusion model can only draw what its VAE decodes. The bundled demo's VAE was trained on the seven
-colours of lvd.data.synthetic; this measures whether a colour outside them (the target of a LoRA fine-tune)
-survives the round trip.
+A latent diffusion model can only draw what its VAE decodes. A VAE trained on the seven colours of
+lvd.data.synthetic alone decodes other colours onto them; this measures whether a colour outside them (the target
+of a LoRA fine-tune) survives the round trip, on clips in the demo's ranges (:func:`lvd.data.synthetic.demo_config`).
 
-    python benchmarks/vae_color_roundtrip.py                      # the bundled demo's VAE
-    python benchmarks/vae_color_roundtrip.py --vae runs/demo/vae/export --out benchmarks/results/x.json
+    python -m benchmarks.vae_color_roundtrip                      # the bundled demo's VAE
+    python -m benchmarks.vae_color_roundtrip --vae runs/demo/vae/export --out benchmarks/results/x.json
 """
 
 from __future__ import annotations
 
 import argparse
 import colorsys
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks import report
+from lvd.data.synthetic import COLORS, demo_config, make_clip
+from lvd.vae import load_vae
 
-from lvd.data.synthetic import COLORS, make_clip  # noqa: E402
-from lvd.vae import load_vae  # noqa: E402
-from recipes.train_shapes_demo import demo_shapes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 EXTRA = {"orange": (255, 128, 0), "purple": (128, 0, 255), "pink": (255, 128, 192), "lime": (128, 255, 0),
          "azure": (0, 128, 255), "spring": (0, 255, 128), "teal": (0, 128, 128)}
@@ -46,13 +43,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vae", default=str(REPO / "lvd/assets/shapes-demo/vae"))
     p.add_argument("--clips", type=int, default=4, help="clips per colour (different shapes and paths)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/vae_color_roundtrip.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "vae_color_roundtrip.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    head = report.header("vae_color_roundtrip", argv)
     vae = load_vae(a.vae, device="cpu")
     rows = []
     for name, rgb in {**COLORS, **EXTRA}.items():
-        cfg = dataclasses.replace(demo_shapes(), colors={name: rgb} if name in EXTRA else {}, only_colors=(name,))
+        cfg = demo_config(colors={name: rgb} if name in EXTRA else {}, only_colors=(name,))
         before, after = [], []
         for index in range(a.clips):
             video = make_clip(index, 1, cfg)[0].float() / 127.5 - 1  # (3, T, H, W) in [-1, 1]
@@ -64,8 +62,7 @@ def main(argv=None) -> int:
         rows.append({"color": name, "seen_in_training": name in COLORS, "rgb": list(rgb), "clip_rgb": mean[0],
                      "decoded_rgb": mean[1], "clip_hue": hue(mean[0]), "decoded_hue": hue(mean[1])})
         print(f"{name:8s} {str(mean[0]):16s} hue {hue(mean[0]):3d}  ->  {str(mean[1]):16s} hue {hue(mean[1]):3d}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"vae": a.vae, "clips_per_color": a.clips, "rows": rows}, indent=2) + "\n")
+    report.write({**head, "vae": a.vae, "clips_per_color": a.clips, "rows": rows}, a.out)
     return 0
 
 

@@ -34,7 +34,7 @@ frames of a share ``prob`` of the samples (k from ``frames``; 1 = an image), wit
 (:class:`lvd.diffusion.CleanFramesConfig`). The model is then built with ``clean_frame_conditioning`` (a
 zero-initialised clean-token embedding, :class:`lvd.dit.VideoDiT`); with ``model.init_from`` a model without it
 gets it added, so the fine-tune starts as the trained text-to-video model. ``prob: 0`` (the default) trains
-exactly as before.
+text-to-video alone.
 
 The model's ``in_channels``, ``text_dim`` and ``pooled_dim`` are read from the latent shards, so a
 preset fits any VAE and text encoder. Classifier-free guidance dropout replaces a caption by the
@@ -46,17 +46,13 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lvd.config import (  # noqa: E402
+from lvd.config import (
     ConfigError,
     arguments_problems,
     folder_problem,
@@ -64,25 +60,25 @@ from lvd.config import (  # noqa: E402
     raise_problems,
     run_cli,
 )
-from lvd.data import latents as latent_format  # noqa: E402
-from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader  # noqa: E402
-from lvd.diffusion import CleanFramesConfig, DiffusionConfig, DiffusionObjective, num_tokens  # noqa: E402
-from lvd.dit import DIT_PRESETS, VideoDiT  # noqa: E402
-from lvd.dit.diffusers_transformer import SUPPORTED as DIFFUSERS_CLASSES  # noqa: E402
-from lvd.dit.diffusers_transformer import DiffusersTransformer  # noqa: E402
-from lvd.dit.pretrained import load_for_finetuning, transformer_folder  # noqa: E402
-from lvd.inputs import shards_problem, text_encoder_problem, vae_problem  # noqa: E402
-from lvd.dit.lora import LoraConfig, add_lora, save_lora  # noqa: E402
+from lvd.data import latents as latent_format
+from lvd.data.loader import LatentDataConfig, expand_shards, make_latent_loader
+from lvd.diffusion import CleanFramesConfig, DiffusionConfig, DiffusionObjective, num_tokens
+from lvd.dit import DIT_PRESETS, VideoDiT
+from lvd.dit.diffusers_transformer import SUPPORTED as DIFFUSERS_CLASSES
+from lvd.dit.diffusers_transformer import DiffusersTransformer
+from lvd.dit.pretrained import load_for_finetuning, transformer_folder, with_clean_frames
+from lvd.inputs import shards_problem, text_encoder_problem, vae_problem
+from lvd.dit.lora import LoraConfig, add_lora, save_lora
 from lvd.text_embeddings import TextEmbeddings
-from lvd.train.checkpoint import CheckpointConfig, CheckpointError  # noqa: E402
-from lvd.train.distributed import (  # noqa: E402
+from lvd.train.checkpoint import CheckpointConfig, CheckpointError
+from lvd.train.distributed import (
     DistributedConfig,
     DistributedError,
     init_distributed,
     shutdown,
     unwrap,
 )
-from lvd.train.loop import (  # noqa: E402
+from lvd.train.loop import (
     Hook,
     OptimConfig,
     RunConfig,
@@ -270,7 +266,8 @@ def peek_latents(cfg: LatentDataConfig, seed: int) -> dict:
 
 def build_dit(cfg: DiTModelConfig, first: dict, clean_frames: bool = False) -> VideoDiT:
     """A VideoDiT sized for the latents and text embeddings of ``first`` (a latent batch), or the trained one
-    ``cfg.init_from`` names; ``clean_frames``: with ``clean_frame_conditioning`` (see :func:`with_clean_frames`).
+    ``cfg.init_from`` names; ``clean_frames``: with ``clean_frame_conditioning``
+    (:func:`lvd.dit.pretrained.with_clean_frames`).
     With ``cfg.diffusers_class`` the saved diffusers transformer, wrapped to take lvd's denoiser call."""
     if cfg.diffusers_class:
         model = DiffusersTransformer.from_pretrained(cfg.diffusers_class, transformer_folder(cfg.init_from))
@@ -279,14 +276,17 @@ def build_dit(cfg: DiTModelConfig, first: dict, clean_frames: bool = False) -> V
         return model
     if cfg.init_from:
         # the flag goes through with_clean_frames: load_for_finetuning would add no clean_embed for it (diffusers'
-        # from_config drops a key the saved config.json lacks, as an older model's does)
+        # from_config drops a key that the saved config.json lacks)
         overrides = {k: v for k, v in cfg.overrides.items() if k != "clean_frame_conditioning"}
         try:
             model = load_for_finetuning(cfg.init_from, overrides)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if clean_frames or cfg.overrides.get("clean_frame_conditioning") is True:
-            model = with_clean_frames(model)
+            try:
+                model = with_clean_frames(model)
+            except ValueError as err:
+                raise ConfigError(f"model.init_from={cfg.init_from!r}: {err}") from None
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         return model
@@ -301,19 +301,6 @@ def build_dit(cfg: DiTModelConfig, first: dict, clean_frames: bool = False) -> V
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
-
-
-def with_clean_frames(model: VideoDiT) -> VideoDiT:
-    """``model`` with ``clean_frame_conditioning``: a trained model without it gets a zero clean-token embedding
-    added (its other weights as they are), so it starts out giving exactly the outputs it gave before."""
-    if model.config.get("clean_frame_conditioning", False):
-        return model
-    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}  # keys diffusers would drop
-    fresh = VideoDiT.from_config({**config, "clean_frame_conditioning": True})
-    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or missing != ["clean_embed"]:
-        raise ConfigError(f"model.init_from: adding clean_frame_conditioning: missing {missing}, unexpected {unexpected}")
-    return fresh.to(dtype=model.dtype)
 
 
 def check_batch(model: VideoDiT, batch: dict, shards: str, clean_frames: CleanFramesConfig | None = None) -> None:

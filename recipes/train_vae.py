@@ -27,17 +27,13 @@ whose discriminator trains as the trainer's aux model with its own AdamW.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __name__ == "__main__" and __package__ is None:  # `python recipes/x.py` from a checkout without pip install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lvd.config import (  # noqa: E402
+from lvd.config import (
     ConfigError,
     arguments_problems,
     folder_problem,

@@ -381,7 +381,6 @@ def test_each_main_block_exits_2_with_the_message(name, model_dir, clip_shards, 
 
     argv, texts = _entry_points(model_dir, clip_shards, dummy_shards, tmp_path)[name]
     monkeypatch.setattr(sys, "argv", [argv[0] if argv[0] != "-m" else argv[1], *argv[(2 if argv[0] == "-m" else 1):]])
-    monkeypatch.setattr(sys, "path", list(sys.path))  # a recipe run as a script puts the repo root on it
     with pytest.raises(SystemExit) as e, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": the module runs a second time
         if argv[0] == "-m":

@@ -104,11 +104,8 @@ def test_cli_modes_write_their_sections(model_dir, tmp_path, capsys):
 def test_continuation_speed_benchmark_pools_its_three_settings(model_dir, tmp_path):
     """benchmarks/continuation_speed.py on a tiny random pipeline (2 captions, 1 step): every setting's clips
     scored, the given steps faster for fewer frames, one regression over the first three settings' clips."""
-    import runpy
-    from pathlib import Path
+    from benchmarks.continuation_speed import main
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks/continuation_speed.py"
-    main = runpy.run_path(str(script), run_name="continuation_speed")["main"]
     out = tmp_path / "speed.json"
     assert main(["--model", str(model_dir), "--limit", "2", "--steps", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())

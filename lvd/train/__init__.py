@@ -4,6 +4,7 @@
   GAN aux step, metrics.jsonl / tensorboard / tqdm, exact resume) and its config dataclasses.
 - :mod:`lvd.train.checkpoint`: atomic safetensors + JSON resume checkpoints (no pickle).
 - :mod:`lvd.train.distributed`: torchrun detection, DDP / FSDP2 applied from outside the model.
+- :mod:`lvd.train.stages`: the end-to-end recipes' stages: skipped when done, timed, commands logged.
 """
 
 from lvd.train.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint
