@@ -14,7 +14,8 @@ from test_pipeline import FRAMES, SIZE, run, tiny_components  # tests/ is on sys
 
 from lvd.pipeline import LVDPipeline
 from lvd.pipeline.checks import EMBEDDING_ARGS
-from lvd.pipeline.pipeline import COMPONENTS, PromptEmbeds
+from lvd.pipeline import PromptEmbeds
+from lvd.pipeline.pipeline import COMPONENTS
 
 MODULES = ("transformer", "vae", "text_encoder")
 

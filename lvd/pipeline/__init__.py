@@ -4,13 +4,13 @@
 - :mod:`lvd.pipeline.sampling`: :func:`sample`, the one denoising loop (every sampler, batched CFG, clean prefix);
 - :mod:`lvd.pipeline.clean_frames`: image-to-video and continuation (given first frames → clean latent frames);
 - :mod:`lvd.pipeline.checks`: the pipeline's input checks, shared with ``python -m lvd.generate``;
-- :mod:`lvd.pipeline.output`: :class:`LVDPipelineOutput`;
+- :mod:`lvd.pipeline.output`: :class:`LVDPipelineOutput` and :class:`PromptEmbeds`, what it returns;
 - :mod:`lvd.pipeline.assembly`: a pipeline from trained components, and :func:`export_pipeline` to a folder;
 - :mod:`lvd.pipeline.lora`: diffusers' pipeline LoRA API (``load_lora_weights``, ``fuse_lora``, …).
 """
 
 from lvd.pipeline.assembly import export_pipeline
-from lvd.pipeline.output import LVDPipelineOutput
+from lvd.pipeline.output import LVDPipelineOutput, PromptEmbeds
 from lvd.pipeline.pipeline import LVDPipeline
 
-__all__ = ["LVDPipeline", "LVDPipelineOutput", "export_pipeline"]
+__all__ = ["LVDPipeline", "LVDPipelineOutput", "PromptEmbeds", "export_pipeline"]

@@ -23,12 +23,11 @@ file never touches a scale or shift.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
@@ -45,7 +44,7 @@ import lvd.vae  # noqa: F401
 from lvd.pipeline.assembly import load_components, load_text_encoder
 from lvd.pipeline.clean_frames import CleanFramesMixin
 from lvd.pipeline.lora import LVDLoraLoaderMixin
-from lvd.pipeline.output import LVDPipelineOutput, onload
+from lvd.pipeline.output import LVDPipelineOutput, PromptEmbeds, onload, returns_prompt_embeds
 from lvd.diffusion import DiffusionConfig, null_text_embeddings
 from lvd.pipeline.checks import EMBEDDING_ARGS, OUTPUT_TYPES, clean_frame_problems, prompt_problems, size_problems
 from lvd.pipeline.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
@@ -53,48 +52,12 @@ from lvd.text_embeddings import TextEmbeddings
 from lvd.text import encode_text, load_text_model, recorded_text_encoder
 from lvd.vae import VideoVAE, as_video_vae
 
-__all__ = ["LVDPipeline", "PromptEmbeds"]
+__all__ = ["LVDPipeline"]
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # diffusers' from_pretrained reports each component it loads here ("Loaded vae as ... subfolder of ..."); the text
 # encoder, which LVDPipeline.from_pretrained loads itself, is reported in the same place
 _loading_log = logging.get_logger("diffusers.pipelines.pipeline_utils")
-
-
-class PromptEmbeds(NamedTuple):
-    """What :meth:`LVDPipeline.encode_prompt` returns: the text arguments of ``__call__``, under their names there
-    (states (B, L, D), mask (B, L) bool with True = real token, pooled (B, D_pooled); the negatives are None
-    without classifier-free guidance).
-
-    It also unpacks as keyword arguments (``keys()`` and lookup by name), so ``pipe(**pipe.encode_prompt(p), ...)``
-    gives the same video as ``pipe(p, ...)``; ``embeds.prompt_embeds`` and tuple unpacking work as for any named
-    tuple."""
-
-    prompt_embeds: torch.Tensor
-    prompt_attention_mask: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
-    negative_prompt_attention_mask: torch.Tensor | None
-    negative_pooled_prompt_embeds: torch.Tensor | None
-
-    def keys(self) -> tuple[str, ...]:
-        return self._fields
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-
-def _returns_prompt_embeds(encode: Callable) -> Callable:
-    """Pack the six values ``encode_prompt`` returns into :class:`PromptEmbeds`.
-
-    ``encode_prompt`` itself ends in ``return prompt_embeds, prompt_attention_mask, ...``: diffusers' common pipeline
-    tests read those names from its source (``ReturnNameVisitor``) to pass its outputs back to ``__call__``."""
-
-    @functools.wraps(encode)
-    def wrapper(*args, **kwargs) -> PromptEmbeds:
-        return PromptEmbeds(*encode(*args, **kwargs))
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +344,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
 
     # -- 2. prompts ------------------------------------------------------------------------------
 
-    @_returns_prompt_embeds
+    @returns_prompt_embeds
     def encode_prompt(
         self,
         prompt: str | list[str],
