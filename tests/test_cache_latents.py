@@ -178,5 +178,7 @@ def test_bad_samples_are_skipped_named_and_counted_and_the_rest_cached(setup, tm
     assert "skipped 5 bad samples (" in err and "mp4 larger than its json: 1" in err
     # A ceiling below every clip: each is refused from its json, nothing written, status 1.
     assert _run(tmp_path / "in", tmp_path / "out2", vae_dir, text_dir, "--max-side", "8") == 1
-    assert "no sample could be cached" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no sample could be cached" in err
+    assert "json larger than the ceiling: 4" in err  # every sample whose json gives its size, before any decoding
     assert not list((tmp_path / "out2").glob("*.tar"))

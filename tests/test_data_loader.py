@@ -266,6 +266,24 @@ def test_an_mp4_larger_than_its_json_or_the_ceiling_is_skipped_before_decoding(t
         ClipDataConfig(shards="x.tar", max_frames=0)
 
 
+def test_a_clip_longer_than_max_frames_is_skipped_before_decoding(tmp_path, monkeypatch):
+    """The frame ceiling: a json declaring more than ``max_frames`` frames is skipped; its mp4 is never decoded."""
+    from lvd.data import codecs
+
+    short, long = torch.zeros(3, 9, 32, 32, dtype=torch.uint8), torch.zeros(3, 17, 32, 32, dtype=torch.uint8)
+    members = clip_members("short", short, {"num_frames": 9, "height": 32, "width": 32})
+    members += clip_members("long", long, {"num_frames": 17, "height": 32, "width": 32})
+    write_tar(tmp_path / "s.tar", members)
+    decoded = []
+    real = codecs.decode_video_bytes
+    monkeypatch.setattr(codecs, "decode_video_bytes", lambda data, **kw: decoded.append(kw) or real(data, **kw))
+    loader = make_clip_loader(ClipDataConfig(shards=str(tmp_path / "s.tar"), frames=9, size=32, batch_size=1, shuffle=0,
+                                             workers=0, epochs=1, drop_last=False, max_frames=9), seed=0)  # fmt: skip
+    assert [k for b in loader for k in b["key"]] == ["short"]
+    assert loader.skipped == {"json longer than the ceiling": 1}
+    assert decoded == [{"output": "float", "max_shape": (9, 32, 32)}]
+
+
 def test_the_decode_itself_stops_at_what_the_header_promised():
     """Even when the header passes the check, ffmpeg is stopped once its output passes the bound."""
     from lvd.video_io import VideoReadError, decode_video_bytes, encode_video_bytes
@@ -274,6 +292,23 @@ def test_the_decode_itself_stops_at_what_the_header_promised():
     assert decode_video_bytes(data, max_shape=(4, 64, 64)).shape == (3, 4, 64, 64)
     with pytest.raises(VideoReadError, match="larger than its header and limits"):
         decode_video_bytes(data, max_shape=(9, 32, 32))
+
+
+def test_an_over_bound_decode_is_stopped_before_it_is_held_whole():
+    """The bound is kept while ffmpeg writes: its 9 MiB of frames never reach memory, only what passed the bound."""
+    import tracemalloc
+
+    from lvd.video_io import VideoReadError, decode_video_bytes, encode_video_bytes
+
+    data = encode_video_bytes(torch.zeros(3, 48, 256, 256, dtype=torch.uint8), 8)  # 48·256²·3 B = 9 MiB decoded
+    tracemalloc.start()
+    try:
+        with pytest.raises(VideoReadError, match="larger than its header and limits"):
+            decode_video_bytes(data, max_shape=(48, 16, 16))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB held while decoding past a 38 KiB bound"
 
 
 def test_unsafe_keys_are_skipped_naming_shard_and_key(tmp_path, caplog):

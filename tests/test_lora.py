@@ -75,6 +75,21 @@ def test_fused_equals_unfused_and_unfuse_restores_the_base_weights_bit_for_bit(m
     assert torch.equal(_run(pipe), unfused)  # still adapted, unfused
 
 
+def test_the_transformers_own_unfuse_restores_its_base_weights_bit_for_bit(model_dir):
+    """``transformer.fuse_lora()`` / ``unfuse_lora()`` without a pipeline (LoraAdapterMixin): the same exact restore."""
+    transformer = _pipe(model_dir).transformer
+    add_lora(transformer, LoraConfig(rank=4, alpha=8))
+    _randomise(transformer)
+    base_weights = {k: v.clone() for k, v in transformer.state_dict().items() if ".lora_" not in k}
+    transformer.fuse_lora()
+    fused = transformer.state_dict()
+    assert any(not torch.equal(fused[k], v) for k, v in base_weights.items())
+    transformer.unfuse_lora()
+    now = transformer.state_dict()
+    for key, value in base_weights.items():
+        assert torch.equal(now[key], value), key
+
+
 def test_save_load_generate_is_byte_identical_and_small(model_dir, tmp_path):
     pipe = _pipe(model_dir)
     add_lora(pipe.transformer, LoraConfig(rank=4))
