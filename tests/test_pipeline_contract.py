@@ -10,11 +10,10 @@ import textwrap
 import pytest
 import torch
 from diffusers.utils import logging as diffusers_logging
-from test_pipeline import FRAMES, SIZE, run, tiny_components  # tests/ is on sys.path under pytest
+from test_pipeline import FRAMES, SIZE, pipe, pipe_dir, run, tiny_components  # noqa: F401 (pipe, pipe_dir: fixtures)
 
-from lvd.pipeline import LVDPipeline
+from lvd.pipeline import LVDPipeline, PromptEmbeds
 from lvd.pipeline.checks import EMBEDDING_ARGS
-from lvd.pipeline import PromptEmbeds
 from lvd.pipeline.pipeline import COMPONENTS
 
 MODULES = ("transformer", "vae", "text_encoder")
@@ -24,31 +23,17 @@ def modules(pipe) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipe, name) for name in MODULES}
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("contract")
-    LVDPipeline(**tiny_components()).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    pipeline = LVDPipeline.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 # -- dtypes and variants ------------------------------------------------------------------------------------------
 
 
-def test_a_dtype_dict_reaches_every_component_the_text_encoder_included(folder, tmp_path):
+def test_a_dtype_dict_reaches_every_component_the_text_encoder_included(pipe_dir, tmp_path):
     dtypes = {"text_encoder": torch.float16, "transformer": torch.float32, "default": torch.bfloat16}
-    loaded = LVDPipeline.from_pretrained(folder, dtype=dtypes)
+    loaded = LVDPipeline.from_pretrained(pipe_dir, dtype=dtypes)
     assert {name: m.dtype for name, m in modules(loaded).items()} == {
         "transformer": torch.float32, "vae": torch.bfloat16, "text_encoder": torch.float16}
-    loaded = LVDPipeline.from_pretrained(folder, dtype={"default": torch.float16})
+    loaded = LVDPipeline.from_pretrained(pipe_dir, dtype={"default": torch.float16})
     assert all(m.dtype == torch.float16 for m in modules(loaded).values())
-    loaded = LVDPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    loaded = LVDPipeline.from_pretrained(pipe_dir, dtype=torch.bfloat16)
     assert all(m.dtype == torch.bfloat16 for m in modules(loaded).values())
 
     # a folder that names its text encoder (text_encoder_id) gives it the same dtype
@@ -74,7 +59,7 @@ def test_a_variant_loads_every_component_from_its_variant_files(tmp_path):
             assert all(torch.equal(value, want[key]) for key, value in module.state_dict().items()), (kwargs, name)
 
 
-def test_from_pretrained_reports_every_component_it_loads(folder):
+def test_from_pretrained_reports_every_component_it_loads(pipe_dir):
     """diffusers reports each component it loads ("Loaded vae as ..."); the text encoder, which LVDPipeline loads
     itself, is reported in the same place."""
     log, records = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils"), []
@@ -83,7 +68,7 @@ def test_from_pretrained_reports_every_component_it_loads(folder):
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        LVDPipeline.from_pretrained(folder)
+        LVDPipeline.from_pretrained(pipe_dir)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
