@@ -120,6 +120,8 @@ class SelfAttention(nn.Module):
         self.text_kv = nn.Linear(dim, 2 * dim) if text_keys else None
         self.norm_text_k = (RMSNorm(head_dim, eps) if qk_norm else nn.Identity()) if text_keys else None
         self.proj = nn.Linear(dim, dim)
+        # q, k, v (B, H, N, Dh) -> (B, H, N, Dh); lvd.context_parallel wraps it with the exchange of tokens
+        self.core = attend
 
     def forward(self, x, rope, grid: tuple[int, int, int], context=None, mask=None) -> torch.Tensor:
         """x (B, N, D); context (B, L, D) and mask (B, L) bool or None: used only with ``text_keys``."""
@@ -136,16 +138,24 @@ class SelfAttention(nn.Module):
         if self.text_kv is not None:
             text_k, text_v = self.text_kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # (B, L, H, Dh)
             text = (self.norm_text_k(text_k), text_v, mask)
-        if self.mode == "full":
-            if text is not None:  # video keys first, then text: (B, N + L, H, Dh)
-                k, v = torch.cat([k, text[0]], dim=1), torch.cat([v, text[1]], dim=1)
-                mask = None if mask is None else F.pad(mask, (k.shape[1] - mask.shape[1], 0), value=True)
-            q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))  # (B, H, N, Dh) views
-            out = kernels.attention(q, k, v, mask=mask)  # (B, H, N, Dh)
-        else:
-            q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))
-            out = factorized_attention(q, k, v, grid, text=text)
+        q, k, v = (rearrange(z, "b n h d -> b h n d") for z in (q, k, v))  # (B, H, N, Dh) views
+        out = self.core(q, k, v, grid, self.mode, text)  # (B, H, N, Dh)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def attend(q, k, v, grid: tuple[int, int, int], mode: str, text=None) -> torch.Tensor:
+    """Self-attention of the video tokens, q/k/v (B, H, N, Dh) in ``(t h w)`` order over the patch ``grid``:
+    ``mode`` "full" or "factorized" (see the module docstring). ``text``: (text_k (B, L, H, Dh), text_v (B, L, H, Dh),
+    mask (B, L) bool or None), keys appended after the video keys (``text_attention="concat"``), or None."""
+    if mode == "factorized":
+        return factorized_attention(q, k, v, grid, text=text)
+    mask = None
+    if text is not None:  # video keys first, then text, concatenated in (B, N + L, H, Dh) memory: (B, H, N + L, Dh) views
+        text_k, text_v, text_mask = text
+        k, v = (rearrange(torch.cat([rearrange(z, "b h n d -> b n h d"), t], dim=1), "b n h d -> b h n d")
+                for z, t in ((k, text_k), (v, text_v)))
+        mask = None if text_mask is None else F.pad(text_mask, (q.shape[2], 0), value=True)
+    return kernels.attention(q, k, v, mask=mask)
 
 
 def factorized_attention(q, k, v, grid: tuple[int, int, int], text=None) -> torch.Tensor:
@@ -254,6 +264,16 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["VideoDiTBlock"]
+    #: Where the token sequence may be split across processes and gathered again (:mod:`lvd.context_parallel`
+    #: applies it; the model itself runs unchanged): the first block's ``x`` (B, N, D) and every block's ``rope``
+    #: (N, Dh/2, 2) split along N, every block's ``attn.core`` given the whole sequence by an exchange around it, and
+    #: ``proj_out``'s output (B, N, C·pt·ph·pw) gathered along N before unpatchify. Entries: module name → positional
+    #: argument index → dim; "*" stands for every block.
+    _cp_plan = {
+        "split_inputs": {"blocks.0": {0: 1}, "blocks.*": {4: 0}},
+        "attention": "blocks.*.attn",
+        "gather_output": {"proj_out": 1},
+    }
 
     @register_to_config
     def __init__(
