@@ -166,6 +166,61 @@ def test_custom_op_registrations_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def _lse_reference(q, k, v, mask, causal):
+    """(out, lse) in float64 by autograd-friendly plain ops; lse = -inf for a query with no kept key."""
+    q, k, v = (t.double() for t in (q, k, v))
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if causal:
+        nq, nk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v, lse
+
+
+def _loss_with_lse(out, lse, w, u):
+    """A loss that uses both outputs, as ring attention's merge does (empty rows' -inf left out)."""
+    return (out.double() * w).sum() + (torch.where(torch.isinf(lse), 0.0, lse.double()) * u).sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "sdpa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_return_lse_matches_reference_forward_and_gradients_through_both_outputs(backend, causal):
+    q, k, v = _qkv(2, 3, 37, 45, 24, torch.float32)
+    mask = _mask(2, 45, all_masked_row=True)
+    w, u = torch.randn(2, 3, 37, 24, dtype=torch.float64), torch.randn(2, 3, 37, dtype=torch.float64)
+    out, lse = attention(q, k, v, mask=mask, causal=causal, backend=backend, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 37)
+    assert torch.isinf(lse[-1]).all() and (lse[-1] < 0).all() and (out[-1] == 0).all()  # the row with no key
+    got = torch.autograd.grad(_loss_with_lse(out, lse, w, u), (q, k, v))
+    ref_out, ref_lse = _lse_reference(q, k, v, mask, causal)
+    expected = torch.autograd.grad(_loss_with_lse(ref_out, ref_lse, w, u), (q, k, v))
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=0)
+    finite = ~torch.isinf(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-6, rtol=0)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_blocks_of_keys_merged_by_lse_equal_attention_over_all_keys(backend):
+    """Ring attention's merge: out = Σ_b exp(lse_b − lse) out_b, lse = logsumexp_b lse_b, forward and gradients."""
+    q, k, v = _qkv(1, 2, 19, 40, 16, torch.float32)
+    mask = _mask(1, 40)
+    do = torch.randn(1, 2, 19, 16)
+    whole = _run(lambda a, b_, c: attention(a, b_, c, mask=mask, backend=backend), q, k, v, do)
+
+    def merged(a, b_, c):
+        parts = [attention(a, kb, vb, mask=mb, backend=backend, return_lse=True)
+                 for kb, vb, mb in zip(b_.split(25, dim=2), c.split(25, dim=2), mask.split(25, dim=1))]
+        lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)
+        return sum(o * torch.exp(l - lse)[..., None] for o, l in parts)
+
+    for got, expected in zip(_run(merged, q, k, v, do), whole):
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
 def test_other_backends_agree_with_reference(backend):
     q, k, v = _qkv(2, 2, 37, 21, 32, torch.float32)

@@ -68,6 +68,26 @@ def attention_reference(q, k, v, *, mask=None, scale=None, causal=False):
     return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(acc)).to(q.dtype)
 
 
+def attention_reference_lse(q, k, v, *, mask=None, scale=None, causal=False):
+    """:func:`attention_reference` that also returns the log-sum-exp of each query's kept scores:
+    ``(out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, fp64 for fp64 inputs)``; −inf for a fully masked row."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if causal:
+        nq, nk = scores.shape[-2:]
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True).detach()
+    peak = peak.masked_fill(peak == float("-inf"), 0.0)  # an empty row: every exp is 0 (not NaN), its sum too
+    exps = torch.exp(scores - peak)
+    total = exps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # clamped: no 0/0 in the backward
+    lse = torch.where(exps.sum(dim=-1) > 0, total.log().squeeze(-1) + peak.squeeze(-1), float("-inf"))  # (B, H, Nq)
+    return torch.einsum("bhqk,bhkd->bhqd", exps / total, v.to(acc)).to(q.dtype), lse
+
+
 def _attention_sdpa(q, k, v, mask, scale, causal):
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Nk)
     if causal and attn_mask is not None:
@@ -174,14 +194,15 @@ def _attn_fwd_kernel(
 
 @_jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, O, DO, LSE, DELTA, DQ,
+    Q, K, V, Mask, O, DO, LSE, DLSE, DELTA, DQ,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smn,
     H, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, D, scale, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DLSE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ for one query block; also writes δ = rowsum(dO ∘ O) for the dK/dV kernel."""
+    """dQ for one query block; also writes δ = rowsum(dO ∘ O) − dL for the dK/dV kernel (dL: the gradient of the
+    log-sum-exp output, when the caller used it; ∂L_i/∂s_ij = p_ij, so it enters dS = P ∘ (dP − δ) through δ)."""
     # one flat grid axis (CUDA caps axis 1 at 65,535; factorized video attention has B·H in the 100ks),
     # query blocks fastest so neighbouring programs share their head's K/V in L2
     num_m = (N_Q + BLOCK_M - 1) // BLOCK_M
@@ -202,6 +223,8 @@ def _attn_bwd_dq_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0).to(ACC)
     tl.store(DELTA + pid_bh * N_Q + offs_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     k_base = K + b * skb + h * skh
@@ -412,7 +435,7 @@ def _flash_fwd_impl(q, k, v, mask, scale, causal):
     return o, lse
 
 
-def _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal):
+def _flash_bwd_impl(do, q, k, v, o, lse, dlse, mask, scale, causal):
     b, h, nq, d = q.shape
     nk = k.shape[2]
     dq = dispatch.new_empty(q.shape, dtype=q.dtype, device=q.device)
@@ -421,10 +444,11 @@ def _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal):
     delta = dispatch.new_empty((b, h, nq), dtype=_stat_dtype(q), device=q.device)
     m, smb, smn = _mask_args(mask, q)
     common = dict(CAUSAL=causal, HAS_MASK=mask is not None, **_consts(q))
+    dlse = delta if dlse is None else dlse.contiguous()  # a dummy pointer when HAS_DLSE is False
     _attn_bwd_dq[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](  # also writes δ, read below
-        q, k, v, m, o, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, m, o, do, lse, dlse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *do.stride(), *dq.stride(), smb, smn, h, nq, nk, length_bucket(nq), length_bucket(nk), d, scale,
-        scale * 1.4426950408889634, **common,
+        scale * 1.4426950408889634, HAS_DLSE=dlse is not delta, **common,
     )
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]) * b * h,)](
         q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
@@ -451,13 +475,13 @@ def _(q, k, v, mask, scale, causal):
 
 @torch.library.custom_op("lvd::flash_attention_bwd", mutates_args=())
 def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  lse: torch.Tensor, dlse: torch.Tensor | None, mask: torch.Tensor | None, scale: float,
                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_bwd_impl(do, q, k, v, o, lse, mask, scale, causal)
+    return _flash_bwd_impl(do, q, k, v, o, lse, dlse, mask, scale, causal)
 
 
 @_flash_bwd_op.register_fake
-def _(do, q, k, v, o, lse, mask, scale, causal):
+def _(do, q, k, v, o, lse, dlse, mask, scale, causal):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -470,7 +494,7 @@ def _flash_setup_context(ctx, inputs, output):
 
 def _flash_backward(ctx, do, dlse):
     q, k, v, o, lse, mask = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, mask, ctx.scale, ctx.causal)
+    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, dlse, mask, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None
 
 
@@ -498,19 +522,31 @@ def _check_inputs(q, k, v, mask):
         raise ValueError("lvd.kernels.attention: " + "; ".join(problems))
 
 
-def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto"):
+def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto", return_lse=False):
     """Scaled dot-product attention softmax(q kᵀ · scale) v with an optional key-padding mask.
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); mask: (B, Nk) bool, True where a key is kept;
     scale defaults to 1/√D; ``causal`` aligns the diagonal bottom-right (``tril(Nk − Nq)``).
     ``backend``: "auto" | "triton" | "sdpa" | "xformers" | "torch" (see :mod:`lvd.kernels.dispatch`).
     Returns (B, H, Nq, D) in q's dtype.
+
+    ``return_lse=True`` returns ``(out, lse)`` with lse (B, H, Nq) fp32 (fp64 for fp64 inputs) the natural
+    log-sum-exp of each query's kept scores, ``log Σ_j exp(s_ij)``; a query with no kept key gives zeros and
+    lse = −inf. Gradients flow through both, so partial results over blocks of keys merge exactly (ring attention,
+    :mod:`lvd.context_parallel`): ``lse = logsumexp_b lse_b``, ``out = Σ_b exp(lse_b − lse) out_b``. The Triton
+    kernel returns the lse it already computes; SDPA and xformers do not expose it, so there the PyTorch path
+    (:func:`attention_reference_lse`) runs.
     """
     _check_inputs(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     choice = dispatch.attention_backend(q, k, v, mask, backend=backend, interpreted=_INTERPRETED)
     if choice == "triton":
-        return _flash_fwd_op(q, k, v, mask, scale, bool(causal))[0]
+        out, lse = _flash_fwd_op(q, k, v, mask, scale, bool(causal))
+        if not return_lse:
+            return out
+        return out, lse.masked_fill(lse == float("inf"), float("-inf"))  # the kernel marks empty rows with +inf
+    if return_lse:
+        return attention_reference_lse(q, k, v, mask=mask, scale=scale, causal=causal)
     if choice == "sdpa":
         return _attention_sdpa(q, k, v, mask, scale, causal)
     if choice == "xformers":
