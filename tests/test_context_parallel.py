@@ -21,9 +21,14 @@ CASES_2 = {
     "ulysses_factorized": ({"attention_mode": "factorized"}, 2, 1),
     "ulysses_factorized_concat": ({"attention_mode": "factorized", "text_attention": "concat"}, 2, 1),
     "ulysses_clean_frames": ({"clean_frame_conditioning": True, "abs_pos_embed": True}, 2, 1),
+    "ring_full_cross": ({}, 1, 2),
+    "ring_full_concat_mask": ({"text_attention": "concat"}, 1, 2),
+    "ring_clean_frames": ({"clean_frame_conditioning": True}, 1, 2),
 }
 CASES_4 = {
+    "ulysses2_ring2_concat": ({"text_attention": "concat"}, 2, 2),
     "ulysses4": ({}, 4, 1),
+    "ring4": ({}, 1, 4),
     "context2_data2": ({"attention_mode": "factorized"}, 2, 1),
 }
 
