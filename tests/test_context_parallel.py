@@ -1,6 +1,6 @@
 """Context parallelism (lvd.context_parallel) with gloo on CPU: the forward output and every parameter's gradient of
 a context-parallel VideoDiT equal one process's, for Ulysses, ring and both, full and factorized attention, cross and
-concat text with a padding mask, and clean-frame conditioning; and the configs that cannot work are refused."""
+concat text with a padding mask, clean-frame conditioning and gradient checkpointing; and the configs that cannot work are refused."""
 
 import copy
 import json
@@ -24,6 +24,8 @@ CASES_2 = {
     "ring_full_cross": ({}, 1, 2),
     "ring_full_concat_mask": ({"text_attention": "concat"}, 1, 2),
     "ring_clean_frames": ({"clean_frame_conditioning": True}, 1, 2),
+    "ulysses_checkpointing": ({"gradient_checkpointing": True}, 2, 1),
+    "ring_checkpointing": ({"gradient_checkpointing": True}, 1, 2),
 }
 CASES_4 = {
     "ulysses2_ring2_concat": ({"text_attention": "concat"}, 2, 2),
@@ -48,7 +50,11 @@ def _model(overrides):
     from lvd.dit import VideoDiT
 
     torch.manual_seed(0)
+    overrides = dict(overrides)
+    checkpointing = overrides.pop("gradient_checkpointing", False)  # the split hooks run again in the recompute
     model = VideoDiT(in_channels=4, hidden_size=64, depth=2, num_heads=4, text_dim=16, pooled_dim=16, **overrides)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     with torch.no_grad():  # adaLN-Zero starts every block at the identity; make the blocks do something
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
