@@ -1,6 +1,7 @@
 """Context parallelism (lvd.context_parallel) with gloo on CPU: the forward output and every parameter's gradient of
 a context-parallel VideoDiT equal one process's, for Ulysses, ring and both, full and factorized attention, cross and
-concat text with a padding mask, clean-frame conditioning and gradient checkpointing; and the configs that cannot work are refused."""
+concat text with a padding mask, clean-frame conditioning and gradient checkpointing; and the configs that cannot
+work are refused."""
 
 import copy
 import json

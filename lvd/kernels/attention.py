@@ -490,10 +490,13 @@ def _flash_setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, mask)
     ctx.scale, ctx.causal = scale, causal
+    ctx.set_materialize_grads(False)  # an unused lse brings dlse = None: the backward without the dL term
 
 
 def _flash_backward(ctx, do, dlse):
     q, k, v, o, lse, mask = ctx.saved_tensors
+    if do is None:  # only the log-sum-exp reached the loss
+        do = torch.zeros_like(o)
     dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, dlse, mask, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None
 
@@ -534,12 +537,14 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, backend="auto", r
     log-sum-exp of each query's kept scores, ``log Σ_j exp(s_ij)``; a query with no kept key gives zeros and
     lse = −inf. Gradients flow through both, so partial results over blocks of keys merge exactly (ring attention,
     :mod:`lvd.context_parallel`): ``lse = logsumexp_b lse_b``, ``out = Σ_b exp(lse_b − lse) out_b``. The Triton
-    kernel returns the lse it already computes; SDPA and xformers do not expose it, so there the PyTorch path
-    (:func:`attention_reference_lse`) runs.
+    kernel returns the lse it already computes, so "auto" picks it wherever it runs; SDPA and xformers do not
+    expose it, so elsewhere (the CPU among them) and for a forced "sdpa" or "xformers" the PyTorch math
+    (:func:`attention_reference_lse`) runs, which stores the Nq × Nk scores.
     """
     _check_inputs(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    choice = dispatch.attention_backend(q, k, v, mask, backend=backend, interpreted=_INTERPRETED)
+    choice = dispatch.attention_backend(q, k, v, mask, backend=backend, interpreted=_INTERPRETED,
+                                        return_lse=return_lse)
     if choice == "triton":
         out, lse = _flash_fwd_op(q, k, v, mask, scale, bool(causal))
         if not return_lse:

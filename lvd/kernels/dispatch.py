@@ -247,8 +247,13 @@ def _resolve(op: str, requested: str, forced: bool, triton_reason: str | None, f
 # Per-op choices
 
 
-def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool, machine: Machine = DETECT) -> str:
-    """Resolve ``backend`` for :func:`lvd.kernels.attention` to one of triton / sdpa / xformers / torch."""
+def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool, machine: Machine = DETECT,
+                      return_lse: bool = False) -> str:
+    """Resolve ``backend`` for :func:`lvd.kernels.attention` to one of triton / sdpa / xformers / torch.
+
+    ``return_lse``: the caller needs the log-sum-exp, which SDPA and xformers do not return, so "auto" chooses
+    between our kernel and the PyTorch reference (which stores the N_q × N_k scores): Triton wherever it runs.
+    """
     requested, forced = _requested(backend)
     if requested == "xformers":
         why = None
@@ -270,6 +275,8 @@ def attention_backend(q, k, v, mask, *, backend: str, interpreted: bool, machine
         reason = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if reason is None:
         reason = _int32_reason([q, k, v], first_dims=2)
+    if return_lse and requested == "auto":
+        return _resolve("attention", requested, forced, reason, "torch", q, machine)
     if reason is None and requested == "auto" and q.dtype == torch.float32 and q.device.type == "cuda":
         # our fp32 path keeps full fp32 products (tl.dot "ieee", no tensor cores); SDPA's fp32 kernels
         # are the safer default there (not yet measured on a GPU)
