@@ -166,59 +166,150 @@ def test_custom_op_registrations_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def _lse_reference(q, k, v, mask, causal):
-    """(out, lse) in float64 by autograd-friendly plain ops; lse = -inf for a query with no kept key."""
-    q, k, v = (t.double() for t in (q, k, v))
+def _plain_lse(q, k, v, mask, causal):
+    """(out, lse) by plain autograd ops in the inputs' dtype; lse = -inf for a query with no kept key."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
     if causal:
         nq, nk = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return torch.softmax(s, -1).nan_to_num(0.0) @ v, lse
+        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril(nk - nq), float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v, torch.logsumexp(s, -1)
 
 
 def _loss_with_lse(out, lse, w, u):
-    """A loss that uses both outputs, as ring attention's merge does (empty rows' -inf left out)."""
-    return (out.double() * w).sum() + (torch.where(torch.isinf(lse), 0.0, lse.double()) * u).sum()
+    """A loss of out (weights w) and lse (weights u; empty rows' -inf left out), as ring attention's merge uses
+    both; a weight None leaves that output out of the graph."""
+    loss = 0.0 if w is None else (out.double() * w).sum()
+    return loss + (0.0 if u is None else (torch.where(torch.isinf(lse), 0.0, lse.double()) * u).sum())
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "sdpa"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_return_lse_matches_reference_forward_and_gradients_through_both_outputs(backend, causal):
-    q, k, v = _qkv(2, 3, 37, 45, 24, torch.float32)
-    mask = _mask(2, 45, all_masked_row=True)
+def _lse_run(fn, q, k, v, w, u):
+    """[out, lse, dq, dk, dv] of ``fn(q, k, v) -> (out, lse)`` under the loss ``_loss_with_lse``."""
+    out, lse = fn(q, k, v)
+    return [out, lse, *torch.autograd.grad(_loss_with_lse(out, lse, w, u), (q, k, v), materialize_grads=True)]
+
+
+def _lse_case(backend, dtype, mask, causal, loss_uses=("out", "lse")):
+    """(B, H, Nq, Nk, D) = (2, 3, 37, 45, 24): ([out, lse, dq, dk, dv] of ``attention(return_lse=True)``,
+    the same from the float64 reference, the inputs and loss weights) for a loss of out, lse or both."""
+    q, k, v = _qkv(2, 3, 37, 45, 24, dtype)
     w, u = torch.randn(2, 3, 37, 24, dtype=torch.float64), torch.randn(2, 3, 37, dtype=torch.float64)
-    out, lse = attention(q, k, v, mask=mask, causal=causal, backend=backend, return_lse=True)
-    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 37)
-    assert torch.isinf(lse[-1]).all() and (lse[-1] < 0).all() and (out[-1] == 0).all()  # the row with no key
-    got = torch.autograd.grad(_loss_with_lse(out, lse, w, u), (q, k, v))
-    ref_out, ref_lse = _lse_reference(q, k, v, mask, causal)
-    expected = torch.autograd.grad(_loss_with_lse(ref_out, ref_lse, w, u), (q, k, v))
-    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=0)
-    finite = ~torch.isinf(ref_lse)
-    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-6, rtol=0)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+    w, u = (w if "out" in loss_uses else None), (u if "lse" in loss_uses else None)
+
+    def ours(a, b_, c):
+        with dispatch.nan_filled_outputs():
+            return attention(a, b_, c, mask=mask, causal=causal, backend=backend, return_lse=True)
+
+    got = _lse_run(ours, q, k, v, w, u)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = _lse_run(lambda a, b_, c: _plain_lse(a, b_, c, mask, causal), *ref_inputs, w, u)
+    return got, want, (q, k, v, w, u)
+
+
+def _max_errors(got, want):
+    """Max absolute error per tensor over finite reference entries (an empty row's lse is -inf in both)."""
+    errors = {}
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        finite = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(g), finite), f"{name}: non-finite entries differ from the reference"
+        errors[name] = (g.double() - w)[finite].abs().max().item()
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "sdpa", "auto"])
+@pytest.mark.parametrize("masked, causal", [(False, False), (True, False), (False, True), (True, True)])
+def test_return_lse_matches_reference_forward_and_gradients_through_both_outputs(backend, masked, causal):
+    mask = _mask(2, 45, all_masked_row=True) if masked else None
+    got, want, _ = _lse_case(backend, torch.float32, mask, causal)
+    out, lse = got[:2]
+    assert out.shape == (2, 3, 37, 24) and lse.shape == (2, 3, 37) and lse.dtype == torch.float32
+    if masked:  # the last batch element sees no key: zeros and lse = -inf, so a merge weighs it exp(-inf) = 0
+        assert (lse[-1] == float("-inf")).all() and (out[-1] == 0).all()
+    else:
+        assert torch.isfinite(lse).all()
+    errors = _max_errors(got, want)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_return_lse_in_half_precision_is_fp32_and_within_pytorch_low_precision_error(dtype):
+    """16-bit inputs: lse is fp32, and every error ≤ 2× that of PyTorch computing the same in the input dtype."""
+    mask = _mask(2, 45, all_masked_row=True)
+    got, want, (q, k, v, w, u) = _lse_case("triton", dtype, mask, False)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    lowp = _lse_run(lambda a, b_, c: _plain_lse(a, b_, c, mask, False), q, k, v, w, u)
+    ours, theirs = _max_errors(got, want), _max_errors(lowp, want)
+    for name in ours:
+        assert ours[name] <= 2 * theirs[name] + 1e-6, f"{name}: ours {ours[name]:.2e} vs PyTorch {theirs[name]:.2e}"
+
+
+@pytest.mark.parametrize("loss_uses", [("out",), ("lse",)])
+def test_each_output_alone_carries_its_gradient(loss_uses, monkeypatch):
+    """A loss of out alone runs the backward without the lse term (dlse None, the kernel's HAS_DLSE off);
+    a loss of lse alone runs it with a zero dO."""
+    seen = []
+    real = attn_mod._flash_bwd_impl
+
+    def spy(do, q, k, v, o, lse, dlse, *rest):
+        seen.append(dlse)
+        return real(do, q, k, v, o, lse, dlse, *rest)
+
+    monkeypatch.setattr(attn_mod, "_flash_bwd_impl", spy)
+    got, want, _ = _lse_case("triton", torch.float32, _mask(2, 45, all_masked_row=True), True, loss_uses)
+    assert len(seen) == 1 and (seen[0] is None) == (loss_uses == ("out",))
+    errors = _max_errors(got, want)
+    assert max(errors.values()) <= 1e-5, errors
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_blocks_of_keys_merged_by_lse_equal_attention_over_all_keys(backend):
-    """Ring attention's merge: out = Σ_b exp(lse_b − lse) out_b, lse = logsumexp_b lse_b, forward and gradients."""
-    q, k, v = _qkv(1, 2, 19, 40, 16, torch.float32)
-    mask = _mask(1, 40)
-    do = torch.randn(1, 2, 19, 16)
+    """Ring attention's merge: out = Σ_b exp(lse_b − lse) out_b, lse = logsumexp_b lse_b, forward and gradients.
+    Batch element 0 has no kept key in the first block, so that block's lse is -inf there and weighs 0."""
+    q, k, v = _qkv(2, 2, 19, 40, 16, torch.float32)
+    mask = _mask(2, 40)
+    mask[0, :25] = False
+    mask[0, 30] = True
+    do = torch.randn(2, 2, 19, 16)
     whole = _run(lambda a, b_, c: attention(a, b_, c, mask=mask, backend=backend), q, k, v, do)
+
+    merged_lse = []
 
     def merged(a, b_, c):
         parts = [attention(a, kb, vb, mask=mb, backend=backend, return_lse=True)
                  for kb, vb, mb in zip(b_.split(25, dim=2), c.split(25, dim=2), mask.split(25, dim=1))]
         lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)
+        merged_lse.append(lse)
         return sum(o * torch.exp(l - lse)[..., None] for o, l in parts)
 
     for got, expected in zip(_run(merged, q, k, v, do), whole):
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    _, whole_lse = attention(q, k, v, mask=mask, backend=backend, return_lse=True)
+    torch.testing.assert_close(merged_lse[0], whole_lse, atol=2e-6, rtol=0)
+
+
+def test_auto_with_return_lse_takes_the_kernel_wherever_it_runs():
+    """SDPA does not return the lse, so with return_lse "auto" takes Triton even where the table says SDPA and
+    for fp32, and the reference (not SDPA) where Triton cannot run."""
+    from types import SimpleNamespace
+
+    from lvd.kernels.dispatch import Machine
+
+    def fake_cuda(dtype):
+        return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(1, 2, 64, 128),
+                               stride=lambda: (2 * 64 * 128, 64 * 128, 128, 1))
+
+    def choose(q, machine, **kw):
+        return dispatch.attention_backend(q, q, q, None, backend="auto", interpreted=False, machine=machine, **kw)
+
+    h200, turing = Machine(cuda_capability=(9, 0), cuda_name="NVIDIA H200"), Machine(cuda_capability=(7, 5))
+    assert choose(fake_cuda(torch.bfloat16), h200) == "sdpa"  # the shipped table, without the lse
+    assert choose(fake_cuda(torch.bfloat16), h200, return_lse=True) == "triton"
+    assert choose(fake_cuda(torch.float32), h200, return_lse=True) == "triton"
+    assert choose(fake_cuda(torch.bfloat16), turing, return_lse=True) == "torch"
+    cpu = torch.zeros(1, 2, 5, 8)
+    assert dispatch.attention_backend(cpu, cpu, cpu, None, backend="auto", interpreted=attn_mod._INTERPRETED,
+                                      return_lse=True) == "torch"
 
 
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
@@ -268,6 +359,26 @@ def test_gpu_matches_reference_at_video_sizes(dtype, d, masked, causal):
     for name, g, p, w in zip(NAMES, got, torch_lowp, want):
         ours, theirs = (g.double() - w).abs().max(), (p.double() - w).abs().max()
         assert ours <= 2 * theirs + 1e-5, f"{name}: ours {ours:.2e} vs PyTorch {dtype} {theirs:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True])
+def test_gpu_return_lse_within_pytorch_bf16_error(masked):
+    """bf16 at a video-like size: out, the fp32 lse and the gradients of a loss of both, each ≤ 2× PyTorch's
+    own bf16 error against float64 (auto takes the kernel, SDPA returning no lse)."""
+    b, h, nq, nk, d = 2, 8, 4099, 1031, 64
+    q, k, v = _qkv(b, h, nq, nk, d, torch.bfloat16, device="cuda")
+    mask = _mask(b, nk, all_masked_row=True).cuda() if masked else None
+    w = torch.randn(b, h, nq, d, dtype=torch.float64, device="cuda")
+    u = torch.randn(b, h, nq, dtype=torch.float64, device="cuda")
+    got = _lse_run(lambda a, b_, c: attention(a, b_, c, mask=mask, return_lse=True), q, k, v, w, u)
+    bf16 = _lse_run(lambda a, b_, c: _plain_lse(a, b_, c, mask, False), q, k, v, w, u)
+    want = _lse_run(lambda a, b_, c: _plain_lse(a, b_, c, mask, False),
+                    *(t.detach().double().requires_grad_() for t in (q, k, v)), w, u)
+    assert got[1].dtype == torch.float32
+    ours, theirs = _max_errors(got, want), _max_errors(bf16, want)
+    for name in ours:
+        assert ours[name] <= 2 * theirs[name] + 1e-5, f"{name}: ours {ours[name]:.2e} vs PyTorch {theirs[name]:.2e}"
 
 
 @pytest.mark.gpu

@@ -178,12 +178,12 @@ def build(fn, ptrs, consts, cap, warps, stages):
 
 
 attn_ptrs = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-attn_ptrs.update(Mask="*u8", LSE="*fp32", DELTA="*fp32")
+attn_ptrs.update(Mask="*u8", LSE="*fp32", DLSE="*fp32", DELTA="*fp32")
 gn_ptrs = {n: "*bf16" for n in ("X", "Y", "W", "B", "DY", "DX")}
 gn_ptrs.update({n: "*fp32" for n in ("PART", "MEAN", "RSTD", "DWP", "DBP")})
 for cap in (80, 90):
     for fn in (A._attn_fwd_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkdv_kernel):
-        consts = dict(CAUSAL=True, HAS_MASK=True, UPCAST=False, ACC=tl.float32, PREC="tf32",
+        consts = dict(CAUSAL=True, HAS_MASK=True, HAS_DLSE=True, UPCAST=False, ACC=tl.float32, PREC="tf32",
                       BLOCK_M=64, BLOCK_N=64, BLOCK_D=128)
         k = build(fn, attn_ptrs, consts, cap, 8, 2)
         assert k.metadata.shared <= 166912, (fn.__name__, k.metadata.shared)
