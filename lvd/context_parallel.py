@@ -247,3 +247,54 @@ def reduce_context_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:
             for p in model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=mesh[name].get_group())
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers' call: ModelMixin.enable_parallelism(config=diffusers.ContextParallelConfig(...))
+
+
+def enable_diffusers_parallelism(model: torch.nn.Module, config, cp_plan=None) -> list:
+    """What ``VideoDiT.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=2))`` runs: the
+    diffusers config's ``ulysses_degree``, ``ring_degree`` and optional ``mesh`` (with "ring" and "ulysses"
+    dimensions of those sizes) applied by :func:`parallelize_context` through the model's own ``_cp_plan``.
+
+    diffusers' own machinery splits inputs by its plan format and does the exchange inside its attention dispatcher;
+    VideoDiT's attention runs ``lvd.kernels.attention`` behind a replaceable core, so the exchange is ours. The config
+    is recorded as ``model._parallel_config`` (a :class:`diffusers.ParallelConfig`), as diffusers records it, and a
+    second call is refused. Returns the hook handles."""
+    from diffusers import ContextParallelConfig as DiffusersContextParallelConfig, ParallelConfig, TensorParallelConfig
+
+    name = type(model).__name__
+    if cp_plan is not None:
+        raise ValueError(f"{name}.enable_parallelism applies the model's own _cp_plan; cp_plan= is not supported")
+    if isinstance(config, TensorParallelConfig) or getattr(config, "tensor_parallel_config", None) is not None:
+        raise NotImplementedError(f"{name} supports context parallelism only (a diffusers ContextParallelConfig), "
+                                  "not tensor parallelism")
+    if isinstance(config, DiffusersContextParallelConfig):
+        config = ParallelConfig(context_parallel_config=config)
+    if not isinstance(config, ParallelConfig) or config.context_parallel_config is None:
+        raise TypeError(f"{name}.enable_parallelism takes a diffusers ContextParallelConfig, got "
+                        f"{type(config).__name__}")
+    if getattr(model, "_parallel_config", None) is not None:
+        raise RuntimeError(f"parallelism is already applied to this {name}; enable_parallelism cannot run twice")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed must be initialized (torchrun and init_process_group) before "
+                           "enable_parallelism")
+    given = config.context_parallel_config
+    cfg = ContextParallelConfig(ulysses_degree=given.ulysses_degree, ring_degree=given.ring_degree)
+    mesh = given.mesh
+    problems = cfg.problems(dist.get_world_size() if mesh is None else None, num_heads=model.config.num_heads,
+                            attention_mode=model.config.attention_mode)
+    if mesh is not None:
+        names = mesh.mesh_dim_names or ()
+        sizes = {n: mesh[n].size() for n in ("ring", "ulysses") if n in names}
+        if sizes != {"ring": cfg.ring_degree, "ulysses": cfg.ulysses_degree}:
+            problems.append(f"the mesh's ring and ulysses dimensions {sizes} must have the sizes ring_degree="
+                            f"{cfg.ring_degree} and ulysses_degree={cfg.ulysses_degree}")
+    if problems:
+        raise ValueError(f"{name}.enable_parallelism: " + "; ".join(problems))
+    if mesh is None:
+        mesh = context_mesh(cfg, next(model.parameters()).device.type)
+    handles = parallelize_context(model, mesh)
+    model._parallel_config = config
+    return handles

@@ -18,6 +18,21 @@ A frame count the VAE cannot produce (not 1 + 4k for a 4× temporal VAE) is an e
 valid counts; it is never rounded. With several videos (several prompts and/or ``--num-videos``), files are
 numbered ``<stem>_000<suffix>``, ``<stem>_001<suffix>``, … in prompt-major order. Video ``k`` is sampled from
 ``torch.Generator().manual_seed(seed + k)``, so the same arguments give the same files bit for bit on a CPU.
+
+Across processes (GPUs), one generation at a time::
+
+    torchrun --nproc_per_node 4 -m lvd.generate --prompt "…" --ulysses-degree 4 --output out.mp4
+    torchrun --nproc_per_node 4 -m lvd.generate --prompt "…" --ulysses-degree 2 --ring-degree 2 --output out.mp4
+    torchrun --nproc_per_node 4 -m lvd.generate --prompt "…" --ulysses-degree 2 --cfg-parallel --output out.mp4
+
+``--ulysses-degree`` × ``--ring-degree`` processes share each video's tokens (context parallelism,
+:mod:`lvd.context_parallel`), and ``--cfg-parallel`` runs guidance's unconditional and conditional branches on two
+such groups (:mod:`lvd.pipeline.parallel`). Their product (× 2 with ``--cfg-parallel``) must equal torchrun's world
+size: every process works on the same video, seeded alike, so the video does not depend on the process count (up to
+float rounding). Rank 0 prints and writes the files; the other ranks write nothing. A bad combination (a product that
+is not the world size, degrees without torchrun, heads not divisible by ``--ulysses-degree``, a token count not
+divisible by the context size, ``--cfg-parallel`` without guidance) exits 2 on every rank before any process group is
+joined, with the lines printed once, by rank 0 (torchrun itself then exits 1).
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -89,6 +105,11 @@ class GenerateArgs:
     video: torch.Tensor | None = None  # --video as (3, T, H, W) in [-1, 1]
     window_frames: int = 17
     context_frames: int = 9
+    ulysses_degree: int = 1  # processes sharing each video's tokens: ulysses_degree x ring_degree
+    ring_degree: int = 1
+    cfg_parallel: bool = False  # guidance's two branches on two groups of those
+    rank: int = 0  # torchrun's RANK and WORLD_SIZE (0 and 1 in one process)
+    world_size: int = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter (its folder or .safetensors file) to apply; repeat for several")
     p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
                    help="weight of each --lora, in order (one value: all of them; default 1)")
+    p.add_argument("--ulysses-degree", type=int, default=1,
+                   help="under torchrun: processes that split each video's tokens by heads (Ulysses all-to-all)")
+    p.add_argument("--ring-degree", type=int, default=1,
+                   help="under torchrun: processes that split each video's tokens and pass keys/values (ring)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="under torchrun: guidance's unconditional and conditional branches on two process groups")
     p.add_argument("--text-encoder", default=None, metavar="PATH_OR_NAME",
                    help="load the text encoder from here instead of the model folder's text_encoder_id (which may "
                         "only name a packaged encoder, a folder inside the model folder or a cached hub id)")
@@ -246,6 +273,35 @@ def _conditioning_inputs(ns: argparse.Namespace, problems: list[str]):
     return image, video
 
 
+def _launch() -> tuple[int, int, int] | None:
+    """(rank, local rank, world size) as torchrun sets them in the environment; None without torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank = int(os.environ["RANK"])
+    return rank, int(os.environ.get("LOCAL_RANK", rank)), int(os.environ["WORLD_SIZE"])
+
+
+def _parallel_problems(ns: argparse.Namespace, world: int | None) -> list[str]:
+    """The process layout's problems: positive degrees whose product (x 2 with --cfg-parallel) is torchrun's world
+    size (``world``; None without torchrun, where the product must be 1), and guidance for --cfg-parallel."""
+    u, r = ns.ulysses_degree, ns.ring_degree
+    problems = [f"{flag} must be a positive integer, got {value}"
+                for flag, value in (("--ulysses-degree", u), ("--ring-degree", r)) if value < 1]
+    if ns.cfg_parallel and not ns.guidance > 1:
+        problems.append(f"--cfg-parallel runs guidance's two branches on two processes: it needs --guidance above 1, "
+                        f"got {ns.guidance:g}")
+    if problems:
+        return problems
+    n = u * r * (2 if ns.cfg_parallel else 1)
+    layout = f"--ulysses-degree {u} x --ring-degree {r}{' x 2 (--cfg-parallel)' if ns.cfg_parallel else ''} = {n}"
+    if world is None and n > 1:
+        problems.append(f"{layout} processes: launch them with torchrun --nproc_per_node {n} -m lvd.generate …")
+    elif world is not None and n != world:
+        problems.append(f"{layout} processes, but torchrun started {world} (WORLD_SIZE): use --nproc_per_node {n}, "
+                        f"or degrees whose product is {world}")
+    return problems
+
+
 def parse_args(argv: list[str] | None = None) -> GenerateArgs:
     """Parse and check everything that does not need the model; raise UsageError listing every problem."""
     ns = build_parser().parse_args(argv)
@@ -296,6 +352,14 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
         problems.append(f"--device {device}: no CUDA GPU is available (use --device cpu)")
     elif not (device == "cpu" or device.startswith(("cuda", "mps", "xpu"))):
         problems.append(f"--device {device!r} is not a device (cpu, cuda, cuda:N)")
+    launch = _launch()
+    rank, local_rank, world = launch or (0, 0, 1)
+    problems += _parallel_problems(ns, None if launch is None else world)
+    if world > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"  # every process its own GPU
+    elif world > 1 and device != "cpu":
+        problems.append(f"--device {ns.device}: under torchrun every process takes its own GPU, cuda:LOCAL_RANK; give "
+                        "--device auto, cuda or cpu")
     if ns.offload and not device.startswith("cuda"):
         problems.append("--offload needs a CUDA GPU: it keeps models on the CPU and moves each to the GPU in turn")
     dtype = ns.dtype
@@ -313,7 +377,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateArgs:
                         num_videos=ns.num_videos, batch_size=ns.batch_size, device=device, dtype=dtype,
                         offload=ns.offload, threads=ns.threads, text_encoder=ns.text_encoder,
                         loras=list(zip(map(Path, ns.lora), scales)), image=image, video=video,
-                        window_frames=ns.window_frames, context_frames=ns.context_frames)
+                        window_frames=ns.window_frames, context_frames=ns.context_frames,
+                        ulysses_degree=ns.ulysses_degree, ring_degree=ns.ring_degree, cfg_parallel=ns.cfg_parallel,
+                        rank=rank, world_size=world)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,9 +397,30 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
+def _context_problems(args: GenerateArgs, pipe: LVDPipeline, frames: int, check_tokens: bool) -> list[str]:
+    """What the transformer cannot split across --ulysses-degree x --ring-degree processes: heads not divisible by
+    the Ulysses degree, ring with factorized attention, and (``check_tokens``: once the sizes are valid) a token count
+    not divisible by the context size."""
+    from lvd.context_parallel import ContextParallelConfig
+
+    cfg = ContextParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
+    config = pipe.transformer.config
+    problems = [re.sub(r"distributed\.(ulysses|ring)_degree=", r"--\1-degree ", p)  # the flags' names
+                for p in cfg.problems(num_heads=config.num_heads, attention_mode=config.attention_mode)]
+    if check_tokens:
+        grid = [n // p for n, p in zip(pipe.video_vae.latent_shape(frames, args.height, args.width)[1:],
+                                       pipe.patch_size)]
+        tokens = math.prod(grid)
+        if tokens % cfg.size:
+            flags = "--window-frames/--height/--width" if args.video is not None else "--frames/--height/--width"
+            problems.append(f"{flags} give {' x '.join(map(str, grid))} = {tokens} tokens, not divisible by "
+                            f"--ulysses-degree x --ring-degree = {cfg.size}: choose sizes whose token count is")
+    return problems
+
+
 def load_pipeline(args: GenerateArgs) -> LVDPipeline:
     """Load the pipeline onto the device and check sizes and the sampler against it (UsageError)."""
-    if args.dtype != "float32" and args.device == "cpu":
+    if args.dtype != "float32" and args.device == "cpu" and args.rank == 0:
         print(f"note: --dtype {args.dtype} on a CPU is very slow (bf16 matmul ~0.3 GFLOP/s here); float32 is the "
               "CPU default", file=sys.stderr)
     try:
@@ -356,6 +443,8 @@ def load_pipeline(args: GenerateArgs) -> LVDPipeline:
         what, flag = ("image", "--image") if args.image is not None else ("video", "--context-frames")
         problems += [f"{flag}: {p}" for p in clean_frame_problems(what, tuple(given.shape[1:]), pipe.video_vae,
                                                                    pipe.patch_size[0], frames, args.height, args.width)]
+    if args.ulysses_degree * args.ring_degree > 1:
+        problems += _context_problems(args, pipe, frames, check_tokens=not problems)
     if args.sampler is not None:
         try:
             pipe.set_sampler(args.sampler)
@@ -383,7 +472,8 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[str, float]]:
-    """Sample every (prompt, k) video, write the files, and return their paths and the stage timings."""
+    """Sample every (prompt, k) video, write the files (rank 0 only), and return their paths and the stage
+    timings."""
     jobs = [(prompt, n) for prompt in args.prompts for n in range(args.num_videos)]  # prompt-major
     paths = output_paths(args.output, len(jobs))
     timings = {"text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0, "writing": 0.0}
@@ -404,7 +494,8 @@ def generate(args: GenerateArgs, pipe: LVDPipeline) -> tuple[list[Path], dict[st
             timings[key] += result.timings[key]
         loops += result.timings.get("windows", 1)  # a continuation denoises once per window
         began = time.perf_counter()
-        for k, frames in zip(chunk, result.frames):  # frames (T, 3, H, W) in [0, 1]
+        written = result.frames if args.rank == 0 else []  # the other ranks hold the same frames
+        for k, frames in zip(chunk, written):  # frames (T, 3, H, W) in [0, 1]
             video = (frames.float().permute(1, 0, 2, 3) * 255).round().to(torch.uint8).cpu()  # (3, T, H, W)
             write_video(paths[k], video, fps=args.fps)
             print(f"wrote {paths[k]}  ({args.frames} frames, {args.width}x{args.height}, {args.fps:g} fps)  "
@@ -420,19 +511,51 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.rank:
+            _quiet()
         began = time.perf_counter()
         pipe = load_pipeline(args)
         loading = time.perf_counter() - began
     except UsageError as err:
-        print(f"python -m lvd.generate: cannot start:\n{err}", file=sys.stderr)
+        if (_launch() or (0,))[0] == 0:  # every rank finds the same problems; one prints them
+            print(f"python -m lvd.generate: cannot start:\n{err}", file=sys.stderr)
         return 2
-    _, timings = generate(args, pipe)
-    windows = f" x {timings['loops']} windows" if args.video is not None else ""
-    print(f"timings: loading {loading:.2f} s | text encoding {timings['text_encoding']:.2f} s | "
-          f"denoising {timings['denoising']:.2f} s ({timings['denoising_per_step']:.3f} s/step, {args.steps} steps"
-          f"{windows}) | "
-          f"decoding {timings['decoding']:.2f} s | writing {timings['writing']:.2f} s")
+    began = time.perf_counter()
+    leave = _join_processes(args, pipe) if args.world_size > 1 else (lambda: None)
+    loading += time.perf_counter() - began
+    try:
+        _, timings = generate(args, pipe)
+    finally:
+        leave()
+    if args.rank == 0:
+        windows = f" x {timings['loops']} windows" if args.video is not None else ""
+        print(f"timings: loading {loading:.2f} s | text encoding {timings['text_encoding']:.2f} s | "
+              f"denoising {timings['denoising']:.2f} s ({timings['denoising_per_step']:.3f} s/step, {args.steps} steps"
+              f"{windows}) | "
+              f"decoding {timings['decoding']:.2f} s | writing {timings['writing']:.2f} s")
     return 0
+
+
+def _quiet() -> None:
+    """No progress bars or info logs from diffusers and transformers: on ranks other than 0 they repeat rank 0's."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def _join_processes(args: GenerateArgs, pipe: LVDPipeline):
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) and split the pipeline across it (every rank the
+    same way); returns the function that leaves the group."""
+    from lvd.train.distributed import DistributedConfig, init_distributed, shutdown
+
+    init_distributed(DistributedConfig(strategy="none", device="cuda" if args.device.startswith("cuda") else "cpu"))
+    pipe.enable_parallelism(args.ulysses_degree, args.ring_degree, args.cfg_parallel)
+    if args.rank:
+        pipe.set_progress_bar_config(disable=True)
+    return shutdown
 
 
 if __name__ == "__main__":

@@ -419,6 +419,17 @@ class VideoDiT(ModelMixin, ConfigMixin, LoraAdapterMixin):
         t, h, w = grid
         return rearrange(x, "b (t h w) (c p q r) -> b c (t p) (h q) (w r)", t=t, h=h, w=w, p=pt, q=ph, r=pw)
 
+    def enable_parallelism(self, *, config, cp_plan=None) -> None:
+        """diffusers' ``ModelMixin.enable_parallelism`` for context parallelism, e.g.
+        ``model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=2))`` after
+        ``init_process_group``: the sequence is split by this model's ``_cp_plan`` and the output is gathered, so the
+        model returns the whole prediction on every process. diffusers' own version would hand ``_cp_plan`` to its
+        hooks and exchange inside its attention dispatcher, which this model's attention does not use; the work is
+        :func:`lvd.context_parallel.enable_diffusers_parallelism`'s (imported here, so that the model's code holds no
+        process-group code)."""
+        from lvd.context_parallel import enable_diffusers_parallelism
+
+        enable_diffusers_parallelism(self, config, cp_plan)
 
     def _mark_clean(self, x: torch.Tensor, clean_frames: int | torch.Tensor, grid) -> torch.Tensor:
         """``x`` (B, N, D) with ``clean_embed`` added to the tokens of the first ``clean_frames`` latent frames."""

@@ -43,11 +43,12 @@ import lvd.dit  # noqa: F401
 import lvd.vae  # noqa: F401
 from lvd.pipeline.assembly import load_components, load_text_encoder
 from lvd.pipeline.clean_frames import CleanFramesMixin
+from lvd.pipeline.parallel import ParallelMixin
 from lvd.pipeline.lora import LVDLoraLoaderMixin
 from lvd.pipeline.output import LVDPipelineOutput, PromptEmbeds, onload, returns_prompt_embeds
 from lvd.diffusion import DiffusionConfig, null_text_embeddings
 from lvd.pipeline.checks import EMBEDDING_ARGS, OUTPUT_TYPES, clean_frame_problems, prompt_problems, size_problems
-from lvd.pipeline.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective, transformer_denoiser
+from lvd.pipeline.sampling import dynamic_shift_mu, sample, sampler_scheduler, scheduler_objective
 from lvd.text_embeddings import TextEmbeddings
 from lvd.text import encode_text, load_text_model, recorded_text_encoder
 from lvd.vae import VideoVAE, as_video_vae
@@ -77,7 +78,7 @@ def _sync(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
+class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin, ParallelMixin):
     r"""Text-to-video generation with a latent video DiT; image-to-video and continuation from clean first frames
     (``image=``, ``video=``, :meth:`extend`; :mod:`lvd.pipeline.clean_frames`).
 
@@ -98,6 +99,9 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
 
         frames = pipe("a red circle moving right", image=PIL.Image.open("first.png")).frames   # starts at the image
         longer = pipe.extend(frames[0], "a red circle moving right", num_frames=33).frames     # (1, 33, H, W, 3)
+
+        # under torchrun, after init_process_group: tokens over 2 processes, CFG's branches over 2 (world 4)
+        pipe.enable_parallelism(ulysses_degree=2, cfg_parallel=True)   # lvd.pipeline.parallel
 
     Args:
         transformer: the denoiser, ``forward(latents, timestep, text_states, text_mask, text_pooled)``.
@@ -503,7 +507,7 @@ class LVDPipeline(DiffusionPipeline, LVDLoraLoaderMixin, CleanFramesMixin):
                 progress_bar.update()
                 return {**update, "guidance_scale": self._guidance_scale, "interrupt": self._interrupt}
 
-            latents = sample(transformer_denoiser(self.transformer), latents, self.scheduler, cond=cond, uncond=uncond,
+            latents = sample(self._denoiser(), latents, self.scheduler, cond=cond, uncond=uncond,
                              guidance_scale=self._guidance_scale, num_inference_steps=num_inference_steps,
                              generator=generator, mu=dynamic_shift_mu(self.scheduler, latents.shape, self.patch_size),
                              callback=on_step, clean_latents=clean_latents)
