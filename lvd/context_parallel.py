@@ -36,7 +36,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lvd import kernels
 
-__all__ = ["ContextParallelConfig", "context_mesh", "context_rank", "parallelize_context", "reduce_context_gradients"]
+__all__ = ["ContextParallelConfig", "context_mesh", "context_rank", "enable_diffusers_parallelism", "parallelize_context",
+           "reduce_context_gradients"]
 
 
 @dataclass

@@ -6,7 +6,8 @@
 - :mod:`lvd.pipeline.checks`: the pipeline's input checks, shared with ``python -m lvd.generate``;
 - :mod:`lvd.pipeline.output`: :class:`LVDPipelineOutput` and :class:`PromptEmbeds`, what it returns;
 - :mod:`lvd.pipeline.assembly`: a pipeline from trained components, and :func:`export_pipeline` to a folder;
-- :mod:`lvd.pipeline.lora`: diffusers' pipeline LoRA API (``load_lora_weights``, ``fuse_lora``, …).
+- :mod:`lvd.pipeline.lora`: diffusers' pipeline LoRA API (``load_lora_weights``, ``fuse_lora``, …);
+- :mod:`lvd.pipeline.parallel`: generation across processes (context and CFG parallelism, ``enable_parallelism``).
 """
 
 from lvd.pipeline.assembly import export_pipeline
