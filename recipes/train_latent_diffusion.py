@@ -11,6 +11,15 @@ Launch lines::
     torchrun --standalone --nproc_per_node 8 recipes/train_latent_diffusion.py --config recipes/configs/kinetics_dit_512.yaml
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         recipes/train_latent_diffusion.py --config recipes/configs/kinetics_dit_1024.yaml
+    # 3. long videos: each sample's tokens split over 2 ranks (Ulysses; ring_degree for the ring, or both), so
+    #    4 processes train 2 different samples at a time: global batch = (world / context) x data.batch_size
+    torchrun --standalone --nproc_per_node 4 recipes/train_latent_diffusion.py --config C.yaml \\
+        distributed.strategy=fsdp distributed.ulysses_degree=2
+    # 4. a rank that dies brings the job back from the last verified checkpoint; with torch 2.13's rendezvous
+    #    store shared across restarts the restarted gloo workers fail ("Gloo connectFullMesh failed ... Connection
+    #    refused"), TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each restart a store of its own
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-restarts 1 --nproc_per_node 4 \\
+        recipes/train_latent_diffusion.py --config C.yaml distributed.ulysses_degree=2
 
 Starting the same command again resumes from the newest intact checkpoint in ``run.dir`` (a newer one
 whose files do not match the SHA-256 hashes in its ``meta.json`` is skipped with a warning);
@@ -29,6 +38,14 @@ Fine-tuning: ``model.init_from`` starts from a trained pipeline or transformer f
 only peft LoRA adapters train (the checkpoints hold only them) and ``export/lora/`` is the adapter alone, in
 diffusers' layout (``recipes/configs/shapes_lora.yaml``; :mod:`lvd.dit.lora`).
 
+Context parallelism (``distributed.ulysses_degree`` × ``distributed.ring_degree`` = C > 1,
+:mod:`lvd.context_parallel`): C consecutive ranks hold one sample, each 1/C of its tokens through every block; the
+ranks of a context group read the same samples and draw the same noise (both follow the data rank), and the
+checkpoints are those of the same model without it, so a run may resume with or without context parallelism at
+the same world / C. Heads not divisible by the Ulysses degree, a ``data.buckets`` latent shape whose token count is
+not divisible by C (buckets are not padded), a C that does not divide the world size, ring with factorized
+attention or ``strategy=none`` are config errors before anything is built.
+
 Image-to-video and continuation: ``clean_frames: {prob: 0.2, frames: [1, 3]}`` keeps the first k clean latent
 frames of a share ``prob`` of the samples (k from ``frames``; 1 = an image), with no noise and no loss there
 (:class:`lvd.diffusion.CleanFramesConfig`). The model is then built with ``clean_frame_conditioning`` (a
@@ -44,12 +61,17 @@ empty-prompt embedding, read from the file ``lvd.cache_latents`` writes beside t
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import math
+import os
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lvd.config import (
@@ -195,6 +217,7 @@ def check_config(cfg: DiTRecipeConfig) -> None:
     if cfg.lora.enabled and cfg.distributed.strategy == "fsdp":
         problems.append("lora with distributed.strategy=fsdp is not supported yet; use ddp (adapters are small)")
     problems += _diffusers_class_problems(cfg)
+    problems += _context_problems(cfg)
     if cfg.clean_frames.enabled and cfg.model.overrides.get("clean_frame_conditioning", True) is not True:
         problems.append(f"clean_frames.prob={cfg.clean_frames.prob} trains with clean frames: the model needs "
                         "clean_frame_conditioning, drop model.overrides.clean_frame_conditioning=false")
@@ -234,6 +257,43 @@ def _diffusers_class_problems(cfg: DiTRecipeConfig) -> list[str]:
     if cfg.distributed.strategy == "fsdp":
         problems.append(f"model.diffusers_class={name} with distributed.strategy=fsdp is not supported; use ddp")
     return problems
+
+
+def _model_config(cfg: DiTModelConfig) -> dict | None:
+    """The VideoDiT arguments ``cfg`` builds with, read without building it: ``init_from``'s config.json or the
+    preset, under ``overrides``, over VideoDiT's defaults (None when the preset or folder is unknown)."""
+    if cfg.init_from:
+        try:
+            base = json.loads((transformer_folder(cfg.init_from) / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return None
+    elif cfg.preset in DIT_PRESETS:
+        base = DIT_PRESETS[cfg.preset]
+    else:
+        return None
+    defaults = {name: p.default for name, p in inspect.signature(VideoDiT.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **base, **cfg.overrides}
+
+
+def _context_problems(cfg: DiTRecipeConfig, latent_shapes=()) -> list[str]:
+    """Context-parallel settings that cannot work (:meth:`DistributedConfig.context_problems`): the world size
+    torchrun set, the model's heads and attention mode, and the token count of each ``data.buckets`` latent shape
+    and of ``latent_shapes`` ((T', H', W') each, e.g. the first batch's)."""
+    d = cfg.distributed
+    if d.ulysses_degree == 1 and d.ring_degree == 1:
+        return []
+    if cfg.model.diffusers_class:
+        return [f"distributed.ulysses_degree x ring_degree > 1: context parallelism runs lvd's VideoDiT, not "
+                f"model.diffusers_class={cfg.model.diffusers_class}"]
+    model = _model_config(cfg.model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; check_config runs before the process group
+    if model is None:  # the unknown preset or folder is a problem of its own
+        return d.context_problems(world)
+    shapes = [*latent_shapes, *((b.frames, b.height, b.width) for b in cfg.data.buckets)]
+    tokens = [num_tokens(shape, model["patch_size"]) for shape in shapes]
+    return d.context_problems(world, num_heads=model["num_heads"], tokens=tokens,
+                              attention_mode=model["attention_mode"])
 
 
 def _uncond_path(cfg: DiTRecipeConfig) -> Path:
@@ -418,15 +478,20 @@ def export(cfg: DiTRecipeConfig, run_dir: Path, ema_model: torch.nn.Module, env)
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # 1. Config, processes, seed
+    # 1. Config, seed, the first batch (its latent shape, which the buckets may not list, must split over the
+    #    context group too: checked before the process group starts), processes
     cfg = parse_args(DiTRecipeConfig, argv)
     check_config(cfg)
-    env = init_distributed(cfg.distributed)
+    # every global generator a checkpoint records, so that processes started apart (torchrun, a restart) agree
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
     run_dir = Path(cfg.run.dir)
+    first = peek_latents(cfg.data, cfg.train.seed)
+    raise_problems(_context_problems(cfg, [first["latents"].shape[2:]]))
+    env = init_distributed(cfg.distributed)
 
     # 2. The model, sized from the data; the empty prompt for CFG dropout
-    first = peek_latents(cfg.data, cfg.train.seed)
     dit = build_dit(cfg.model, first, clean_frames=cfg.clean_frames.enabled)
     check_batch(dit, first, cfg.data.shards, cfg.clean_frames)
     if cfg.lora.enabled and cfg.clean_frames.enabled:
@@ -460,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Hooks: sample videos with the EMA weights
     hooks = []
     # (rank 0 only, so not under FSDP2, where the EMA weights are sharded over every rank)
-    sampling = cfg.samples.every > 0 and cfg.samples.prompts
+    # (and not with a context-parallel model alone: its forward needs every rank of its context group; the EMA
+    # copy is a plain model)
+    sampling = cfg.samples.every > 0 and cfg.samples.prompts and (ema is not None or env.context_size == 1)
     if sampling and cfg.components.vae and cfg.components.text_encoder and env.is_main and env.strategy != "fsdp":
         ema_or_model = ema.model if ema is not None else model
         hooks.append(Hook(cfg.samples.every, lambda tr, step: write_samples(cfg, run_dir, step, ema_or_model)))
@@ -468,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("samples.shapes_eval needs samples.prompts, components.vae and components.text_encoder (and no FSDP)")
 
     # 5. Train (or resume)
-    loader = make_latent_loader(cfg.data, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
+    # sharded by data rank: the ranks of a context group read the same samples
+    loader = make_latent_loader(cfg.data, seed=cfg.train.seed, rank=env.data_rank, world_size=env.data_world_size)
     trainer = Trainer(run_dir=run_dir, model=model, loss_fn=loss_fn, optim=cfg.optim, train=cfg.train,
                       checkpoint=cfg.checkpoint, env=env, ema=ema, config=cfg, count_fn=count, hooks=hooks,
                       save_frozen=not cfg.lora.enabled)

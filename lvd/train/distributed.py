@@ -16,6 +16,15 @@ Launch lines (multi-node uses torchrun's own ``--nnodes --node_rank --rdzv_endpo
 replicates the model (PyTorch DistributedDataParallel); ``fsdp`` shards parameters, gradients and
 optimizer state with FSDP2 (``torch.distributed.fsdp.fully_shard``, Zhao et al. 2023) — every
 module inside an ``nn.ModuleList`` (the transformer blocks) becomes its own shard unit, then the root.
+
+Context parallelism (``ulysses_degree`` × ``ring_degree`` = C > 1, :mod:`lvd.context_parallel`): C consecutive
+ranks share one sample's tokens. :func:`init_distributed` builds the (data, ring, ulysses) mesh, and
+``lvd.train.loop.prepare_model`` applies the model's ``_cp_plan`` before wrapping. DDP and FSDP2 still run over
+the whole world (context ranks hold the same parameters; FSDP2 shards over data × context as torchtitan does):
+every rank of a context group computes the same loss from the gathered output and its backward yields its own
+tokens' share of the gradient, so the trainer scales the loss by C and the world average becomes the average over
+data groups of each group's sum. The loader and the objective's random draws follow the data rank
+(:attr:`DistEnv.data_rank`), so the ranks of a context group see the same samples and the same noise.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -56,6 +65,28 @@ class DistributedConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or ZeRO-2-like (False) for the block units
     timeout_minutes: int = 30
+    # context parallelism (diffusers' names): one sample's tokens split over ulysses_degree x ring_degree ranks
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+
+    def context(self):
+        """The :class:`lvd.context_parallel.ContextParallelConfig` of these degrees."""
+        from lvd.context_parallel import ContextParallelConfig
+
+        return ContextParallelConfig(ulysses_degree=self.ulysses_degree, ring_degree=self.ring_degree)
+
+    def context_problems(self, world_size: int, *, num_heads: int | None = None, tokens=(),
+                         attention_mode: str = "full") -> list[str]:
+        """One line per context-parallel setting that cannot work (nothing when the context size is 1):
+        :meth:`ContextParallelConfig.problems`, plus ``strategy=none`` (the context group's gradients need the
+        DDP / FSDP2 reduction)."""
+        cp = self.context()
+        problems = cp.problems(world_size, num_heads=num_heads, tokens=tokens, attention_mode=attention_mode)
+        if self.strategy == "none" and cp.enabled:
+            problems.append(f"distributed.strategy=none with context parallelism (ulysses_degree x ring_degree = "
+                            f"{cp.size}): the context group's gradients are summed by DDP or FSDP2; set "
+                            "distributed.strategy to auto, ddp or fsdp")
+        return problems
 
 
 class DistributedError(RuntimeError):
@@ -69,10 +100,27 @@ class DistEnv:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     strategy: str = "none"
+    mesh: Any = None  # the (data, ring, ulysses) DeviceMesh under context parallelism, else None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def context_size(self) -> int:
+        """Ranks that share one sample's tokens (1 without context parallelism)."""
+        return 1 if self.mesh is None else self.mesh["ring"].size() * self.mesh["ulysses"].size()
+
+    @property
+    def data_rank(self) -> int:
+        """Which data shard this rank trains on: the mesh's "data" index (the rank itself without context
+        parallelism). The loader shards and the step generator is seeded by it."""
+        return self.rank if self.mesh is None else self.mesh["data"].get_local_rank()
+
+    @property
+    def data_world_size(self) -> int:
+        """How many different shards the world trains on at once: world / context size."""
+        return self.world_size // self.context_size
 
     @property
     def distributed(self) -> bool:
@@ -88,15 +136,24 @@ def _torchrun_env() -> tuple[int, int, int] | None:
 
 
 def init_distributed(cfg: DistributedConfig) -> DistEnv:
-    """Pick the device, join the process group when under torchrun, and resolve ``strategy``.
+    """Pick the device, join the process group when under torchrun, resolve ``strategy`` and, with context
+    parallelism, build the (data, ring, ulysses) mesh (:func:`lvd.context_parallel.context_mesh`).
 
-    Raises :class:`DistributedError` when ``strategy`` is ddp/fsdp but no launcher set RANK/WORLD_SIZE.
+    Raises :class:`DistributedError` when ``strategy`` is ddp/fsdp or the context size is > 1 but no launcher set
+    RANK/WORLD_SIZE, and when the context-parallel settings do not fit the world (:meth:`DistributedConfig.
+    context_problems`; recipes check these before building anything).
     """
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise DistributedError("distributed.device=cuda but torch sees no CUDA device")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     launched = _torchrun_env()
+    context = cfg.context()
     if launched is None:
+        if context.enabled:
+            raise DistributedError(
+                f"distributed.ulysses_degree x ring_degree = {context.size} needs torchrun with a world size it "
+                f"divides: `torchrun --standalone --nproc_per_node {context.size} <recipe> ...`"
+            )
         if cfg.strategy in ("ddp", "fsdp"):
             raise DistributedError(
                 f"distributed.strategy={cfg.strategy} needs torchrun (RANK and WORLD_SIZE are not set). "
@@ -118,7 +175,15 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
     strategy = cfg.strategy
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, strategy=strategy)
+    mesh = None
+    if context.enabled:
+        problems = cfg.context_problems(world)
+        if problems:
+            raise DistributedError("; ".join(problems))
+        from lvd.context_parallel import context_mesh
+
+        mesh = context_mesh(context, device.type)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, strategy=strategy, mesh=mesh)
 
 
 def shutdown() -> None:

@@ -24,7 +24,7 @@ The run folder: ``config.yaml`` (resolved), ``checkpoints/step_N/``, ``metrics.j
 ``tensorboard/``, ``samples/``. Starting the same command again resumes from the newest intact
 checkpoint (one whose files match the SHA-256 hashes in its ``meta.json``; a newer broken one is
 skipped with a warning), or from ``checkpoint.resume_from``: model, EMA, optimizers, step, RNG (plus a
-per-step generator seeded from (seed, step, rank)) and the loader position are restored, so a killed
+per-step generator seeded from (seed, step, data rank)) and the loader position are restored, so a killed
 and resumed run ends bit-for-bit where an uninterrupted one does (see tests/test_train_loop.py).
 """
 
@@ -59,6 +59,7 @@ from lvd.train.checkpoint import (
 from lvd.train.distributed import (
     DistEnv,
     DistributedConfig,
+    DistributedError,
     all_reduce_mean,
     any_true,
     barrier,
@@ -184,7 +185,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """A generator for the noise of one step, a pure function of (seed, step, rank): resume-proof."""
+    """A generator for the noise of one step, a pure function of (seed, step, rank): resume-proof. The trainer
+    passes the data rank, so the ranks of one context group draw the same noise."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
     return g
@@ -258,14 +260,25 @@ class EMA:
 
 
 def prepare_model(model: nn.Module, env: DistEnv, dist_cfg: DistributedConfig, train: TrainConfig) -> tuple[nn.Module, EMA | None]:
-    """Device move, EMA copy, torch.compile and DDP/FSDP2 wrapping, applied from outside the model.
+    """Device move, EMA copy, context parallelism, torch.compile and DDP/FSDP2 wrapping, applied from outside the
+    model.
 
-    Also applies ``train.cpu_threads`` (a process-wide setting) when it is set.
+    Under context parallelism (``env.mesh``) the model's ``_cp_plan`` is applied after the EMA copy is taken, so
+    the EMA model stays a plain one-process model (rank 0 samples with it alone; an EMA deep-copied afterwards
+    would carry the split hooks and share the context groups). Also applies ``train.cpu_threads`` (a
+    process-wide setting) when it is set.
     """
     if train.cpu_threads > 0:
         torch.set_num_threads(train.cpu_threads)
     model = model.to(env.device)
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
+    if env.mesh is not None:
+        from lvd.context_parallel import parallelize_context
+
+        if getattr(type(model), "_cp_plan", None) is None:
+            raise DistributedError(f"distributed.ulysses_degree x ring_degree = {env.context_size}: "
+                                   f"{type(model).__name__} declares no _cp_plan, so it cannot run context-parallel")
+        parallelize_context(model, env.mesh)
     if train.compile:
         model.compile()  # in place: state-dict keys keep their names
     wrapped = wrap_model(model, env, dist_cfg)
@@ -389,7 +402,7 @@ class Trainer:
         names = ["model", "optimizer", "trainer"] + (["ema"] if self.ema is not None else [])
         if self.aux is not None:
             names += [self.aux.name, f"{self.aux.name}_optimizer"]
-        trees, rank_tree, _ = load_checkpoint(step_dir, names, rank=self.env.rank, meta=meta)
+        trees, rank_tree, _ = load_checkpoint(step_dir, names, rank=self._saved_rank(meta), meta=meta)
         partial = self.saved_names is not None
         load_model_state_dict(self.model, trees["model"], partial=partial)
         load_optimizer_state_dict(self.model, self.optimizer, trees["optimizer"])
@@ -410,6 +423,17 @@ class Trainer:
             self._drop_metrics_after(self.step)
             log.info("resumed from %s (step %d)", step_dir, self.step)
         return True
+
+    def _saved_rank(self, meta: dict) -> int:
+        """Whose rank state (RNG, loader position) this rank resumes with: the first rank of its data shard in the
+        saved run. Context groups are consecutive ranks, so with the same number of data shards D a run saved at
+        world W' has context size W' / D and data rank d's state is rank d · W' / D's; the model is the same model,
+        so a checkpoint written with context parallelism resumes without it and the reverse. Any other world
+        (a different D) keeps this rank's own index, and the loader refuses a state of another layout."""
+        saved_world, shards = int(meta.get("world_size", 1)), self.env.data_world_size
+        if saved_world % shards:
+            return self.env.rank
+        return self.env.data_rank * (saved_world // shards)
 
     def _drop_metrics_after(self, step: int) -> None:
         """A run killed between a log line and its checkpoint logged steps it will redo: drop them."""
@@ -443,10 +467,14 @@ class Trainer:
         return norm
 
     def train_step(self, batches: Iterable) -> dict[str, float]:
-        """Forward/backward over ``grad_accum`` micro-batches, then one (or a skipped) update."""
+        """Forward/backward over ``grad_accum`` micro-batches, then one (or a skipped) update.
+
+        Under context parallelism the loss is scaled by the context size C before backward (the logged loss is not):
+        each rank of a context group holds only its tokens' share of the gradient, and DDP / FSDP2 average over all
+        W = D · C ranks, so C · mean over W = mean over the D data shards of each shard's whole gradient."""
         cfg, accum = self.train_cfg, self.train_cfg.grad_accum
         lr = self._set_lr()
-        gen = step_generator(cfg.seed, self.step, self.env.rank, self.env.device)
+        gen = step_generator(cfg.seed, self.step, self.env.data_rank, self.env.device)
         aux_raw = unwrap(self.aux.model) if self.aux is not None else None
         sums: dict[str, torch.Tensor] = {}
         samples = tokens = 0
@@ -459,7 +487,7 @@ class Trainer:
             with no_sync(self.model, skip_sync=not last):
                 with self.autocast():
                     out = self.loss_fn(self.model, batch, self.step, gen)
-                (out.loss / accum).backward()
+                (out.loss * (self.env.context_size / accum)).backward()
             local_bad |= not bool(torch.isfinite(out.loss.detach()))
             _accumulate(sums, {"loss": out.loss, **out.metrics}, accum)
             if aux_raw is not None:
@@ -517,10 +545,10 @@ class Trainer:
         row = {"step": self.step, **{k: float(v) for k, v in zip(keys, vals)}}
         row["skipped"] = row.get("skipped", 0.0) * len(window)  # steps skipped in this window
         steps_s = len(window) / max(seconds, 1e-9)
-        world = self.env.world_size
+        shards = self.env.data_world_size  # the ranks of a context group train on the same samples
         row["steps_per_s"] = steps_s
-        row["samples_per_s"] = sum(m["_samples"] for m in window) * world / max(seconds, 1e-9)
-        row["tokens_per_s"] = sum(m["_tokens"] for m in window) * world / max(seconds, 1e-9)
+        row["samples_per_s"] = sum(m["_samples"] for m in window) * shards / max(seconds, 1e-9)
+        row["tokens_per_s"] = sum(m["_tokens"] for m in window) * shards / max(seconds, 1e-9)
         row.update(extra or {})
         self.write_metrics(row)
         return row
