@@ -50,42 +50,40 @@ else:  # pragma: no cover - no Triton wheel on this platform; dispatch never pic
 # PyTorch paths
 
 
+def _reference_scores(q, k, mask, scale, causal) -> torch.Tensor:
+    """q kᵀ · scale in fp32 (fp64 for fp64 inputs), (B, H, Nq, Nk), with dropped keys at −inf."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if causal:
+        nq, nk = scores.shape[-2:]
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
 def attention_reference(q, k, v, *, mask=None, scale=None, causal=False):
     """Plain PyTorch attention in fp32 (fp64 for fp64 inputs); the test oracle.
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); mask: (B, Nk) bool, True where a key is kept.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, Nq, Nk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    if causal:
-        nq, nk = scores.shape[-2:]
-        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
-        scores = scores.masked_fill(~keep, float("-inf"))
+    scores = _reference_scores(q, k, mask, scale, causal)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row gives zeros
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(acc)).to(q.dtype)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(scores.dtype)).to(q.dtype)
 
 
 def attention_reference_lse(q, k, v, *, mask=None, scale=None, causal=False):
     """:func:`attention_reference` that also returns the log-sum-exp of each query's kept scores:
     ``(out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, fp64 for fp64 inputs)``; −inf for a fully masked row."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale  # (B, H, Nq, Nk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    if causal:
-        nq, nk = scores.shape[-2:]
-        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
-        scores = scores.masked_fill(~keep, float("-inf"))
+    scores = _reference_scores(q, k, mask, scale, causal)
     peak = scores.amax(dim=-1, keepdim=True).detach()
     peak = peak.masked_fill(peak == float("-inf"), 0.0)  # an empty row: every exp is 0 (not NaN), its sum too
     exps = torch.exp(scores - peak)
-    total = exps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # clamped: no 0/0 in the backward
+    total = exps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)  # no 0/0 in the backward
     lse = torch.where(exps.sum(dim=-1) > 0, total.log().squeeze(-1) + peak.squeeze(-1), float("-inf"))  # (B, H, Nq)
-    return torch.einsum("bhqk,bhkd->bhqd", exps / total, v.to(acc)).to(q.dtype), lse
+    return torch.einsum("bhqk,bhkd->bhqd", exps / total, v.to(scores.dtype)).to(q.dtype), lse
 
 
 def _attention_sdpa(q, k, v, mask, scale, causal):
