@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_recipes import latent_setup  # noqa: F401 (fixture: tiny VAE, text encoder and their latent shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -32,17 +33,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def latents(tmp_path_factory):
+def latents(latent_setup):
     """Latent shards of 8 tiny clips in 2 shards ((4, 2, 8, 8) latents: 32 tokens of 1x2x2) and their empty prompt."""
-    from lvd.cache_latents import main as cache_main
-    from test_cache_latents import make_clip_shards, make_components
-
-    root = tmp_path_factory.mktemp("cp_latents")
-    vae_dir, text_dir = make_components(root)
-    clips = make_clip_shards(root / "clips", count=8, shard_size=4)
-    assert cache_main(["--shards", str(clips), "--out", str(root / "latents"), "--vae", str(vae_dir),
-                       "--text-encoder", str(text_dir), "--quiet"]) == 0
-    return root / "latents"
+    return latent_setup[0] / "latents"
 
 
 def _args(shards, run_dir, *extra):
